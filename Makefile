@@ -1,0 +1,21 @@
+# Two commands do everything on a fresh machine:
+#   make demo   the main job on the built-in default (configs/counterpoint.yaml)
+#   make test   the test suite
+VENV ?= .venv
+RLHF = $(VENV)/bin/rlhf
+
+.PHONY: setup demo quick test bench
+setup:
+	@bash scripts/setup.sh $(VENV)
+
+demo: setup
+	$(RLHF) run configs/counterpoint.yaml --resume
+
+quick: setup
+	$(RLHF) run configs/counterpoint-quick.yaml --resume
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+bench: setup
+	$(VENV)/bin/python benchmarks/rule_rewards.py

@@ -1,0 +1,241 @@
+"""The ``rlhf`` command line.
+
+Every subcommand that takes a config reads a YAML file from ``configs/`` plus ``key=value``
+overrides (dotted keys, YAML values), e.g.::
+
+    rlhf run configs/counterpoint.yaml pretrain.steps=500 task.eval.samples_per_cantus=8
+
+Mistakes in input (bad YAML, unknown key, missing file, unreadable score) print one
+``error:`` message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rlhf.errors import UserError
+
+log = logging.getLogger("rlhf")
+
+EPILOG = """examples:
+  rlhf run configs/counterpoint.yaml                 the whole pipeline (data, prior, evaluation, report)
+  rlhf run configs/counterpoint.yaml --quick         a one-minute smoke run
+  rlhf run configs/counterpoint.yaml --resume        continue an interrupted run
+  rlhf pretrain configs/melody.yaml pretrain.steps=2000
+  rlhf evaluate configs/counterpoint.yaml --model runs/counterpoint/models/prior
+  rlhf sample --model runs/counterpoint/models/prior --cantus "D4 F4 E4 D4 G4 F4 A4 G4 F4 E4 D4"
+  rlhf config-help configs/counterpoint.yaml         every config key with its meaning
+"""
+
+
+def _config_args(p: argparse.ArgumentParser, run_flags: bool = True) -> None:
+    p.add_argument("config", help="YAML config, e.g. configs/counterpoint.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. pretrain.steps=500")
+    p.add_argument("--quick", action="store_true", help="smoke-test sizes (about a minute); your overrides still apply on top")
+    if run_flags:
+        p.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last checkpoint / finished stage")
+        p.add_argument("--overwrite", action="store_true", help="delete an existing run_dir first")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf",
+        description="RLHF and KL-control fine-tuning of sequence models: MLE priors, rule and learned rewards, "
+        "PPO with a KL penalty and Sequence Tutor's KL-control, on counterpoint and translation.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    p = sub.add_parser("run", help="run the whole pipeline from one YAML: data, prior, evaluation, report",
+                       description="Extract the corpus, pre-train the prior by MLE, evaluate it and write report.md into run_dir.")
+    _config_args(p)
+
+    p = sub.add_parser("pretrain", help="train the MLE prior (data + pre-training stages)",
+                       description="Extract the corpus and train the prior by MLE; the model lands in <run_dir>/models/prior.")
+    _config_args(p)
+
+    p = sub.add_parser("evaluate", help="sample from a model, score it with the rule rewards, write a report",
+                       description="Sample pieces from --model for the evaluation prompts, score them, and write eval.json, report.md and exported pieces into the run folder.")
+    _config_args(p, run_flags=False)
+    p.add_argument("--model", required=True, help="folder of a model written by save_pretrained (with its tokenizer)")
+    p.add_argument("--prior", help="prior for log-likelihoods (default: --model itself)")
+    p.add_argument("--out", help="folder for the evaluation report (default: <run_dir>/eval-<model name>)")
+
+    p = sub.add_parser("sample", help="generate pieces from a model and export them as MusicXML and MIDI",
+                       description="Generate pieces from a trained model. First species: give cantus firmi as note names or MusicXML files; "
+                       "melody: give -n. Writes NN.musicxml and NN.mid per piece and prints each piece's rule report.")
+    p.add_argument("--model", required=True, help="folder of a model written by save_pretrained (with its tokenizer)")
+    p.add_argument("--cantus", action="append", default=[], metavar="NOTES", help='a cantus firmus as note names, e.g. "D4 F4 E4 D4 G4 F4 A4 G4 F4 E4 D4" (repeatable)')
+    p.add_argument("--cantus-file", action="append", default=[], metavar="FILE", help="MusicXML file(s) whose parts are cantus firmi (repeatable)")
+    p.add_argument("--position", choices=["below", "above"], default="below", help="where the cantus lies (default: below the counterpoint)")
+    p.add_argument("-n", "--num", type=int, default=4, help="pieces per cantus, or melodies in melody mode (default 4)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--out", default="samples", help="output folder (default ./samples)")
+
+    p = sub.add_parser("config-help", help="list every config key with its default and meaning")
+    p.add_argument("config", nargs="?", help="optional YAML whose values are shown as defaults")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from rlhf.config import load_config
+    from rlhf.pipeline import QUICK_OVERRIDES, RunConfig
+
+    overrides = [*(QUICK_OVERRIDES if args.quick else ()), *args.overrides]
+    if args.quick:
+        log.info("--quick sets: %s", " ".join(QUICK_OVERRIDES))
+    return load_config(RunConfig, args.config, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rlhf.pipeline import run_pipeline
+
+    report = run_pipeline(_load(args), resume=args.resume, overwrite=args.overwrite)
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from rlhf.pipeline import make_task, open_run, stage_data, stage_prior
+
+    cfg = _load(args)
+    run = open_run(cfg, resume=args.resume, overwrite=args.overwrite)
+    task = make_task(cfg)
+    train, val = stage_data(cfg, run, task)
+    path = stage_prior(cfg, run, task, train, val, resume=args.resume)
+    print(f"prior: {path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from rlhf.pipeline import make_task, stage_evaluate
+    from rlhf.runs import Run
+
+    cfg = _load(args)
+    model = Path(args.model)
+    out = Path(args.out) if args.out else Path(cfg.run_dir) / f"eval-{model.name}"
+    run = Run(out)
+    run.attach_log()
+    run.write_config(cfg)
+    task = _task_for_model(cfg, model)
+    stage_evaluate(cfg, run, task, {model.name: model}, Path(args.prior) if args.prior else model, None)
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _task_for_model(cfg, model: Path):
+    """The task with the tokenizer saved beside the model (so token ids always match)."""
+    from tasks.counterpoint.task import CounterpointTask
+    from tasks.counterpoint.tokens import Codec
+
+    codec = _load_codec(model)
+    if codec.mode != cfg.task.mode:
+        raise UserError(f"{model}: the model was trained for mode {codec.mode!r} but the config says task.mode={cfg.task.mode!r}; pass task.mode={codec.mode}.")
+    return CounterpointTask(cfg.task, codec)
+
+
+def _load_codec(model: Path):
+    from tasks.counterpoint.tokens import Codec
+
+    if not model.is_dir():
+        raise UserError(f"{model}: model folder not found. Train one with `rlhf run` or `rlhf pretrain` (it lands in <run_dir>/models/prior).")
+    try:
+        return Codec.load(model)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{model}: no counterpoint tokenizer found beside the model ({e}). Use a model folder written by `rlhf pretrain`.") from None
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from rlhf.models import load_causal_lm
+    from tasks.counterpoint import cantus as cantus_mod
+    from tasks.counterpoint.config import CounterpointConfig
+    from tasks.counterpoint.export import write_midi, write_musicxml
+    from tasks.counterpoint.task import CounterpointTask, Prompt
+
+    model_dir = Path(args.model)
+    codec = _load_codec(model_dir)
+    if args.num < 1:
+        raise UserError(f"-n must be at least 1 (got {args.num}).")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (got {args.temperature}).")
+    task = CounterpointTask(CounterpointConfig(mode=codec.mode), codec)
+    model = load_causal_lm(model_dir)
+    if codec.mode == "melody":
+        prompts = task.eval_prompts()
+    else:
+        cantus = [cantus_mod.parse_note_names(text) for text in args.cantus]
+        for f in args.cantus_file:
+            cantus += cantus_mod.load_cantus_musicxml(f)
+        if not cantus:
+            raise UserError('first-species models need a cantus firmus: pass --cantus "D4 F4 E4 D4 G4 F4 A4 G4 F4 E4 D4" or --cantus-file cf.musicxml.')
+        prompts = []
+        for i, pitches in enumerate(cantus):
+            try:
+                ids = codec.encode_prompt((pitches, args.position))
+            except ValueError as e:
+                raise UserError(f"cantus {i + 1}: {e}") from None
+            prompts.append(Prompt(f"cantus{i + 1}", ids, len(pitches), pitches[-1] % 12))
+    rep, comps = task.sample(model, prompts, args.num, temperature=args.temperature, seed=args.seed)
+    items = task.decode(rep, comps)
+    scores = task.score(items)
+    out = Path(args.out)
+    for i, (it, p) in enumerate(zip(items, rep)):
+        base = out / f"{i:02d}_{p.name}"
+        write_musicxml(it, base.with_suffix(".musicxml"))
+        write_midi(it, base.with_suffix(".mid"))
+        bad = {k: int(v[i].sum()) for k, v in scores.violations.items() if v[i].any()}
+        print(f"{base}.{{musicxml,mid}}  reward {scores.totals[i]:.2f}  violations: {bad or 'none'}")
+    return 0
+
+
+def cmd_config_help(args: argparse.Namespace) -> int:
+    from rlhf.config import describe, load_config
+    from rlhf.pipeline import RunConfig
+
+    values = None
+    if args.config:
+        cfg = load_config(RunConfig, args.config)
+        values = cfg.model_dump()
+    for key, default, doc in describe(RunConfig):
+        if values is not None:
+            v = values
+            for part in key.split("."):
+                v = v[part]
+            default = repr(v)
+        print(f"{key} = {default}\n    {doc}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "sample": cmd_sample, "config-help": cmd_config_help}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("accelerate", "transformers", "datasets", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

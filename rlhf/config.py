@@ -1,0 +1,174 @@
+"""Typed configs loaded from YAML with ``key=value`` overrides, and errors a user can act on.
+
+Every config is a pydantic model derived from :class:`Section` (unknown keys are refused).
+Each field is documented once, in its ``Field(description=...)``; ``rlhf config-help``
+and the docs print those descriptions.  A bad value fails at load time with the file, the
+line, the dotted key, what was wrong and the allowed values, e.g.::
+
+    configs/counterpoint.yaml:12: pretrain.lr: Input should be greater than 0 (got -1.0).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from rlhf.errors import UserError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class Section(BaseModel):
+    """Base of every config section: strict about unknown keys, validates on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each dotted key path of a YAML document to its 1-based line number."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = (*path, str(k.value))
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[(*path, str(i))] = v.start_mark.line + 1
+                walk(v, (*path, str(i)))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """Read a YAML mapping; returns (data, key -> line). Raises UserError on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found. Pass a path to a YAML file, e.g. configs/counterpoint.yaml.")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+        lines = _key_lines(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise UserError(f"{p}{where}: not valid YAML ({problem}). Fix the syntax at that line.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: the top level must be a mapping of keys to values, got {type(data).__name__}.")
+    return data, lines
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r}: expected key=value, e.g. pretrain.steps=200.")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise UserError(f"override {item!r}: the key before '=' is empty.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise UserError(f"override {item!r}: {part!r} is a value, not a section, so it has no key {parts[-1]!r}.")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _allowed_hint(model: type[BaseModel], loc: tuple[Any, ...], bad_key: str) -> str:
+    """For an unknown key, list the section's keys and the closest match."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        ann = field.annotation
+        cls = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cls is None:
+            return ""
+    fields = list(getattr(cls, "model_fields", {}))
+    close = difflib.get_close_matches(bad_key, fields, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"{hint} Allowed keys here: {', '.join(fields)}."
+
+
+def format_validation_error(
+    err: ValidationError,
+    model: type[BaseModel],
+    source: str,
+    lines: dict[tuple[str, ...], int],
+    overridden: set[tuple[str, ...]],
+) -> str:
+    out = []
+    for e in err.errors():
+        loc = tuple(str(x) for x in e["loc"])
+        dotted = ".".join(loc) or "(top level)"
+        if any(loc[: len(o)] == o or o[: len(loc)] == loc for o in overridden):
+            where = "command-line override"
+        else:
+            line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+            where = f"{source}:{line}" if line else source
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key.{_allowed_hint(model, loc, loc[-1])}"
+        elif e["type"] == "missing":
+            msg = "required key is missing; add it."
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ") + "."
+        else:
+            msg = f"{msg} (got {e.get('input')!r})."
+        out.append(f"{where}: {dotted}: {msg}")
+    return "\n".join(out)
+
+
+def load_config(model: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
+    """Load ``model`` from a YAML file (or defaults when ``path`` is None) plus overrides."""
+    data, lines = read_yaml(path) if path is not None else ({}, {})
+    overridden = {tuple(o.split("=", 1)[0].strip().split(".")) for o in overrides if "=" in o}
+    apply_overrides(data, overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        source = str(path) if path is not None else "defaults"
+        raise UserError(format_validation_error(err, model, source, lines, overridden)) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML, as written into every run folder."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field, recursing into sections."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is not None:
+            rows.extend(describe(sub, key + "."))
+        else:
+            default = "" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            rows.append((key, default, field.description or ""))
+    return rows

@@ -1,0 +1,138 @@
+"""The whole job from one YAML: data → MLE prior → evaluation → report.
+
+Each stage writes into the run folder and is skipped on ``--resume`` when its output is
+already there, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from rlhf.config import Section
+from rlhf.errors import UserError
+from rlhf.models import ModelConfig, build_causal_lm, count_parameters, load_causal_lm
+from rlhf.pretrain import PretrainConfig, pretrain
+from rlhf.runs import Run, atomic_write_text
+from rlhf.trainer import seed_everything
+from tasks.counterpoint.config import CounterpointConfig
+
+log = logging.getLogger("rlhf")
+
+QUICK_OVERRIDES = (
+    "task.data.max_pieces=25",
+    "task.data.transpositions=[-2,0,2]",
+    "task.eval.samples_per_cantus=4",
+    "task.eval.melodies=48",
+    "task.eval.cantus_transpositions=[0]",
+    "model.n_layer=2",
+    "model.n_embd=64",
+    "pretrain.steps=150",
+    "pretrain.warmup_steps=10",
+    "pretrain.eval_every=50",
+    "pretrain.checkpoint_every=100",
+)
+"""What ``--quick`` sets (before your own overrides): a smoke run of about a minute."""
+
+
+class RunConfig(Section):
+    seed: int = Field(0, ge=0, description="Seed of every random choice in the run (data split, init, sampling).")
+    run_dir: str = Field("runs/counterpoint", description="The run folder (config, metrics, checkpoints, report).")
+    progress: bool = Field(True, description="Show progress bars.")
+    task: CounterpointConfig = Field(default_factory=CounterpointConfig, description="The task.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The prior's architecture (or a path to load).")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="MLE pre-training of the prior.")
+
+
+def open_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Run:
+    root = Path(cfg.run_dir)
+    if root.exists() and any(root.iterdir()) and not resume:
+        if not overwrite:
+            raise UserError(f"{root}: run folder already exists. Pass --resume to continue it, --overwrite to start afresh, or run_dir=<new folder>.")
+        shutil.rmtree(root)
+    run = Run(root)
+    run.attach_log()
+    run.write_config(cfg)
+    return run
+
+
+def make_task(cfg: RunConfig):
+    from tasks.counterpoint.task import CounterpointTask
+
+    return CounterpointTask(cfg.task)
+
+
+def stage_data(cfg: RunConfig, run: Run, task) -> tuple[list, list]:
+    from tasks.counterpoint.corpus import corpus_stats
+
+    train, val = task.corpus(cfg.seed, progress=cfg.progress)
+    if not train or not val:
+        raise UserError(f"the corpus gave {len(train)} training and {len(val)} held-out pieces; raise task.data.max_pieces or lower task.data.min_notes.")
+    stats = {"train": corpus_stats(train, task.codec), "val": corpus_stats(val, task.codec)}
+    atomic_write_text(run.root / "data_stats.json", json.dumps(stats, indent=1))
+    log.info("data: %s", stats)
+    return train, val
+
+
+def stage_prior(cfg: RunConfig, run: Run, task, train: list, val: list, *, resume: bool) -> Path:
+    final = run.final_model_dir("prior")
+    if resume and (final / "config.json").is_file():
+        log.info("prior already trained: %s", final)
+        return final
+    seed_everything(cfg.seed)
+    model = build_causal_lm(cfg.model, task.tokenizer)
+    log.info("prior: %s, %d parameters", cfg.model.arch, count_parameters(model))
+    pretrain(run, cfg.pretrain, model, task.tokenizer, task.examples(train), task.examples(val), seed=cfg.seed, resume=resume, progress=cfg.progress)
+    task.codec.save(final)
+    return final
+
+
+def export_samples(run: Run, evaluation: dict[str, Any], n: int) -> dict[str, list[Path]]:
+    from tasks.counterpoint.export import write_midi, write_musicxml
+    from tasks.counterpoint.task import from_json
+
+    out: dict[str, list[Path]] = {}
+    for model, samples in evaluation["samples"].items():
+        best = sorted(samples, key=lambda s: -s["reward"])[:n]
+        files = []
+        for i, s in enumerate(best):
+            base = run.root / "samples" / model / f"{i:02d}_{s['source'].replace('/', '_')}"
+            item = from_json(s)
+            files += [write_musicxml(item, base.with_suffix(".musicxml")), write_midi(item, base.with_suffix(".mid"))]
+        out[model] = files
+    return out
+
+
+def stage_evaluate(cfg: RunConfig, run: Run, task, models: dict[str, Path], prior: Path, val: list | None) -> dict[str, Any]:
+    from tasks.counterpoint.report import write_report
+    from tasks.counterpoint.rules import RULES_BY_NAME
+
+    loaded = {name: load_causal_lm(p) for name, p in models.items()}
+    prior_model = loaded.get("prior") or load_causal_lm(prior)
+    evaluation = task.evaluate(loaded, prior_model, seed=cfg.seed, val=val)
+    exported = export_samples(run, evaluation, cfg.task.eval.export)
+    stats_path = run.root / "data_stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    docs = {k: r.doc for k, r in RULES_BY_NAME.items()}
+    if cfg.task.mode == "melody":
+        from tasks.counterpoint.melody_rules import MELODY_RULES
+
+        docs = {r.name: r.doc for r in MELODY_RULES}
+    report = write_report(run.root, evaluation, stats, exported, docs)
+    log.info("report: %s", report)
+    return evaluation
+
+
+def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    run = open_run(cfg, resume=resume, overwrite=overwrite)
+    seed_everything(cfg.seed)
+    task = make_task(cfg)
+    train, val = stage_data(cfg, run, task)
+    prior = stage_prior(cfg, run, task, train, val, resume=resume)
+    stage_evaluate(cfg, run, task, {"prior": prior}, prior, val)
+    return run.root / "report.md"

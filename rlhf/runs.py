@@ -1,0 +1,152 @@
+"""Run folders: resolved config, metrics JSONL, log file, atomic Hugging Face checkpoints.
+
+Layout of a run folder::
+
+    <run_dir>/
+      config.yaml            resolved config (after overrides)
+      metrics.jsonl          one JSON object per logged step, namespaced keys (see docs/metrics.md)
+      run.log                the log
+      checkpoints/<stage>/step-000123/   save_pretrained (safetensors) + tokenizer + trainer_state.pt
+      report.md, plots/*.png, samples/  written by the report
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from rlhf.config import dump_config
+
+log = logging.getLogger("rlhf")
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling directory with ``write(tmp)`` then rename it to ``target``.
+
+    A crash mid-write leaves only a ``.tmp-*`` directory, which ``latest_checkpoint`` ignores.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    try:
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+class MetricsLogger:
+    """Appends one JSON line per call to ``metrics.jsonl``; keys are namespaced (``loss/train``)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def log(self, step: int, metrics: dict[str, float], stage: str) -> None:
+        if not self.enabled:
+            return
+        row = {"stage": stage, "step": step, "time": round(time.time(), 3)}
+        row.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()})
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+    def truncate(self, stage: str, step: int) -> None:
+        """Drop rows of ``stage`` logged after ``step``: on resume they are recomputed."""
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = [r for r in read_metrics(self.path) if not (r.get("stage") == stage and r.get("step", 0) > step)]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def read_metrics(path: Path, stage: str | None = None) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if stage is None or r.get("stage") == stage]
+
+
+class Run:
+    """A run folder. Only the main process writes (``is_main``), so it is safe under a launcher."""
+
+    def __init__(self, root: str | Path, is_main: bool = True):
+        self.root = Path(root)
+        self.is_main = is_main
+        if is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLogger(self.root / "metrics.jsonl", enabled=is_main)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def write_config(self, cfg: BaseModel) -> None:
+        if self.is_main:
+            atomic_write_text(self.root / "config.yaml", dump_config(cfg))
+
+    def attach_log(self) -> None:
+        """Send the ``rlhf`` logger to ``run.log`` (in addition to the console)."""
+        if not self.is_main:
+            return
+        path = str((self.root / "run.log").resolve())
+        if any(getattr(h, "baseFilename", None) == path for h in log.handlers):
+            return
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.checkpoints / stage
+
+    def checkpoint_dir(self, stage: str, step: int) -> Path:
+        return self.stage_dir(stage) / f"step-{step:06d}"
+
+    def latest_checkpoint(self, stage: str) -> Path | None:
+        return latest_checkpoint(self.stage_dir(stage))
+
+    def final_model_dir(self, stage: str) -> Path:
+        """Where the finished model of a stage lives (a plain HF model folder)."""
+        return self.root / "models" / stage
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    if not stage_dir.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in stage_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return max(steps)[1] if steps else None
+
+
+def prune_checkpoints(stage_dir: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest step folders."""
+    steps = sorted((int(m.group(1)), p) for p in stage_dir.iterdir() if (m := _STEP_DIR.match(p.name)))
+    for _, p in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)

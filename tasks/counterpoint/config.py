@@ -1,0 +1,69 @@
+"""Config of the counterpoint task (melody and first species)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rlhf.config import Section
+
+
+class CounterpointDataConfig(Section):
+    max_pieces: int | None = Field(
+        None, ge=1, description="Parse at most this many corpus pieces (chorales / folk-song files); null = all."
+    )
+    transpositions: list[int] = Field(
+        default_factory=lambda: list(range(-5, 7)),
+        description="Semitone shifts added as augmentation (first species); pieces leaving the token range are dropped.",
+    )
+    min_notes: int = Field(8, ge=3, le=32, description="Shortest first-species phrase kept (notes per voice).")
+    max_notes: int = Field(16, ge=3, le=32, description="Longest first-species phrase kept (notes per voice).")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of corpus pieces held out (split by piece).")
+    cache_dir: str = Field(".cache/rlhf", description="Where parsed corpus extracts are cached (relative to the working dir).")
+
+    @model_validator(mode="after")
+    def _range(self) -> "CounterpointDataConfig":
+        if self.min_notes > self.max_notes:
+            raise ValueError(f"min_notes ({self.min_notes}) must not exceed max_notes ({self.max_notes})")
+        return self
+
+
+class CounterpointEvalConfig(Section):
+    cantus_transpositions: list[int] = Field(
+        default_factory=lambda: [0, -2, 3],
+        description="Semitone shifts of the Fux cantus firmi used for evaluation (first species).",
+    )
+    positions: list[Literal["below", "above"]] = Field(
+        default_factory=lambda: ["below", "above"], description="Cantus positions evaluated (first species)."
+    )
+    samples_per_cantus: int = Field(16, ge=1, description="Pieces sampled per evaluation cantus (first species).")
+    melodies: int = Field(256, ge=1, description="Melodies sampled for evaluation (melody mode).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature for evaluation (0 = greedy).")
+    export: int = Field(6, ge=0, description="Sampled pieces exported as MusicXML + MIDI into the run folder.")
+
+
+class CounterpointConfig(Section):
+    name: Literal["counterpoint"] = Field("counterpoint", description="Task selector.")
+    mode: Literal["first_species", "melody"] = Field(
+        "first_species", description="first_species: counterpoint note against a cantus firmus; melody: Sequence Tutor melodies."
+    )
+    fux_dir: str | None = Field(
+        None,
+        description="Folder of the Fux species data (reference scores); null = $RLHF_FUX_DIR or ../shared/data/fux-species if present.",
+    )
+    rule_weights: dict[str, float] = Field(
+        default_factory=dict, description="Override the default weight of named rules, e.g. {parallel_fifths: 5.0}."
+    )
+    data: CounterpointDataConfig = Field(default_factory=CounterpointDataConfig, description="Corpus extraction.")
+    eval: CounterpointEvalConfig = Field(default_factory=CounterpointEvalConfig, description="Evaluation.")
+
+    @model_validator(mode="after")
+    def _known_rules(self) -> "CounterpointConfig":
+        from tasks.counterpoint.scoring import rule_names
+
+        valid = rule_names(self.mode)
+        unknown = sorted(set(self.rule_weights) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown rule(s) {unknown} for mode {self.mode!r}; valid names: {', '.join(valid)}")
+        return self

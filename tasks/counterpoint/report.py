@@ -1,0 +1,129 @@
+"""The counterpoint run's report: data, prior quality, rule-violation tables, plots, samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib.pyplot as plt
+
+from rlhf.report import fmt, markdown_table, plot_bars, plot_curves, save_fig
+from rlhf.runs import atomic_write_text, read_metrics
+from tasks.counterpoint.piece import FirstSpeciesPiece, Melody, event_pitch
+from tasks.counterpoint.task import Item, from_json
+
+TABLE1_LABELS = {
+    "notes_not_in_key": "Notes not in key",
+    "notes_excessively_repeated": "Notes excessively repeated",
+    "mean_autocorr_lag1": "Mean autocorrelation lag 1",
+    "mean_autocorr_lag2": "Mean autocorrelation lag 2",
+    "mean_autocorr_lag3": "Mean autocorrelation lag 3",
+    "compositions_starting_with_tonic": "Compositions starting with tonic",
+    "leaps_resolved": "Leaps resolved",
+    "compositions_unique_max_note": "Compositions with unique max note",
+    "compositions_unique_min_note": "Compositions with unique min note",
+    "notes_in_motif": "Notes in motif",
+    "notes_in_repeated_motif": "Notes in repeated motif",
+}
+
+
+def piano_roll(items: Sequence[Item], titles: Sequence[str], path: Path) -> Path:
+    """Piano-roll drawing: cantus in grey, counterpoint in colour (first species) or the melody."""
+    n = len(items)
+    fig, axes = plt.subplots(n, 1, figsize=(7.0, 1.9 * n), squeeze=False)
+    for ax, it, title in zip(axes[:, 0], items, titles):
+        if isinstance(it, FirstSpeciesPiece):
+            for i, (c, p) in enumerate(zip(it.cantus, it.counterpoint)):
+                ax.broken_barh([(i, 0.95)], (c - 0.4, 0.8), color="0.6")
+                ax.broken_barh([(i, 0.95)], (p - 0.4, 0.8), color="tab:blue")
+            ax.set_xlim(0, len(it.cantus))
+            lo, hi = min(it.cantus + it.counterpoint), max(it.cantus + it.counterpoint)
+        else:
+            pitch, start, notes = None, 0, []
+            for t, e in enumerate(list(it.events) + [0]):
+                if (e != 1 or t == len(it.events)) and pitch is not None:
+                    notes.append((start, t - start, pitch))
+                    pitch = None
+                if e >= 2:
+                    pitch, start = event_pitch(e), t
+            for s, d, p in notes:
+                ax.broken_barh([(s, d - 0.05)], (p - 0.4, 0.8), color="tab:green")
+            ax.set_xlim(0, len(it.events))
+            ps = [p for _, _, p in notes] or [60]
+            lo, hi = min(ps), max(ps)
+        ax.set_ylim(lo - 2, hi + 2)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("MIDI", fontsize=8)
+        ax.grid(alpha=0.25)
+    axes[-1, 0].set_xlabel("note" if isinstance(items[0], FirstSpeciesPiece) else "16th step")
+    fig.tight_layout()
+    return save_fig(fig, path)
+
+
+def _rel(path: Path, root: Path) -> str:
+    return str(path.relative_to(root))
+
+
+def write_report(root: Path, evaluation: dict[str, Any], data_stats: dict[str, Any], exported: dict[str, list[Path]], rule_docs: dict[str, str]) -> Path:
+    """Write ``report.md`` and its plots into the run folder ``root``."""
+    plots = root / "plots"
+    md: list[str] = [f"# Counterpoint run report ({evaluation['mode'].replace('_', ' ')})", ""]
+    cfg_text = (root / "config.yaml").read_text() if (root / "config.yaml").is_file() else ""
+
+    md += ["## Data", "", markdown_table(["split", "examples", "pieces", "tokens"], [
+        [k, v.get("examples", "–"), v.get("pieces", "–"), v.get("tokens", "–")] for k, v in data_stats.items() if isinstance(v, dict)
+    ]), ""]
+
+    prior_rows = read_metrics(root / "metrics.jsonl", stage="prior")
+    if prior_rows:
+        last_val = [r for r in prior_rows if "loss/val" in r]
+        md += ["## The prior (MLE)", ""]
+        if last_val:
+            v = last_val[-1]
+            md += [markdown_table(["held-out loss (nats/token)", "perplexity", "next-token accuracy", "steps"],
+                                  [[v["loss/val"], v["ppl/val"], v["acc/val"], v["step"]]]), ""]
+        p = plot_curves(prior_rows, ["loss/train", "loss/val"], plots / "prior_loss.png", "MLE training of the prior", "nats / token")
+        if p:
+            md += [f"![prior loss]({_rel(p, root)})", ""]
+
+    rows: dict[str, dict[str, float]] = evaluation["rows"]
+    names = list(rows)
+    md += ["## Evaluation", "",
+           f"{evaluation['prompts']} prompts × {evaluation['per_prompt']} samples per model. "
+           "Reference rows score real music with the same rules; `logp/prior` is the mean log-likelihood per note under the prior.", ""]
+    summary_cols = [("rules/clean", "pieces with no violation"), ("reward/note", "mean reward / note"), ("reward/piece", "mean reward / piece"),
+                    ("logp/prior", "log-lik. / note (prior)"), ("distinct", "distinct pieces")]
+    md += [markdown_table(["set"] + [c[1] for c in summary_cols], [[n] + [rows[n].get(k, float("nan")) for k, _ in summary_cols] for n in names]), ""]
+
+    rule_keys = [k for k in rows[names[0]] if k.startswith("rules/") and k != "rules/clean"]
+    md += ["### Violations per note, by rule", "",
+           markdown_table(["rule", "what it checks"] + names, [[k[6:], rule_docs.get(k[6:], "")] + [rows[n].get(k, float("nan")) for n in names] for k in rule_keys]), ""]
+    bars = plot_bars({n: {k[6:]: rows[n].get(k, 0.0) for k in rule_keys} for n in names}, plots / "violations.png", "Violations per note", "violations / note")
+    md += [f"![violations per rule]({_rel(bars, root)})", ""]
+
+    t1 = [k for k in rows[names[0]] if k.startswith("table1/")]
+    if t1:
+        md += ["### Sequence Tutor Table 1 metrics", "",
+               markdown_table(["metric"] + names, [[TABLE1_LABELS.get(k[7:], k[7:])] + [rows[n].get(k, float("nan")) for n in names] for k in t1]), ""]
+
+    md += ["## Samples", ""]
+    for model, samples in evaluation["samples"].items():
+        items = [from_json(s) for s in samples]
+        if not items:
+            continue
+        order = sorted(range(len(items)), key=lambda i: -samples[i]["reward"])
+        pick = [order[0], order[len(order) // 2], order[-1]]
+        titles = [f"{model}: {lab} ({samples[i]['source']}, reward {fmt(samples[i]['reward'], 2)})" for lab, i in zip(["best", "median", "worst"], pick)]
+        p = piano_roll([items[i] for i in pick], titles, plots / f"samples_{model}.png")
+        md += [f"### {model}", "", f"![samples of {model}]({_rel(p, root)})", ""]
+        files = exported.get(model, [])
+        if files:
+            md += ["Exported (open in MuseScore, or play the MIDI): " + ", ".join(f"[{f.name}]({_rel(f, root)})" for f in files), ""]
+
+    if cfg_text:
+        md += ["## Resolved config", "", "```yaml", cfg_text.rstrip(), "```", ""]
+    out = root / "report.md"
+    atomic_write_text(out, "\n".join(md))
+    atomic_write_text(root / "eval.json", json.dumps(evaluation, indent=1))
+    return out
