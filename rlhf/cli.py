@@ -187,6 +187,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     items = task.decode(rep, comps)
     scores = task.score(items)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for i, (it, p) in enumerate(zip(items, rep)):
         base = out / f"{i:02d}_{p.name}"
         write_musicxml(it, base.with_suffix(".musicxml"))
@@ -219,7 +220,13 @@ COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "evaluate": cmd_evaluate, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come after flags (`run c.yaml --resume a=1`): argparse leaves those unknown.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if not args.command:
         parser.print_help()
         return 2

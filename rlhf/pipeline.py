@@ -100,6 +100,7 @@ def export_samples(run: Run, evaluation: dict[str, Any], n: int) -> dict[str, li
     for model, samples in evaluation["samples"].items():
         best = sorted(samples, key=lambda s: -s["reward"])[:n]
         files = []
+        (run.root / "samples" / model).mkdir(parents=True, exist_ok=True)
         for i, s in enumerate(best):
             base = run.root / "samples" / model / f"{i:02d}_{s['source'].replace('/', '_')}"
             item = from_json(s)
