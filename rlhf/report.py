@@ -62,7 +62,7 @@ def plot_bars(groups: dict[str, dict[str, float]], path: Path, title: str, xlabe
     """Horizontal grouped bars: one group per category (y), one bar per series (legend)."""
     series = list(groups)
     cats = sorted({c for g in groups.values() for c in g})
-    fig, ax = plt.subplots(figsize=(7.0, 0.32 * len(cats) * max(1, len(series)) * 0.6 + 1.5))
+    fig, ax = plt.subplots(figsize=(7.0, 0.16 * len(cats) * max(1, len(series)) + 1.5))
     h = 0.8 / max(len(series), 1)
     for i, s in enumerate(series):
         ys = [j + i * h for j in range(len(cats))]

@@ -10,7 +10,8 @@ import matplotlib.pyplot as plt
 
 from rlhf.report import fmt, markdown_table, plot_bars, plot_curves, save_fig
 from rlhf.runs import atomic_write_text, read_metrics
-from tasks.counterpoint.piece import FirstSpeciesPiece, Melody, event_pitch
+from tasks.counterpoint.melody_rules import melody_notes
+from tasks.counterpoint.piece import FirstSpeciesPiece
 from tasks.counterpoint.task import Item, from_json
 
 TABLE1_LABELS = {
@@ -40,13 +41,7 @@ def piano_roll(items: Sequence[Item], titles: Sequence[str], path: Path) -> Path
             ax.set_xlim(0, len(it.cantus))
             lo, hi = min(it.cantus + it.counterpoint), max(it.cantus + it.counterpoint)
         else:
-            pitch, start, notes = None, 0, []
-            for t, e in enumerate(list(it.events) + [0]):
-                if (e != 1 or t == len(it.events)) and pitch is not None:
-                    notes.append((start, t - start, pitch))
-                    pitch = None
-                if e >= 2:
-                    pitch, start = event_pitch(e), t
+            notes = melody_notes(it.events)
             for s, d, p in notes:
                 ax.broken_barh([(s, d - 0.05)], (p - 0.4, 0.8), color="tab:green")
             ax.set_xlim(0, len(it.events))
@@ -92,7 +87,7 @@ def write_report(root: Path, evaluation: dict[str, Any], data_stats: dict[str, A
     md += ["## Evaluation", "",
            f"{evaluation['prompts']} prompts × {evaluation['per_prompt']} samples per model. "
            "Reference rows score real music with the same rules; `logp/prior` is the mean log-likelihood per note under the prior.", ""]
-    summary_cols = [("rules/clean", "pieces with no violation"), ("reward/note", "mean reward / note"), ("reward/piece", "mean reward / piece"),
+    summary_cols = [("rules/clean", "pieces with no hard-rule violation"), ("reward/note", "mean reward / note"), ("reward/piece", "mean reward / piece"),
                     ("logp/prior", "log-lik. / note (prior)"), ("distinct", "distinct pieces")]
     md += [markdown_table(["set"] + [c[1] for c in summary_cols], [[n] + [rows[n].get(k, float("nan")) for k, _ in summary_cols] for n in names]), ""]
 

@@ -16,6 +16,15 @@ from tasks.counterpoint.piece import FirstSpeciesBatch, FirstSpeciesPiece, Melod
 Mode = Literal["first_species", "melody"]
 
 
+def soft_rule_names(mode: Mode) -> frozenset[str]:
+    """Rules that express a preference (always somewhat violated), not a prohibition."""
+    if mode == "first_species":
+        from tasks.counterpoint.rules import SOFT_RULES
+
+        return frozenset(SOFT_RULES)
+    return frozenset()
+
+
 def rule_names(mode: Mode) -> list[str]:
     if mode == "first_species":
         from tasks.counterpoint.rules import FIRST_SPECIES_RULES
@@ -31,6 +40,7 @@ class RuleScores:
     rewards: np.ndarray  # [B, T] float, weighted rule reward per step (0 on padding)
     violations: dict[str, np.ndarray]  # rule -> [B, T] bool
     notes: np.ndarray  # [B] number of notes per piece (normaliser of "violations per note")
+    soft: frozenset[str] = frozenset()  # preference rules, left out of clean()
 
     @property
     def totals(self) -> np.ndarray:
@@ -43,8 +53,8 @@ class RuleScores:
         return {name: float(v.sum()) / n for name, v in self.violations.items()}
 
     def clean(self, rules: Sequence[str] | None = None) -> np.ndarray:
-        """[B] bool: pieces with no violation of ``rules`` (default: all)."""
-        names = list(self.violations) if rules is None else list(rules)
+        """[B] bool: pieces with no violation of ``rules`` (default: every hard rule)."""
+        names = [n for n in self.violations if n not in self.soft] if rules is None else list(rules)
         bad = np.zeros(len(self.notes), dtype=bool)
         for name in names:
             bad |= self.violations[name].any(axis=1)
@@ -63,7 +73,7 @@ def score(mode: Mode, items: Sequence[FirstSpeciesPiece] | Sequence[Melody], wei
         from tasks.counterpoint import rules
 
         batch = FirstSpeciesBatch.from_pieces(items)  # type: ignore[arg-type]
-        return RuleScores(rules.step_rewards(batch, weights), rules.violations(batch), batch.lengths.copy())
+        return RuleScores(rules.step_rewards(batch, weights), rules.violations(batch), batch.lengths.copy(), soft_rule_names(mode))
     from tasks.counterpoint import melody_rules
 
     events, tonic = melody_array(items)  # type: ignore[arg-type]

@@ -1,0 +1,70 @@
+"""Policy-gradient losses: PPO's clipped surrogate and value loss, REINFORCE, entropy.
+
+Per-token tensors are [B, T] over completion tokens, ``mask`` [B, T] is 1 on real tokens;
+every loss is the masked mean over all real tokens of the batch.  None of them adds a KL
+term: the KL penalty is in the reward (:func:`rlhf.kl.shape_rewards`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf.advantages import masked_mean
+from rlhf.kl import kl_k3, masked_log_softmax
+
+
+def ppo_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization
+    Algorithms", eq. 7), as a loss to minimise:
+
+        L = mean_t −min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t),   ρ_t = π(a_t|s_t)/π_old(a_t|s_t).
+
+    logp, old_logp, advantages, mask [B, T] → (loss, stats).  stats (detached):
+    "clip/frac", the fraction of real tokens where the clipped term is the active one (their
+    gradient is 0), and "kl/approx", the k3 estimate of KL(π_old‖π) on the sampled tokens.
+    """
+    old_logp, advantages = old_logp.detach(), advantages.detach()  # constants of the surrogate
+    ratio = torch.exp(logp - old_logp)  # [B, T]
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    stats = {
+        "clip/frac": masked_mean((clipped > unclipped).to(logp.dtype), mask).detach(),
+        "kl/approx": masked_mean(kl_k3(old_logp, logp.detach()), mask),
+    }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_eps: float | None
+) -> torch.Tensor:
+    """Clipped value loss ½·mean_t max((V − R)², (V_clip − R)²), V_clip = V_old + clip(V − V_old, −ε, ε)
+    (OpenAI baselines ppo2, TRL); ``clip_eps=None`` gives the plain ½·mean_t (V − R)².
+    values, old_values, returns, mask [B, T] → scalar."""
+    returns = returns.detach()
+    err = (values - returns) ** 2  # [B, T]
+    if clip_eps is not None:
+        old_values = old_values.detach()
+        v_clip = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+        err = torch.maximum(err, (v_clip - returns) ** 2)
+    return 0.5 * masked_mean(err, mask)
+
+
+def reinforce_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE (Williams 1992): mean_t −A·log π(a_t|s_t).  logp, mask [B, T]; advantages
+    [B, T] per token (e.g. reward-to-go) or [B] per sequence (e.g. RLOO), broadcast over T."""
+    advantages = advantages.detach()
+    if advantages.ndim == 1:
+        advantages = advantages[:, None]  # [B, 1]
+    return masked_mean(-advantages * logp, mask)
+
+
+def entropy_from_logits(logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy H = −Σ_a π(a) log π(a) of softmax(logits) renormalised over ``allowed`` [V]:
+    logits [B, T, V] → [B, T]; excluded actions contribute 0 (0·log 0 = 0)."""
+    logp = masked_log_softmax(logits, allowed)  # [B, T, V]
+    # Select before multiplying: 0·(−inf) would be NaN in the value and in the gradient.
+    safe = torch.where(torch.isfinite(logp), logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    return -(logp.exp() * safe).sum(-1)

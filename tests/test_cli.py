@@ -1,0 +1,187 @@
+"""End to end through the real `rlhf` command: quick pipeline, sample, evaluate, resume, user errors."""
+
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from music21 import converter
+
+from rlhf.cli import main
+from rlhf.models import ModelConfig, build_causal_lm, load_causal_lm
+from rlhf.pipeline import RunConfig
+from rlhf.config import load_config
+from tasks.counterpoint.cantus import parse_note_names
+from tasks.counterpoint.task import CounterpointTask
+from tasks.counterpoint.tokens import Codec
+
+REPO = Path(__file__).resolve().parents[1]
+CF = "D4 F4 E4 D4 G4 F4 A4 G4 F4 E4 D4"
+
+
+def rlhf_process(*args):
+    """The real console entry point in a separate process (exit codes, no traceback)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "rlhf.cli", *map(str, args)], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+
+
+def rlhf(*args, check=True):
+    """``rlhf.cli.main`` in this process (the same code path, without paying imports per call)."""
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse errors and --help
+                code = e.code
+    finally:
+        os.chdir(cwd)
+    r = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"rlhf {' '.join(map(str, args))} failed ({code}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quick")
+    run_dir = root / "run"
+    r = rlhf_process("run", "configs/counterpoint-quick.yaml", f"run_dir={run_dir}", f"task.data.cache_dir={root / 'cache'}", "progress=false")
+    assert r.returncode == 0, r.stderr
+    return run_dir
+
+
+def test_quick_pipeline_writes_a_complete_run_folder(quick_run):
+    for name in ["config.yaml", "metrics.jsonl", "run.log", "data_stats.json", "eval.json", "report.md"]:
+        assert (quick_run / name).is_file(), name
+    prior = quick_run / "models" / "prior"
+    assert (prior / "model.safetensors").is_file() and (prior / "tokenizer.json").is_file()
+    report = (quick_run / "report.md").read_text()
+    for png in ["prior_loss.png", "violations.png", "samples_prior.png"]:
+        assert (quick_run / "plots" / png).stat().st_size > 5000
+        assert f"plots/{png}" in report
+    assert "Fux solutions" in report or not Path(os.environ.get("RLHF_FUX_DIR", REPO.parent / "shared/data/fux-species")).exists()
+    rows = [json.loads(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]
+    assert all("/" in k for r in rows for k in r if k not in ("stage", "step", "time", "lr"))
+    val = [r["loss/val"] for r in rows if "loss/val" in r]
+    # the prior learned: far below the uniform choice among the 49 interval tokens
+    assert val[-1] < math.log(49) - 1.0, val
+    ev = json.loads((quick_run / "eval.json").read_text())
+    assert ev["rows"]["prior"]["pieces"] == ev["prompts"] * ev["per_prompt"]
+
+
+def test_exported_samples_read_back_with_the_same_notes(quick_run):
+    ev = json.loads((quick_run / "eval.json").read_text())
+    files = sorted((quick_run / "samples" / "prior").glob("*.musicxml"))
+    assert len(files) == 6 and len(list((quick_run / "samples" / "prior").glob("*.mid"))) == 6
+    best = sorted(ev["samples"]["prior"], key=lambda s: -s["reward"])[0]
+    score = converter.parse(files[0])
+    parts = [[n.pitch.midi for n in p.recurse().notes] for p in score.parts]
+    assert sorted(map(tuple, parts)) == sorted([tuple(best["cantus"]), tuple(best["counterpoint"])])
+
+
+def test_prior_beats_an_untrained_model_on_the_rules(quick_run):
+    """Learning happened: the trained prior breaks the consonance rule far less than its own
+    untrained initialisation, judged by the same evaluation."""
+    cfg = load_config(RunConfig, quick_run / "config.yaml")
+    prior_dir = quick_run / "models" / "prior"
+    task = CounterpointTask(cfg.task, Codec.load(prior_dir))
+    prior = load_causal_lm(prior_dir)
+    untrained = build_causal_lm(ModelConfig(n_layer=2, n_embd=64, max_positions=64), task.tokenizer)
+    rows = task.evaluate({"prior": prior, "untrained": untrained}, prior, seed=0)["rows"]
+    assert rows["prior"]["rules/dissonance"] < 0.5 * rows["untrained"]["rules/dissonance"], rows
+    assert rows["prior"]["reward/note"] > rows["untrained"]["reward/note"]
+    assert rows["prior"]["logp/prior"] > rows["untrained"]["logp/prior"]
+
+
+def test_resume_reuses_the_finished_prior(quick_run):
+    before = (quick_run / "models" / "prior" / "model.safetensors").read_bytes()
+    rlhf("run", quick_run / "config.yaml", "--resume", f"task.data.cache_dir={quick_run.parent / 'cache'}")
+    assert "prior already trained" in (quick_run / "run.log").read_text()
+    assert (quick_run / "models" / "prior" / "model.safetensors").read_bytes() == before
+    r = rlhf("run", quick_run / "config.yaml", check=False)
+    assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sample_from_note_names_and_musicxml(quick_run, tmp_path):
+    prior = quick_run / "models" / "prior"
+    r = rlhf("sample", "--model", prior, "--cantus", CF, "-n", "2", "--out", tmp_path / "a", "--seed", "1")
+    files = sorted((tmp_path / "a").glob("*.musicxml"))
+    assert len(files) == 2 and "violations" in r.stdout
+    parts = [[n.pitch.midi for n in p.recurse().notes] for p in converter.parse(files[0]).parts]
+    assert parse_note_names(CF) in [tuple(p) for p in parts]
+    # a cantus given as a MusicXML file: take the exported piece's lower part (the cantus)
+    r = rlhf("sample", "--model", prior, "--cantus-file", files[0], "--position", "above", "-n", "1", "--out", tmp_path / "b")
+    assert len(list((tmp_path / "b").glob("*.mid"))) == 2  # one piece per part of the file
+
+
+def test_evaluate_command(quick_run, tmp_path):
+    rlhf("evaluate", "configs/counterpoint-quick.yaml", "--model", quick_run / "models" / "prior", "--out", tmp_path / "ev", "task.eval.samples_per_cantus=2", "progress=false")
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert "prior" in ev["rows"] and (tmp_path / "ev" / "report.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["run", "configs/nope.yaml"], "config file not found"),
+        (["run", "configs/counterpoint-quick.yaml", "pretrain.stepz=3"], "pretrain.stepz"),
+        (["run", "configs/counterpoint-quick.yaml", "task.mode=fugue"], "first_species"),
+        (["sample", "--model", "/nonexistent/model", "--cantus", CF], "model folder not found"),
+        (["pretrain", "configs/counterpoint-quick.yaml", "--bogus"], "unrecognized arguments"),
+    ],
+)
+def test_user_errors_exit_2_without_traceback(args, expect, tmp_path):
+    r = rlhf(*args, check=False)
+    assert r.returncode == 2, r.stderr
+    assert expect in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_cantus_and_bad_yaml(quick_run, tmp_path):
+    r = rlhf("sample", "--model", quick_run / "models" / "prior", "--cantus", "D4 F4 X9 D4", check=False)
+    assert r.returncode == 2 and "X9" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.musicxml"
+    bad.write_text("<score-partwise><part id='P1'><measure>oops")
+    r = rlhf("sample", "--model", quick_run / "models" / "prior", "--cantus-file", bad, check=False)
+    assert r.returncode == 2 and str(bad) in r.stderr and "Traceback" not in r.stderr
+    y = tmp_path / "bad.yaml"
+    y.write_text("pretrain:\n  steps: [1,\n")
+    r = rlhf_process("run", y)  # a real process: exit status and stderr as a user sees them
+    assert r.returncode == 2 and f"{y}:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_reads_well():
+    r = rlhf_process("--help")
+    assert r.returncode == 0
+    for cmd in ["run", "pretrain", "evaluate", "sample", "config-help"]:
+        assert cmd in r.stdout
+        assert rlhf(cmd, "--help").stdout.startswith("usage: rlhf " + cmd)  # exits 0
+    assert "pretrain.lr" in rlhf("config-help").stdout
+
+
+def test_melody_mode_end_to_end(tmp_path):
+    """Sequence Tutor's setting: a melody prior from folk songs and chorale sopranos, evaluated
+    with the Table 1 metrics; it keeps to the key far better than its untrained initialisation."""
+    run_dir = tmp_path / "melody"
+    rlhf("run", "configs/melody.yaml", "--quick", f"run_dir={run_dir}", f"task.data.cache_dir={tmp_path / 'cache'}",
+         "task.data.max_pieces=12", "progress=false")
+    ev = json.loads((run_dir / "eval.json").read_text())
+    row = ev["rows"]["prior"]
+    assert row["pieces"] == 48 and "table1/notes_not_in_key" in row and "table1/leaps_resolved" in row
+    assert "Table 1" in (run_dir / "report.md").read_text()
+    mids = sorted((run_dir / "samples" / "prior").glob("*.mid"))
+    assert len(mids) == 6
+    cfg = load_config(RunConfig, run_dir / "config.yaml")
+    prior_dir = run_dir / "models" / "prior"
+    task = CounterpointTask(cfg.task, Codec.load(prior_dir))
+    prior = load_causal_lm(prior_dir)
+    untrained = build_causal_lm(ModelConfig(n_layer=2, n_embd=64, max_positions=48), task.tokenizer)
+    rows = task.evaluate({"prior": prior, "untrained": untrained}, prior, seed=0)["rows"]
+    assert rows["prior"]["table1/notes_not_in_key"] < 0.5 * rows["untrained"]["table1/notes_not_in_key"], rows

@@ -1,0 +1,139 @@
+"""PPO, value, REINFORCE losses and entropy against naive loops and hand-made gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.losses import entropy_from_logits, ppo_policy_loss, reinforce_loss, value_loss
+
+B, T, V = 5, 8, 6
+
+
+def _mask(b: int, t: int, g: torch.Generator) -> torch.Tensor:
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    lengths[0] = t
+    return torch.arange(t)[None, :] < lengths[:, None]
+
+
+def _real(mask: torch.Tensor) -> list[tuple[int, int]]:
+    return [(b, t) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
+
+
+def test_ppo_policy_loss_matches_loop():
+    g = torch.Generator().manual_seed(0)
+    mask = _mask(B, T, g)
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    logp = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    eps = 0.2
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, eps)
+    real = _real(mask)
+    total, clipped, kl = 0.0, 0, 0.0
+    for b, t in real:
+        ratio, a = math.exp(logp[b, t].item() - old[b, t].item()), adv[b, t].item()
+        total += -min(ratio * a, min(max(ratio, 1 - eps), 1 + eps) * a)
+        clipped += (a > 0 and ratio > 1 + eps) or (a < 0 and ratio < 1 - eps)
+        kl += ratio - 1 - math.log(ratio)
+    assert 0 < clipped < len(real)
+    assert loss.item() == pytest.approx(total / len(real), abs=1e-12)
+    assert stats["clip/frac"].item() == pytest.approx(clipped / len(real), abs=1e-12)
+    assert stats["kl/approx"].item() == pytest.approx(kl / len(real), abs=1e-12)
+
+
+def test_ppo_gradient_is_zero_exactly_where_clipping_binds():
+    eps = 0.2
+    ratios = [1.5, 1.5, 0.5, 0.5, 1.1, 0.9, 1.0]
+    advs = [2.0, -2.0, -1.0, 1.0, 3.0, -0.5, 0.0]
+    # clipped?  yes   no    yes   no   no   no   (A = 0: no gradient, not clipped)
+    old = torch.full((1, 8), -1.0, dtype=torch.float64)
+    logp = (old + torch.log(torch.tensor([ratios + [1.7]], dtype=torch.float64))).requires_grad_(True)
+    adv = torch.tensor([advs + [5.0]], dtype=torch.float64)
+    mask = torch.tensor([[True] * 7 + [False]])
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, eps)
+    loss.backward()
+    n = 7
+    # d/dlogp of −Aρ is −Aρ on unclipped tokens.
+    want = [0.0, 2.0 * 1.5 / n, 0.0, -1.0 * 0.5 / n, -3.0 * 1.1 / n, 0.5 * 0.9 / n, 0.0, 0.0]
+    assert logp.grad[0].tolist() == pytest.approx(want, abs=1e-12)
+    assert stats["clip/frac"].item() == pytest.approx(2 / 7, abs=1e-12)
+    assert stats["kl/approx"].requires_grad is False and stats["clip/frac"].requires_grad is False
+
+
+@pytest.mark.parametrize("clip_eps", [None, 0.2])
+def test_value_loss_matches_loop(clip_eps: float | None):
+    g = torch.Generator().manual_seed(1)
+    mask = _mask(B, T, g)
+    old = torch.randn(B, T, generator=g, dtype=torch.float64)
+    values = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5
+    returns = torch.randn(B, T, generator=g, dtype=torch.float64)
+    returns[~mask] = float("nan")
+    got = value_loss(values, old, returns, mask, clip_eps)
+    total = 0.0
+    real = _real(mask)
+    for b, t in real:
+        v, vo, r = values[b, t].item(), old[b, t].item(), returns[b, t].item()
+        err = (v - r) ** 2
+        if clip_eps is not None:
+            v_clip = vo + min(max(v - vo, -clip_eps), clip_eps)
+            err = max(err, (v_clip - r) ** 2)
+        total += 0.5 * err
+    assert got.item() == pytest.approx(total / len(real), abs=1e-12)
+
+
+def test_value_loss_clipping_cuts_the_gradient():
+    old = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    values = torch.tensor([[1.0, 0.1]], dtype=torch.float64, requires_grad=True)
+    returns = torch.tensor([[-1.0, 1.0]], dtype=torch.float64)
+    value_loss(values, old, returns, torch.ones(1, 2), clip_eps=0.2).backward()
+    # Token 0 moved away from R: (V − R)² = 4 > (V_clip − R)² = 1.44, the unclipped term is active
+    # and pulls V back.  Token 1 is inside the clip: the ordinary gradient (V − R)/N.
+    assert values.grad[0].tolist() == pytest.approx([0.5 * 2 * 2.0 / 2, 0.5 * 2 * (0.1 - 1.0) / 2], abs=1e-12)
+    values2 = torch.tensor([[1.0]], dtype=torch.float64, requires_grad=True)
+    value_loss(values2, torch.zeros(1, 1), torch.tensor([[3.0]]), torch.ones(1, 1), clip_eps=0.2).backward()
+    # V moved towards R but past the clip: the clipped error (0.2 − 3)² > (1 − 3)² is active, gradient 0.
+    assert values2.grad.item() == 0.0
+
+
+def test_reinforce_loss_matches_loop_for_token_and_sequence_advantages():
+    g = torch.Generator().manual_seed(2)
+    mask = _mask(B, T, g)
+    logp = (-torch.rand(B, T, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    adv_tok = torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv_seq = torch.randn(B, generator=g, dtype=torch.float64)
+    real = _real(mask)
+    got = reinforce_loss(logp, adv_tok, mask)
+    assert got.item() == pytest.approx(sum(-adv_tok[b, t].item() * logp[b, t].item() for b, t in real) / len(real), abs=1e-12)
+    got_seq = reinforce_loss(logp, adv_seq, mask)
+    assert got_seq.item() == pytest.approx(sum(-adv_seq[b].item() * logp[b, t].item() for b, t in real) / len(real), abs=1e-12)
+    got_seq.backward()
+    want = torch.where(mask, -adv_seq[:, None].expand(B, T) / len(real), 0.0)
+    assert torch.allclose(logp.grad, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_entropy_matches_loop(with_mask: bool):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    allowed = torch.tensor([True, True, False, True, False, True]) if with_mask else None
+    ok = allowed.tolist() if with_mask else [True] * V
+    got = entropy_from_logits(logits, allowed)
+    assert got.shape == (B, T)
+    for b in range(B):
+        for t in range(T):
+            z = sum(math.exp(logits[b, t, a].item()) for a in range(V) if ok[a])
+            p = [math.exp(logits[b, t, a].item()) / z for a in range(V) if ok[a]]
+            assert got[b, t].item() == pytest.approx(-sum(q * math.log(q) for q in p), abs=1e-10)
+
+
+def test_entropy_of_uniform_and_finite_gradients_with_excluded_actions():
+    allowed = torch.tensor([True, False, True, True, False, False])
+    assert entropy_from_logits(torch.zeros(2, 3, V), allowed).allclose(torch.full((2, 3), math.log(3)))
+    assert entropy_from_logits(torch.zeros(2, 3, V)).allclose(torch.full((2, 3), math.log(V)))
+    logits = torch.randn(2, 3, V)
+    logits[..., 0] = float("-inf")
+    logits.requires_grad_(True)
+    entropy_from_logits(logits, allowed).sum().backward()
+    assert torch.isfinite(logits.grad).all()
