@@ -27,6 +27,7 @@ EPILOG = """examples:
   rlhf run configs/counterpoint.yaml --quick         a one-minute smoke run
   rlhf run configs/counterpoint.yaml --resume        continue an interrupted run
   rlhf pretrain configs/melody.yaml pretrain.steps=2000
+  rlhf tune configs/counterpoint.yaml tune.algorithm=psi --prior runs/counterpoint/models/prior
   rlhf evaluate configs/counterpoint.yaml --model runs/counterpoint/models/prior
   rlhf sample --model runs/counterpoint/models/prior --cantus "D4 F4 E4 D4 G4 F4 A4 G4 F4 E4 D4"
   rlhf config-help configs/counterpoint.yaml         every config key with its meaning
@@ -53,13 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
 
-    p = sub.add_parser("run", help="run the whole pipeline from one YAML: data, prior, evaluation, report",
-                       description="Extract the corpus, pre-train the prior by MLE, evaluate it and write report.md into run_dir.")
+    p = sub.add_parser("run", help="run the whole pipeline from one YAML: data, prior, tuning, evaluation, report",
+                       description="Extract the corpus, pre-train the prior by MLE, fine-tune it (tune.algorithm), evaluate both and write report.md into run_dir.")
     _config_args(p)
 
     p = sub.add_parser("pretrain", help="train the MLE prior (data + pre-training stages)",
                        description="Extract the corpus and train the prior by MLE; the model lands in <run_dir>/models/prior.")
     _config_args(p)
+
+    p = sub.add_parser("tune", help="fine-tune the prior against itself with PPO, RLOO or Sequence Tutor's q/psi/g",
+                       description="Fine-tune a copy of the prior on the task reward with a KL term to the frozen prior "
+                       "(tune.algorithm: ppo, rloo, q, psi, g). Uses <run_dir>/models/prior, or --prior.")
+    _config_args(p)
+    p.add_argument("--prior", help="folder of the prior (default: <run_dir>/models/prior)")
 
     p = sub.add_parser("evaluate", help="sample from a model, score it with the rule rewards, write a report",
                        description="Sample pieces from --model for the evaluation prompts, score them, and write eval.json, report.md and exported pieces into the run folder.")
@@ -112,6 +119,28 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     train, val = stage_data(cfg, run, task)
     path = stage_prior(cfg, run, task, train, val, resume=args.resume)
     print(f"prior: {path}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from rlhf.pipeline import stage_tune
+    from rlhf.runs import Run
+
+    cfg = _load(args)
+    if cfg.tune is None:
+        raise UserError("the config has tune: null; set tune.algorithm=ppo (or rloo, q, psi, g).")
+    prior = Path(args.prior) if args.prior else Path(cfg.run_dir) / "models" / "prior"
+    run = Run(cfg.run_dir)
+    run.attach_log()
+    task = _task_for_model(cfg, prior)
+    if (run.final_model_dir(cfg.tune.algorithm) / "config.json").is_file() and not (args.resume or args.overwrite):
+        raise UserError(f"{run.final_model_dir(cfg.tune.algorithm)} exists; pass --resume to keep it or --overwrite to tune again.")
+    if args.overwrite:
+        import shutil
+
+        shutil.rmtree(run.stage_dir(f"tune-{cfg.tune.algorithm}"), ignore_errors=True)
+        shutil.rmtree(run.final_model_dir(cfg.tune.algorithm), ignore_errors=True)
+    print(f"{cfg.tune.algorithm}: {stage_tune(cfg, run, task, prior, resume=args.resume)}")
     return 0
 
 
@@ -215,7 +244,7 @@ def cmd_config_help(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "sample": cmd_sample, "config-help": cmd_config_help}
+COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "tune": cmd_tune, "evaluate": cmd_evaluate, "sample": cmd_sample, "config-help": cmd_config_help}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from rlhf.config import Section
 from rlhf.errors import UserError
 from rlhf.models import ModelConfig, build_causal_lm, count_parameters, load_causal_lm
 from rlhf.pretrain import PretrainConfig, pretrain
+from rlhf.tune import TuneConfig, tune
 from rlhf.runs import Run, atomic_write_text
 from rlhf.trainer import seed_everything
 from tasks.counterpoint.config import CounterpointConfig
@@ -36,6 +37,8 @@ QUICK_OVERRIDES = (
     "pretrain.warmup_steps=10",
     "pretrain.eval_every=50",
     "pretrain.checkpoint_every=100",
+    "tune.steps=10",
+    "tune.batch_size=16",
 )
 """What ``--quick`` sets (before your own overrides): a smoke run of about a minute."""
 
@@ -47,6 +50,7 @@ class RunConfig(Section):
     task: CounterpointConfig = Field(default_factory=CounterpointConfig, description="The task.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The prior's architecture (or a path to load).")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="MLE pre-training of the prior.")
+    tune: TuneConfig | None = Field(default_factory=TuneConfig, description="Fine-tuning against the frozen prior; null = stop after the prior.")
 
 
 def open_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Run:
@@ -135,5 +139,17 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     task = make_task(cfg)
     train, val = stage_data(cfg, run, task)
     prior = stage_prior(cfg, run, task, train, val, resume=resume)
-    stage_evaluate(cfg, run, task, {"prior": prior}, prior, val)
+    models = {"prior": prior}
+    if cfg.tune is not None:
+        models[cfg.tune.algorithm] = stage_tune(cfg, run, task, prior, resume=resume)
+    stage_evaluate(cfg, run, task, models, prior, val)
     return run.root / "report.md"
+
+
+def stage_tune(cfg: RunConfig, run: Run, task, prior: Path, *, resume: bool) -> Path:
+    assert cfg.tune is not None
+    final = run.final_model_dir(cfg.tune.algorithm)
+    if resume and (final / "config.json").is_file():
+        log.info("%s already tuned: %s", cfg.tune.algorithm, final)
+        return final
+    return tune(run, cfg.tune, task, prior, seed=cfg.seed, resume=resume, progress=cfg.progress)

@@ -9,15 +9,9 @@ so that the log-probs of the policy and of the prior describe the same action sp
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-
-def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-    """log_softmax over the last dim with disallowed entries at -inf. logits [..., V], allowed [V] bool."""
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    return F.log_softmax(logits.float(), dim=-1)
+from rlhf.kl import masked_log_softmax
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -88,7 +82,7 @@ def completion_logprobs(
     model: PreTrainedModel, prompts: torch.Tensor, completions: torch.Tensor, allowed: torch.Tensor | None = None
 ) -> torch.Tensor:
     """log p(completion_t | prompt, completion_<t) under the masked distribution: [B, T]."""
-    logp = masked_log_softmax(completion_logits(model, prompts, completions), allowed)
+    logp = masked_log_softmax(completion_logits(model, prompts, completions).float(), allowed)
     return logp.gather(-1, completions.unsqueeze(-1)).squeeze(-1)
 
 
@@ -140,3 +134,81 @@ def logprobs_many(
             out[i] = row
     model.train(was_training)
     return out
+
+
+# ----- RL rollouts: prompts of mixed lengths in one batch ------------------------------------
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids [B, P] and their attention mask [B, P] (1 on real tokens)."""
+    p = max(len(x) for x in prompts)
+    ids = torch.full((len(prompts), p), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), p), dtype=torch.long)
+    for i, x in enumerate(prompts):
+        ids[i, p - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, p - len(x):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: 0 at each row's first real token. [B, L]."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def sequence_forward(
+    model: PreTrainedModel, prompts: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor, hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits [B, T, V] that predict each completion token (and the last hidden states [B, T, H]
+    of the same positions if ``hidden``), for left-padded prompts [B, P] and completions [B, T]."""
+    attn = torch.cat([prompt_mask, torch.ones_like(tokens)], dim=1)
+    out = model(input_ids=torch.cat([prompts, tokens], 1), attention_mask=attn, position_ids=position_ids(attn), output_hidden_states=hidden)
+    p, t = prompts.shape[1], tokens.shape[1]
+    logits = out.logits[:, p - 1 : p + t - 1]
+    return logits, (out.hidden_states[-1][:, p - 1 : p + t - 1] if hidden else None)
+
+
+@torch.no_grad()
+def sample_padded(
+    model: PreTrainedModel,
+    prompts: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    n_new: int,
+    *,
+    probs_fn=None,
+    allowed: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample ``n_new`` tokens after left-padded prompts, with a KV cache: [B, n_new].
+
+    ``probs_fn(logits [B, V]) -> probs [B, V]`` replaces temperature sampling (e.g. ε-greedy
+    over Q-values); by default probs = softmax(masked logits / temperature).
+    """
+    was_training = model.training
+    model.eval()
+    attn = prompt_mask.clone()
+    out = model(input_ids=prompts, attention_mask=attn, position_ids=position_ids(attn), use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1, :]
+    next_pos = attn.sum(-1, keepdim=True)  # [B, 1]
+    tokens = []
+    for t in range(n_new):
+        logits = logits.float()
+        if probs_fn is not None:
+            probs = probs_fn(logits)
+        else:
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            probs = torch.softmax(logits / temperature, dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+        tokens.append(nxt)
+        if t + 1 < n_new:
+            attn = torch.cat([attn, torch.ones_like(nxt)], dim=1)
+            out = model(input_ids=nxt, attention_mask=attn, position_ids=next_pos + t, past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1, :]
+    model.train(was_training)
+    return torch.cat(tokens, dim=1)
+
+
+def length_mask(lengths: list[int], t: int, device: torch.device | None = None) -> torch.Tensor:
+    """[B, T] float mask, 1 on the first ``lengths[b]`` positions."""
+    return (torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]).float().to(device)

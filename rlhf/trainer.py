@@ -96,8 +96,9 @@ class TrainLoop:
     def unwrapped(self) -> PreTrainedModel:
         return self.accelerator.unwrap_model(self.model)
 
-    def update(self, loss: torch.Tensor) -> dict[str, float]:
-        """Backward, clip, optimizer and scheduler step. Returns ``grad/norm`` and ``lr``."""
+    def optimizer_step(self, loss: torch.Tensor) -> dict[str, float]:
+        """Backward, clip, optimizer and scheduler step, without advancing the training step
+        (an RL iteration takes several optimizer steps). Returns ``grad/norm`` and ``lr``."""
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         norm = float("nan")
@@ -106,8 +107,17 @@ class TrainLoop:
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        self.step += 1
         return {"grad/norm": norm, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def advance(self) -> None:
+        """Count one training step (what checkpoints, resume and the progress bar count)."""
+        self.step += 1
+
+    def update(self, loss: torch.Tensor) -> dict[str, float]:
+        """One optimizer step that is also one training step (supervised training)."""
+        metrics = self.optimizer_step(loss)
+        self.advance()
+        return metrics
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.run.metrics.log(self.step if step is None else step, metrics, self.stage)
@@ -123,7 +133,7 @@ class TrainLoop:
                 start = self.step
                 yield self.step
                 if self.step == start:
-                    raise RuntimeError("TrainLoop.steps(): the loop body must call update() once per step")
+                    raise RuntimeError("TrainLoop.steps(): the loop body must call update() or advance() once per step")
                 bar.update(1)
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
@@ -164,14 +174,20 @@ class TrainLoop:
         state_path = ckpt / STATE_FILE
         if not state_path.is_file():
             raise UserError(f"{ckpt}: checkpoint has no {STATE_FILE}; delete the folder or start without --resume.")
-        from safetensors.torch import load_file
+        if hasattr(self.unwrapped, "load_checkpoint"):  # wrappers that save more than one HF model
+            try:
+                self.unwrapped.load_checkpoint(ckpt)
+            except ValueError as e:
+                raise UserError(f"{e}. Resume with the config that wrote it.") from None
+        else:
+            from safetensors.torch import load_file
 
-        weights = load_file(str(ckpt / "model.safetensors"))
-        missing, unexpected = self.unwrapped.load_state_dict(weights, strict=False)
-        # Tied embeddings (lm_head = wte) are saved once; anything else missing is a real mismatch.
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]
-        if missing or unexpected:
-            raise UserError(f"{ckpt}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}). Resume with the config that wrote it.")
+            weights = load_file(str(ckpt / "model.safetensors"))
+            missing, unexpected = self.unwrapped.load_state_dict(weights, strict=False)
+            # Tied embeddings (lm_head = wte) are saved once; anything else missing is a real mismatch.
+            missing = [k for k in missing if not k.endswith("lm_head.weight")]
+            if missing or unexpected:
+                raise UserError(f"{ckpt}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}). Resume with the config that wrote it.")
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:

@@ -3,7 +3,8 @@
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rlhf.rollout import completion_logprobs, filter_logits, logprobs_many, masked_log_softmax, sample, sample_many
+from rlhf.kl import masked_log_softmax
+from rlhf.rollout import completion_logprobs, filter_logits, logprobs_many, sample, sample_many
 
 
 def tiny(vocab=17, seed=0):

@@ -52,6 +52,10 @@ class CounterpointConfig(Section):
         None,
         description="Folder of the Fux species data (reference scores); null = $RLHF_FUX_DIR or ../shared/data/fux-species if present.",
     )
+    train_cantus_transpositions: list[int] = Field(
+        default_factory=lambda: list(range(-5, 7)),
+        description="Semitone shifts of the Fux cantus firmi used as RL training prompts (first species).",
+    )
     rule_weights: dict[str, float] = Field(
         default_factory=dict, description="Override the default weight of named rules, e.g. {parallel_fifths: 5.0}."
     )

@@ -82,6 +82,23 @@ def write_report(root: Path, evaluation: dict[str, Any], data_stats: dict[str, A
         if p:
             md += [f"![prior loss]({_rel(p, root)})", ""]
 
+    all_rows = read_metrics(root / "metrics.jsonl")
+    for stage in sorted({r["stage"] for r in all_rows if r.get("stage", "").startswith("tune-")}):
+        rl = [r for r in all_rows if r["stage"] == stage]
+        alg = stage.removeprefix("tune-")
+        md += [f"## Fine-tuning: {alg}", "",
+               f"{len(rl)} iterations. Task reward and KL to the prior per sequence (mean over the batch), and the KL coefficient β.", ""]
+        for keys, name, ylabel in ((["reward/task"], "reward", "rule reward / piece"), (["kl/seq"], "kl", "KL(π‖prior) / piece (nats)"), (["kl/coef"], "beta", "β")):
+            p = plot_curves(rl, keys, plots / f"{stage}_{name}.png", f"{alg}: {keys[0]}", ylabel)
+            if p:
+                md += [f"![{alg} {name}]({_rel(p, root)})", ""]
+        last = rl[-max(1, len(rl) // 10):]
+        first = rl[: max(1, len(rl) // 10)]
+        mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+        md += [markdown_table(["", "reward/task", "kl/seq", "logp/prior"],
+                              [[f"first {len(first)} iterations"] + [mean(first, k) for k in ("reward/task", "kl/seq", "logp/prior")],
+                               [f"last {len(last)} iterations"] + [mean(last, k) for k in ("reward/task", "kl/seq", "logp/prior")]]), ""]
+
     rows: dict[str, dict[str, float]] = evaluation["rows"]
     names = list(rows)
     md += ["## Evaluation", "",

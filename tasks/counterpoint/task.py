@@ -80,6 +80,29 @@ class CounterpointTask:
                 prompts.append(Prompt(f"{name}/{pos}", ids, len(pitches), final))
         return prompts
 
+    def train_prompts(self) -> list[Prompt]:
+        """Prompts for RL: the Fux cantus firmi in every training transposition and position."""
+        if self.cfg.mode == "melody":
+            return self.eval_prompts()
+        prompts = []
+        for name, pitches, final in cantus_mod.default_eval_cantus(self.cfg.train_cantus_transpositions):
+            for pos in self.cfg.eval.positions:
+                try:
+                    ids = self.codec.encode_prompt((pitches, pos))
+                except ValueError:  # a transposition outside the token range
+                    continue
+                prompts.append(Prompt(f"{name}/{pos}", ids, len(pitches), final))
+        return prompts
+
+    def step_rewards(self, prompts: Sequence[Prompt], tokens: torch.Tensor) -> torch.Tensor:
+        """The rule reward of each generated note, [B, T] (0 past a piece's end): the RewardFn."""
+        toks = tokens.tolist()
+        items = self.decode(prompts, [t[: p.n_new] for p, t in zip(prompts, toks)])
+        r = self.score(items).rewards  # [B, N]
+        out = torch.zeros(tokens.shape, dtype=torch.float32)
+        out[:, : r.shape[1]] = torch.from_numpy(r[:, : tokens.shape[1]]).float()
+        return out.to(tokens.device)
+
     # ----- sampling and scoring -----------------------------------------------------------
     def sample(self, model: PreTrainedModel, prompts: Sequence[Prompt], per_prompt: int, *, temperature: float, seed: int) -> tuple[list[Prompt], list[list[int]]]:
         """``per_prompt`` completions for each prompt; returns the repeated prompts and completions."""

@@ -1,0 +1,45 @@
+"""REINFORCE with a leave-one-out baseline (RLOO; Kool et al. 2019, Ahmadian et al. 2024),
+on the same KL-shaped reward as PPO: k samples per prompt, A_i = R_i − mean_{j≠i} R_j."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from rlhf.advantages import masked_sum
+from rlhf.algorithms.common import KLConfig, Rollout, gather_logp
+from rlhf.algorithms.ppo import rl_metrics
+from rlhf.config import Section
+from rlhf.kl import shape_rewards
+from rlhf.losses import reinforce_loss
+from rlhf.rollout import sequence_forward
+
+
+class RLOOConfig(Section):
+    k: int = Field(4, ge=2, description="Samples per prompt (the leave-one-out group); batch_size must be a multiple.")
+    epochs: int = Field(1, ge=1, description="Gradient steps per rollout batch (1 = on-policy REINFORCE).")
+
+
+class RLOO:
+    def __init__(self, cfg: RLOOConfig, kl: KLConfig, model, allowed: torch.Tensor | None):
+        self.cfg, self.kl_cfg, self.model, self.allowed = cfg, kl, model, allowed
+
+    @property
+    def sampler(self):
+        return self.model
+
+    def update(self, loop, ro: Rollout, task_reward: torch.Tensor, beta: float) -> dict[str, float]:
+        from rlhf.advantages import rloo_advantages
+
+        kl = ro.kl(self.kl_cfg.estimator, self.allowed)
+        shaped = shape_rewards(task_reward, kl, ro.mask, beta, self.kl_cfg.c)  # [B, T]
+        adv = rloo_advantages(masked_sum(shaped, ro.mask, dim=-1), self.cfg.k)  # [B]
+        losses = []
+        for _ in range(self.cfg.epochs):
+            logits, _ = sequence_forward(self.model, ro.prompts, ro.prompt_mask, ro.tokens)
+            loss = reinforce_loss(gather_logp(logits, ro.tokens, self.allowed), adv, ro.mask)
+            loop.optimizer_step(loss)
+            losses.append(float(loss.detach()))
+        out = {"loss/policy": sum(losses) / len(losses)}
+        out.update(rl_metrics(ro, task_reward, kl, shaped))
+        return out

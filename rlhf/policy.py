@@ -1,0 +1,59 @@
+"""Policy wrappers over Hugging Face causal LMs: a policy with a value head (PPO).
+
+The prior is a plain causal LM loaded from its folder, put in eval mode with gradients off
+(:func:`frozen`); the policy starts as a copy of it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from rlhf.rollout import sequence_forward
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def frozen(model: PreTrainedModel) -> PreTrainedModel:
+    """Eval mode, no gradients: the prior is never updated."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class PolicyWithValue(nn.Module):
+    """A causal LM and a scalar value head on its last hidden state (shared trunk, as in
+    Ziegler et al. 2019). Saved as the LM's own HF folder plus ``value_head.safetensors``."""
+
+    def __init__(self, lm: PreTrainedModel):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no spurious early advantages
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, T, V] predicting each completion token and values V(s_t) [B, T]."""
+        logits, hidden = sequence_forward(self.lm, prompts, prompt_mask, tokens, hidden=True)
+        return logits, self.value_head(hidden).squeeze(-1)
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None, **kw) -> None:
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        lm_state = {k[len("lm."):]: v for k, v in state_dict.items() if k.startswith("lm.")}
+        self.lm.save_pretrained(path, state_dict=lm_state, **kw)
+        head = {k[len("value_head."):]: v.contiguous() for k, v in state_dict.items() if k.startswith("value_head.")}
+        save_file(head, str(Path(path) / VALUE_HEAD_FILE))
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore weights written by :meth:`save_pretrained` (used by ``--resume``)."""
+        weights = load_file(str(Path(path) / "model.safetensors"))
+        missing, unexpected = self.lm.load_state_dict(weights, strict=False)
+        if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
+            raise ValueError(f"{path}: checkpoint does not fit the policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.value_head.load_state_dict(load_file(str(Path(path) / VALUE_HEAD_FILE)))
