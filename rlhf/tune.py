@@ -7,7 +7,6 @@ or ``td.td_reward`` (Q, Ψ, G) and nowhere else.
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
@@ -61,40 +60,63 @@ def build_algorithm(cfg: TuneConfig, prior_dir: Path, allowed: torch.Tensor):
     return KLControl(cfg.algorithm, cfg.kl_control, cfg.kl, policy, prior, allowed), policy, prior
 
 
+class Tuner:
+    """State of one fine-tuning run (policy, prior, algorithm, β controller, training loop);
+    :meth:`iteration` is one rollout → score → update → adapt-β step.
+
+    ``task`` needs: ``allowed`` ([V] bool action mask), ``tokenizer``, ``train_prompts()``
+    (objects with ``ids`` and ``n_new``) and ``step_rewards(prompts, tokens [B, T]) -> [B, T]``.
+    """
+
+    def __init__(self, run: Run, cfg: TuneConfig, task, prior_dir: Path, *, seed: int, progress: bool = True):
+        self.cfg, self.task, self.seed = cfg, task, seed
+        seed_everything(seed)  # minibatch order, replay sampling: reproducible from the seed alone
+        self.algo, model, self.prior = build_algorithm(cfg, prior_dir, task.allowed)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+        self.loop = TrainLoop(run, f"tune-{cfg.algorithm}", model, optimizer, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
+                              grad_clip=cfg.grad_clip, tokenizer=task.tokenizer, progress=progress)
+        kl = cfg.kl
+        self.ctl = AdaptiveKLController(kl.beta, kl.target_kl, kl.horizon) if kl.adaptive else FixedKLController(kl.beta)
+        self.prompts = task.train_prompts()
+        self.gen = torch.Generator()
+
+    def resume(self) -> bool:
+        if not self.loop.resume():
+            return False
+        self.ctl.load_state_dict(self.loop.extra_state["kl_ctl"])
+        if hasattr(self.algo, "load_state_dict"):
+            self.algo.load_state_dict(self.loop.extra_state["algo"])
+        return True
+
+    def iteration(self, step: int) -> dict[str, float]:
+        cfg, task, algo = self.cfg, self.task, self.algo
+        group = cfg.rloo.k if cfg.algorithm == "rloo" else 1
+        rng = np.random.default_rng([self.seed, step])
+        picked = [self.prompts[i] for i in rng.integers(0, len(self.prompts), cfg.batch_size // group) for _ in range(group)]
+        self.gen.manual_seed(int(rng.integers(2**62)))
+        probs_fn = algo.probs_fn() if hasattr(algo, "probs_fn") else None
+        ro = make_rollout(algo.sampler, self.prior, [p.ids for p in picked], [p.n_new for p in picked], pad_id=task.tokenizer.pad_token_id,
+                          allowed=task.allowed, generator=self.gen, probs_fn=probs_fn, temperature=cfg.temperature)
+        task_reward = task.step_rewards(picked, ro.tokens)  # [B, T]
+        metrics = algo.update(self.loop, ro, task_reward, self.ctl.value)
+        metrics["kl/coef"] = self.ctl.value
+        self.ctl.update(metrics["kl/seq"], cfg.batch_size)
+        self.loop.extra_state["kl_ctl"] = self.ctl.state_dict()
+        if hasattr(algo, "state_dict"):
+            self.loop.extra_state["algo"] = algo.state_dict()
+        return metrics
+
+
 def tune(run: Run, cfg: TuneConfig, task, prior_dir: Path, *, seed: int, resume: bool = False, progress: bool = True) -> Path:
     """Fine-tune a copy of the prior on the task's reward; returns ``run/models/<algorithm>``."""
-    stage = f"tune-{cfg.algorithm}"
-    seed_everything(seed)  # minibatch order, replay sampling: reproducible from the seed alone
-    allowed = task.allowed
-    algo, model, prior = build_algorithm(cfg, prior_dir, allowed)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    loop = TrainLoop(run, stage, model, optimizer, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
-                     grad_clip=cfg.grad_clip, tokenizer=task.tokenizer, progress=progress)
-    ctl = AdaptiveKLController(cfg.kl.beta, cfg.kl.target_kl, cfg.kl.horizon) if cfg.kl.adaptive else FixedKLController(cfg.kl.beta)
-    if resume and loop.resume():
-        ctl.load_state_dict(loop.extra_state["kl_ctl"])
-        if hasattr(algo, "load_state_dict"):
-            algo.load_state_dict(loop.extra_state["algo"])
-    prompts = task.train_prompts()
-    group = cfg.rloo.k if cfg.algorithm == "rloo" else 1
-    gen = torch.Generator()
-    for step in loop.steps():
-        rng = np.random.default_rng([seed, step])
-        picked = [prompts[i] for i in rng.integers(0, len(prompts), cfg.batch_size // group) for _ in range(group)]
-        gen.manual_seed(int(rng.integers(2**62)))
-        probs_fn = algo.probs_fn() if hasattr(algo, "probs_fn") else None
-        ro = make_rollout(algo.sampler, prior, [p.ids for p in picked], [p.n_new for p in picked], pad_id=task.tokenizer.pad_token_id,
-                          allowed=allowed, generator=gen, probs_fn=probs_fn, temperature=cfg.temperature)
-        task_reward = task.step_rewards(picked, ro.tokens)  # [B, T]
-        metrics = algo.update(loop, ro, task_reward, ctl.value)
-        metrics["kl/coef"] = ctl.value
-        ctl.update(metrics["kl/seq"], cfg.batch_size)
-        loop.extra_state["kl_ctl"] = ctl.state_dict()
-        if hasattr(algo, "state_dict"):
-            loop.extra_state["algo"] = algo.state_dict()
-        loop.advance()
-        loop.log(metrics)
+    tuner = Tuner(run, cfg, task, prior_dir, seed=seed, progress=progress)
+    if resume:
+        tuner.resume()
+    for step in tuner.loop.steps():
+        metrics = tuner.iteration(step)
+        tuner.loop.advance()
+        tuner.loop.log(metrics)
     final = run.final_model_dir(cfg.algorithm)
-    loop.finish(final)
+    tuner.loop.finish(final)
     task.codec.save(final)
     return final
