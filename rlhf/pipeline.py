@@ -18,6 +18,7 @@ from rlhf.config import Section
 from rlhf.errors import UserError
 from rlhf.models import ModelConfig, build_causal_lm, count_parameters, load_causal_lm
 from rlhf.pretrain import PretrainConfig, pretrain
+from rlhf.algorithms.common import Algorithm
 from rlhf.tune import TuneConfig, tune
 from rlhf.runs import Run, atomic_write_text
 from rlhf.trainer import seed_everything
@@ -43,6 +44,12 @@ QUICK_OVERRIDES = (
 """What ``--quick`` sets (before your own overrides): a smoke run of about a minute."""
 
 
+class SweepConfig(Section):
+    algorithms: list[Algorithm] = Field(default_factory=list, description="Also tune with each of these algorithms (tune.* settings otherwise) and compare them in the report.")
+    betas: list[float] = Field(default_factory=list, description="Trade-off curve: tune tune.algorithm once per β (0 = the KL term off: the ablation).")
+    steps: int | None = Field(None, ge=1, description="Iterations of each sweep run; null = tune.steps.")
+
+
 class RunConfig(Section):
     seed: int = Field(0, ge=0, description="Seed of every random choice in the run (data split, init, sampling).")
     run_dir: str = Field("runs/counterpoint", description="The run folder (config, metrics, checkpoints, report).")
@@ -51,6 +58,7 @@ class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The prior's architecture (or a path to load).")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="MLE pre-training of the prior.")
     tune: TuneConfig | None = Field(default_factory=TuneConfig, description="Fine-tuning against the frozen prior; null = stop after the prior.")
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="Extra tuning runs for comparisons: other algorithms, and β for the trade-off curve.")
 
 
 def open_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Run:
@@ -142,14 +150,29 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     models = {"prior": prior}
     if cfg.tune is not None:
         models[cfg.tune.algorithm] = stage_tune(cfg, run, task, prior, resume=resume)
+        for name, tcfg in sweep_configs(cfg).items():
+            models[name] = stage_tune(cfg, run, task, prior, resume=resume, tcfg=tcfg, name=name)
     stage_evaluate(cfg, run, task, models, prior, val)
     return run.root / "report.md"
 
 
-def stage_tune(cfg: RunConfig, run: Run, task, prior: Path, *, resume: bool) -> Path:
+def sweep_configs(cfg: RunConfig) -> dict[str, TuneConfig]:
+    """name -> tune config of each sweep run: ``<algorithm>`` and ``<algorithm>-beta<β>``."""
     assert cfg.tune is not None
-    final = run.final_model_dir(cfg.tune.algorithm)
+    base = cfg.tune.model_copy(update={"steps": cfg.sweep.steps or cfg.tune.steps})
+    out = {alg: base.model_copy(update={"algorithm": alg}) for alg in cfg.sweep.algorithms if alg != cfg.tune.algorithm}
+    for beta in cfg.sweep.betas:
+        kl = base.kl.model_copy(update={"beta": beta, "adaptive": False})
+        out[f"{base.algorithm}-beta{beta:g}"] = base.model_copy(update={"kl": kl})
+    return out
+
+
+def stage_tune(cfg: RunConfig, run: Run, task, prior: Path, *, resume: bool, tcfg: TuneConfig | None = None, name: str | None = None) -> Path:
+    tcfg = tcfg or cfg.tune
+    assert tcfg is not None
+    name = name or tcfg.algorithm
+    final = run.final_model_dir(name)
     if resume and (final / "config.json").is_file():
-        log.info("%s already tuned: %s", cfg.tune.algorithm, final)
+        log.info("%s already tuned: %s", name, final)
         return final
-    return tune(run, cfg.tune, task, prior, seed=cfg.seed, resume=resume, progress=cfg.progress)
+    return tune(run, tcfg, task, prior, seed=cfg.seed, resume=resume, progress=cfg.progress, name=name)

@@ -212,3 +212,25 @@ def sample_padded(
 def length_mask(lengths: list[int], t: int, device: torch.device | None = None) -> torch.Tensor:
     """[B, T] float mask, 1 on the first ``lengths[b]`` positions."""
     return (torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]).float().to(device)
+
+
+@torch.no_grad()
+def kl_to_reference_many(
+    model: PreTrainedModel, ref: PreTrainedModel, prompts: list[list[int]], completions: list[list[int]], *,
+    pad_id: int, allowed: torch.Tensor | None = None, max_batch: int = 256,
+) -> list[float]:
+    """Exact KL(model‖ref) over the action space at each step of each completion, averaged
+    per completion: the "KL to the prior per note" of evaluation tables."""
+    from rlhf.kl import kl_exact
+
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for i in range(0, len(prompts), max_batch):
+        ps, cs = prompts[i : i + max_batch], completions[i : i + max_batch]
+        ids, pmask = left_pad(ps, pad_id, device)
+        t = max(len(c) for c in cs)
+        toks = torch.tensor([list(c) + [pad_id] * (t - len(c)) for c in cs], dtype=torch.long, device=device)
+        mask = length_mask([len(c) for c in cs], t, device)
+        kl = kl_exact(sequence_forward(model, ids, pmask, toks)[0].float(), sequence_forward(ref, ids, pmask, toks)[0].float(), allowed)
+        out += ((kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
+    return out

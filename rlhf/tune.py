@@ -68,12 +68,12 @@ class Tuner:
     (objects with ``ids`` and ``n_new``) and ``step_rewards(prompts, tokens [B, T]) -> [B, T]``.
     """
 
-    def __init__(self, run: Run, cfg: TuneConfig, task, prior_dir: Path, *, seed: int, progress: bool = True):
+    def __init__(self, run: Run, cfg: TuneConfig, task, prior_dir: Path, *, seed: int, progress: bool = True, name: str | None = None):
         self.cfg, self.task, self.seed = cfg, task, seed
         seed_everything(seed)  # minibatch order, replay sampling: reproducible from the seed alone
         self.algo, model, self.prior = build_algorithm(cfg, prior_dir, task.allowed)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-        self.loop = TrainLoop(run, f"tune-{cfg.algorithm}", model, optimizer, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
+        self.loop = TrainLoop(run, f"tune-{name or cfg.algorithm}", model, optimizer, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
                               grad_clip=cfg.grad_clip, tokenizer=task.tokenizer, progress=progress)
         kl = cfg.kl
         self.ctl = AdaptiveKLController(kl.beta, kl.target_kl, kl.horizon) if kl.adaptive else FixedKLController(kl.beta)
@@ -107,16 +107,17 @@ class Tuner:
         return metrics
 
 
-def tune(run: Run, cfg: TuneConfig, task, prior_dir: Path, *, seed: int, resume: bool = False, progress: bool = True) -> Path:
-    """Fine-tune a copy of the prior on the task's reward; returns ``run/models/<algorithm>``."""
-    tuner = Tuner(run, cfg, task, prior_dir, seed=seed, progress=progress)
+def tune(run: Run, cfg: TuneConfig, task, prior_dir: Path, *, seed: int, resume: bool = False, progress: bool = True, name: str | None = None) -> Path:
+    """Fine-tune a copy of the prior on the task's reward; returns ``run/models/<name>``
+    (``name`` defaults to the algorithm; metrics go to stage ``tune-<name>``)."""
+    tuner = Tuner(run, cfg, task, prior_dir, seed=seed, progress=progress, name=name)
     if resume:
         tuner.resume()
     for step in tuner.loop.steps():
         metrics = tuner.iteration(step)
         tuner.loop.advance()
         tuner.loop.log(metrics)
-    final = run.final_model_dir(cfg.algorithm)
+    final = run.final_model_dir(name or cfg.algorithm)
     tuner.loop.finish(final)
     task.codec.save(final)
     return final

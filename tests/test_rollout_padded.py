@@ -38,3 +38,20 @@ def test_padded_sampling_equals_unpadded_for_a_single_row_and_greedy_batches():
         a = sample_padded(m, p, torch.ones_like(p), 5, generator=torch.Generator().manual_seed(3))
         b = sample(m, p, 5, generator=torch.Generator().manual_seed(3))
         assert torch.equal(a, b)
+
+
+def test_kl_to_reference_matches_a_per_row_loop():
+    from rlhf.kl import kl_exact
+    from rlhf.rollout import kl_to_reference_many
+
+    a, b = list(models())[0], GPT2LMHeadModel(GPT2Config(vocab_size=19, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    allowed = torch.ones(19, dtype=torch.bool)
+    allowed[:2] = False
+    prompts = [[2, 3], [4, 5, 6, 7], [8]]
+    comps = [[3, 4, 5], [6, 7], [9, 10, 11, 12]]
+    got = kl_to_reference_many(a, b, prompts, comps, pad_id=0, allowed=allowed, max_batch=2)
+    for p, c, g in zip(prompts, comps, got):
+        la = completion_logits(a, torch.tensor([p]), torch.tensor([c]))[0]
+        lb = completion_logits(b, torch.tensor([p]), torch.tensor([c]))[0]
+        ref = sum(float(kl_exact(la[t], lb[t], allowed)) for t in range(len(c))) / len(c)
+        assert abs(g - ref) < 1e-5

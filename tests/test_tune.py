@@ -1,6 +1,7 @@
 """Fine-tuning against the frozen prior: every algorithm raises the rule reward with a finite
 KL, the prior never moves, and an interrupted tune resumes exactly."""
 
+import json
 import math
 
 import pytest
@@ -101,3 +102,34 @@ def test_centred_psi_and_g_learning_take_the_same_steps(quick_run, tmp_path):
     diff = lambda a, b: max(float((a[k] - b[k]).abs().max()) for k in a)  # noqa: E731
     assert diff(weights["centred", "psi"], weights["centred", "g"]) < 1e-4
     assert diff(weights["raw", "psi"], weights["raw", "g"]) > 1e-3
+
+
+def test_distinct_per_100_counts_within_prompts():
+    from tasks.counterpoint.piece import Melody
+    from tasks.counterpoint.task import distinct_per_100
+
+    m = lambda i: Melody(tuple([2 + i] + [1] * 31))  # noqa: E731
+    items = [m(i % 50) for i in range(150)] + [m(0)] * 10  # prompt A: 100 samples with 50 distinct, then 50 all distinct; B: 1 distinct of 10
+    groups = ["A"] * 150 + ["B"] * 10
+    assert distinct_per_100(items, groups) == pytest.approx((50.0 + 100.0 + 10.0) / 3)
+
+
+def test_run_with_a_sweep_reports_the_tradeoff(quick_run, tmp_path):
+    """`rlhf run` with sweep.* adds one tuned model per algorithm and per β, evaluates them all,
+    and the report carries the trade-off plot and the β = 0 ablation."""
+    import shutil
+
+    from rlhf.cli import main
+
+    run_dir = tmp_path / "sweep"
+    shutil.copytree(quick_run, run_dir)
+    code = main(["run", str(quick_run / "config.yaml"), "--resume", f"run_dir={run_dir}", "progress=false",
+                 "tune.steps=3", "tune.batch_size=8", "sweep.algorithms=[ppo,g]", "sweep.betas=[0,0.5]", "sweep.steps=2"])
+    assert code == 0
+    rows = json.loads((run_dir / "eval.json").read_text())["rows"]
+    assert {"prior", "ppo", "g", "ppo-beta0", "ppo-beta0.5"} <= set(rows)
+    assert rows["prior"]["kl/prior"] == pytest.approx(0.0, abs=1e-6)
+    assert all(rows[n]["kl/prior"] > 0 for n in ("g", "ppo-beta0", "ppo-beta0.5"))
+    report = (run_dir / "report.md").read_text()
+    assert "plots/tradeoff.png" in report and "Ablation, KL term off" in report and "## Fine-tuning: g" in report
+    assert (run_dir / "plots" / "tradeoff.png").is_file()

@@ -56,6 +56,36 @@ def piano_roll(items: Sequence[Item], titles: Sequence[str], path: Path) -> Path
     return save_fig(fig, path)
 
 
+def tradeoff_section(rows: dict[str, dict[str, float]], root: Path, plots: Path) -> list[str]:
+    """β sweep: violations per note against KL to the prior per note, and the β = 0 ablation."""
+    sweep = sorted(((float(n.rsplit("-beta", 1)[1]), n) for n in rows if "-beta" in n), reverse=True)
+    if not sweep:
+        return []
+    pts = [("prior", 0.0, rows["prior"]["rules/per_note"])] + [(n, rows[n]["kl/prior"], rows[n]["rules/per_note"]) for _, n in sweep]
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o")
+    for name, x, y in pts:
+        ax.annotate(name.rsplit("-", 1)[-1], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("KL(policy ‖ prior) per note (nats)")
+    ax.set_ylabel("hard-rule violations per note")
+    ax.set_title("Trade-off over β")
+    ax.grid(alpha=0.3)
+    p = save_fig(fig, plots / "tradeoff.png")
+    cols = [("kl/prior", "KL / note"), ("rules/per_note", "violations / note"), ("rules/clean", "clean pieces"), ("logp/prior", "log-lik. / note (prior)"), ("distinct/100", "distinct / 100")]
+    md = ["### Trade-off: violations against KL to the prior", "", f"![trade-off]({_rel(p, root)})", "",
+          markdown_table(["run", "β"] + [c[1] for c in cols], [["prior", "–"] + [rows["prior"].get(k, float("nan")) for k, _ in cols]]
+                         + [[n, b] + [rows[n].get(k, float("nan")) for k, _ in cols] for b, n in sweep]), ""]
+    off = [n for b, n in sweep if b == 0.0]
+    kept = [(b, n) for b, n in sweep if b > 0.0]
+    if off and kept:
+        o, (b, k) = rows[off[0]], kept[-1]
+        md += [f"**Ablation, KL term off (β = 0) against β = {b:g}:** log-likelihood per note under the prior "
+               f"{fmt(o['logp/prior'])} vs {fmt(rows[k]['logp/prior'])} (prior's own samples: {fmt(rows['prior']['logp/prior'])}); "
+               f"distinct pieces per 100 samples {fmt(o.get('distinct/100', float('nan')), 1)} vs {fmt(rows[k].get('distinct/100', float('nan')), 1)}; "
+               f"KL to the prior per note {fmt(o['kl/prior'])} vs {fmt(rows[k]['kl/prior'])}.", ""]
+    return md
+
+
 def _rel(path: Path, root: Path) -> str:
     return str(path.relative_to(root))
 
@@ -104,11 +134,12 @@ def write_report(root: Path, evaluation: dict[str, Any], data_stats: dict[str, A
     md += ["## Evaluation", "",
            f"{evaluation['prompts']} prompts × {evaluation['per_prompt']} samples per model. "
            "Reference rows score real music with the same rules; `logp/prior` is the mean log-likelihood per note under the prior.", ""]
-    summary_cols = [("rules/clean", "pieces with no hard-rule violation"), ("reward/note", "mean reward / note"), ("reward/piece", "mean reward / piece"),
-                    ("logp/prior", "log-lik. / note (prior)"), ("distinct", "distinct pieces")]
+    summary_cols = [("rules/per_note", "hard-rule violations / note"), ("rules/clean", "pieces with no hard-rule violation"), ("reward/note", "mean reward / note"), ("reward/piece", "mean reward / piece"),
+                    ("logp/prior", "log-lik. / note (prior)"), ("kl/prior", "KL to prior / note"), ("distinct/100", "distinct per 100 samples")]
     md += [markdown_table(["set"] + [c[1] for c in summary_cols], [[n] + [rows[n].get(k, float("nan")) for k, _ in summary_cols] for n in names]), ""]
 
-    rule_keys = [k for k in rows[names[0]] if k.startswith("rules/") and k != "rules/clean"]
+    md += tradeoff_section(rows, root, plots)
+    rule_keys = [k for k in rows[names[0]] if k.startswith("rules/") and k not in ("rules/clean", "rules/per_note")]
     md += ["### Violations per note, by rule", "",
            markdown_table(["rule", "what it checks"] + names, [[k[6:], rule_docs.get(k[6:], "")] + [rows[n].get(k, float("nan")) for n in names] for k in rule_keys]), ""]
     bars = plot_bars({n: {k[6:]: rows[n].get(k, 0.0) for k in rule_keys} for n in names}, plots / "violations.png", "Violations per note", "violations / note")

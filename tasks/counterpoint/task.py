@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from rlhf.rollout import logprobs_many, sample_many
+from rlhf.rollout import kl_to_reference_many, logprobs_many, sample_many
 from tasks.counterpoint import cantus as cantus_mod
 from tasks.counterpoint import corpus
 from tasks.counterpoint.config import CounterpointConfig
@@ -123,17 +123,21 @@ class CounterpointTask:
         return np.array([float(np.mean(x)) for x in lp])
 
     # ----- evaluation ---------------------------------------------------------------------
-    def summarize(self, items: Sequence[Item], loglik: np.ndarray | None) -> dict[str, float]:
+    def summarize(self, items: Sequence[Item], loglik: np.ndarray | None, groups: Sequence[str] | None = None) -> dict[str, float]:
         """The evaluation row of a set of pieces: violations per note per rule, clean share, reward."""
         s = self.score(items)
         row: dict[str, float] = {"pieces": float(len(items))}
         row.update({f"rules/{k}": v for k, v in s.per_note().items()})
         row["rules/clean"] = float(s.clean().mean()) if len(items) else float("nan")
+        hard = [k for k in s.violations if k not in s.soft]
+        row["rules/per_note"] = float(sum(s.violations[k].sum() for k in hard)) / max(float(s.notes.sum()), 1.0)
         row["reward/piece"] = float(s.totals.mean()) if len(items) else float("nan")
         row["reward/note"] = float(s.totals.sum() / max(s.notes.sum(), 1))
         if loglik is not None:
             row["logp/prior"] = float(loglik.mean())
         row["distinct"] = len({tuple(_key(it)) for it in items}) / max(len(items), 1)
+        if groups is not None:
+            row["distinct/100"] = distinct_per_100(items, groups)
         if self.cfg.mode == "melody":
             from tasks.counterpoint.melody_rules import table1_metrics
             from tasks.counterpoint.scoring import melody_array
@@ -162,7 +166,9 @@ class CounterpointTask:
             rep, comps = self.sample(model, prompts, per, temperature=e.temperature, seed=seed)
             items = self.decode(rep, comps)
             ll = self.loglik(prior, [p.ids for p in rep], comps)
-            rows[name] = self.summarize(items, ll)
+            rows[name] = self.summarize(items, ll, [p.name for p in rep])
+            kl = kl_to_reference_many(model, prior, [p.ids for p in rep], comps, pad_id=self.tokenizer.pad_token_id, allowed=self.allowed)
+            rows[name]["kl/prior"] = float(np.mean(kl))
             s = self.score(items)
             samples[name] = [_to_json(it, float(r)) for it, r in zip(items, s.totals)]
         for name, items in self.references(val).items():
@@ -170,6 +176,16 @@ class CounterpointTask:
             ll = self.loglik(prior, [p for p, _ in pairs], [c[: len(c) - 1] for _, c in pairs])  # drop eos
             rows[name] = self.summarize(items, ll)
         return {"mode": self.cfg.mode, "prompts": len(prompts), "per_prompt": per, "rows": rows, "samples": samples}
+
+
+def distinct_per_100(items: Sequence[Item], groups: Sequence[str]) -> float:
+    """Distinct pieces per 100 samples: within each prompt's samples, consecutive chunks of
+    up to 100 are counted for distinct pieces, scaled to 100 and averaged over chunks."""
+    by_group: dict[str, list[Item]] = {}
+    for it, g in zip(items, groups):
+        by_group.setdefault(g, []).append(it)
+    rates = [100.0 * len({_key(x) for x in chunk}) / len(chunk) for xs in by_group.values() for chunk in (xs[i : i + 100] for i in range(0, len(xs), 100))]
+    return float(np.mean(rates)) if rates else float("nan")
 
 
 def _key(it: Item) -> tuple:
