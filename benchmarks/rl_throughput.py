@@ -5,11 +5,17 @@ Throughput = generated tokens per iteration / mean iteration seconds = B * T / m
 B = 64 sequences of T = 32 melody tokens (Sequence Tutor's two bars of 16th-note events) on a
 tiny GPT-2 (4 layers, 128 wide, 4 heads), CPU, fp32, torch's default thread count for both
 systems. Each system is warmed up, then timed over whole iterations. Prints ONE JSON line on
-stdout (everything else goes to stderr):
+stdout (everything else goes to stderr); about 2 minutes on 2 cores:
 
-    python benchmarks/rl_throughput.py [--iters 5] [--warmup 2] [--seed 0] [--no-trl] [--no-sweep]
+    python benchmarks/rl_throughput.py [--iters 8] [--warmup 2] [--sweep-iters 3] [--seed 0] [--no-trl] [--no-sweep]
 
-How the comparison with TRL is kept fair (both measured in this process, one after the other):
+Keys: ``{ppo,rloo,trl_rloo}_{seconds,median_seconds,tokens_per_s,seconds_all}`` (B=64, T=32),
+``ratio_rloo_vs_trl`` (= our RLOO tokens/s / TRL's), ``ratio_ppo_vs_trl_rloo``,
+``ppo_seconds_by_length`` (T = 16..128 at B=64), ``ppo_seconds_by_batch`` (B = 16..256 at
+T=32), ``load_avg_*`` (1-minute load average: other processes on the machine skew timings),
+or ``trl_error`` if TRL could not run.
+
+How the comparison with TRL is kept fair (all measured in this process):
 
 * model: one randomly initialised GPT-2 saved with ``save_pretrained``; both systems load the
   policy and the frozen reference from that folder (same config and weights; TRL gets the
@@ -31,8 +37,11 @@ How the comparison with TRL is kept fair (both measured in this process, one aft
 * no dropout anywhere (ours: policy in eval mode; TRL: disable_dropout=True), fp32
   (TRL: bf16=False), no gradient checkpointing (TRL's default is on; switched off), no vLLM,
   no logging, no evaluation, no checkpoints.
-* timing: ours = wall time of ``Tuner.iteration``; TRL = wall time between consecutive
-  ``on_step_end`` callbacks of ``Trainer.train`` (batch fetch + generate + score + update).
+* timing: ours = wall time of ``Tuner.iteration``; TRL = wall time of one step of
+  ``Trainer.train`` (batch fetch + generate + score + update + optimizer), measured from the
+  previous ``on_step_end`` callback to this one. The three systems are interleaved (a TRL step,
+  then one PPO and one RLOO iteration of ours inside TRL's ``on_step_end``, outside TRL's
+  clock), so a burst of load from other processes hits all of them alike.
 
 Differences that remain: TRL samples with ``model.generate`` (logits processors, stopping
 criteria) and scores with its fused LM head (log-probs and entropy without the logits tensor);
@@ -46,13 +55,14 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
 
 import numpy as np
 import torch
@@ -120,49 +130,57 @@ def save_prior(folder: Path, codec: Codec, seed: int) -> Path:
     return folder
 
 
-def time_ours(algorithm: str, prior: Path, codec: Codec, *, n_new: int, batch: int, warmup: int, iters: int, seed: int) -> dict:
-    """Seconds per ``Tuner.iteration`` (rollout → reward → update) after ``warmup`` iterations."""
+def make_tuner(stack: contextlib.ExitStack, algorithm: str, prior: Path, codec: Codec, *, n_new: int, batch: int, seed: int) -> Tuner:
+    """Our ``Tuner`` for ``algorithm`` on :class:`MelodyBench` (run folder in a temp dir)."""
     cfg = TuneConfig(
-        algorithm=algorithm, steps=warmup + iters, batch_size=batch, lr=LR, grad_clip=1.0, checkpoint_every=10**6,
+        algorithm=algorithm, steps=10**6, batch_size=batch, lr=LR, grad_clip=1.0, checkpoint_every=10**6,
         kl=KLConfig(beta=BETA, estimator="k1" if algorithm == "rloo" else "exact"), rloo=OurRLOOConfig(k=K, epochs=1),
     )
-    with tempfile.TemporaryDirectory(prefix="rl-bench-run-") as d:
-        tuner = Tuner(Run(d), cfg, MelodyBench(codec, n_new), prior, seed=seed, progress=False)
-        times, early = [], []
-        for step in range(warmup + iters):
-            t0 = time.perf_counter()
-            metrics = tuner.iteration(step)
-            times.append(time.perf_counter() - t0)
-            tuner.loop.advance()
-            early.append(metrics.get("ppo/early_stop", 0.0))
-    timed = times[warmup:]
-    out = {"seconds": mean(timed), "seconds_all": [round(t, 4) for t in timed]}
-    if algorithm == "ppo":
-        out["early_stop_frac"] = mean(early[warmup:])
-    return out
+    run = Run(stack.enter_context(tempfile.TemporaryDirectory(prefix="rl-bench-run-")))
+    return Tuner(run, cfg, MelodyBench(codec, n_new), prior, seed=seed, progress=False)
 
 
-def time_trl(prior: Path, codec: Codec, *, warmup: int, iters: int, seed: int) -> dict:
-    """Seconds per optimizer step of TRL's RLOOTrainer configured as our RLOO (see module doc)."""
+def timed_iteration(tuner: Tuner) -> float:
+    """Wall seconds of one ``Tuner.iteration`` (rollout → reward → update)."""
+    t0 = time.perf_counter()
+    tuner.iteration(tuner.loop.step)
+    seconds = time.perf_counter() - t0
+    tuner.loop.advance()
+    return seconds
+
+
+def time_ours(algorithm: str, prior: Path, codec: Codec, *, n_new: int, batch: int, warmup: int, iters: int, seed: int) -> list[float]:
+    """Seconds of ``warmup + iters`` consecutive iterations of one of our algorithms."""
+    with contextlib.ExitStack() as stack:
+        tuner = make_tuner(stack, algorithm, prior, codec, n_new=n_new, batch=batch, seed=seed)
+        return [timed_iteration(tuner) for _ in range(warmup + iters)]
+
+
+def run_trl(prior: Path, codec: Codec, *, steps: int, seed: int, between=None) -> list[float]:
+    """Seconds of each optimizer step of TRL's RLOOTrainer configured as our RLOO (see the
+    module doc). ``between()`` runs after each step, outside the timed interval."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.stamps: list[float] = []
+            self.times: list[float] = []
+            self.start = 0.0
 
         def on_train_begin(self, args, state, control, **kw):
-            self.stamps.append(time.perf_counter())
+            self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            self.stamps.append(time.perf_counter())
+            self.times.append(time.perf_counter() - self.start)
+            if between is not None:
+                between()
+            self.start = time.perf_counter()
 
     def melody_reward(prompts, completions, completion_ids, **kw) -> list[float]:
-        # All completions have 32 ids (no EOS can be sampled), so they stack to [B, T].
+        # Every completion has 32 ids (no special token can be sampled), so they stack to [B, T].
         return melody_rewards(codec, np.asarray(completion_ids, dtype=np.int64)).sum(axis=1).tolist()
 
-    steps = warmup + iters
     tok = codec.tokenizer
     tok.padding_side = "left"
     specials = [tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id]
@@ -183,20 +201,48 @@ def time_trl(prior: Path, codec: Codec, *, warmup: int, iters: int, seed: int) -
         trainer = RLOOTrainer(model=str(prior), reward_funcs=melody_reward, args=args, train_dataset=data,
                               processing_class=tok, callbacks=[clock])
         trainer.train()
-    times = np.diff(clock.stamps).tolist()
-    if len(times) != steps:
-        raise RuntimeError(f"TRL ran {len(times)} optimizer steps, expected {steps}")
-    timed = times[warmup:]
-    return {"seconds": mean(timed), "seconds_all": [round(t, 4) for t in timed]}
+    if len(clock.times) != steps:
+        raise RuntimeError(f"TRL ran {len(clock.times)} optimizer steps, expected {steps}")
+    return clock.times
 
 
-def tokens_per_second(batch: int, n_new: int, seconds: float) -> float:
-    return batch * n_new / seconds
+def time_head_to_head(prior: Path, codec: Codec, *, warmup: int, iters: int, seed: int, trl: bool) -> tuple[dict[str, list[float]], str | None]:
+    """Per-iteration seconds of our PPO and RLOO and TRL's RLOO at B=64, T=32, interleaved
+    (TRL step, our PPO, our RLOO, TRL step, ...) so that load from other processes on the
+    machine falls on all three alike. Returns the times and TRL's error, if it failed."""
+    steps = warmup + iters
+    times: dict[str, list[float]] = {"ppo": [], "rloo": []}
+    with contextlib.ExitStack() as stack:
+        tuners = {a: make_tuner(stack, a, prior, codec, n_new=MELODY_STEPS, batch=BATCH, seed=seed) for a in times}
+
+        def ours() -> None:
+            for a, tuner in tuners.items():
+                if len(times[a]) < steps:
+                    times[a].append(timed_iteration(tuner))
+
+        error = None
+        if trl:
+            try:
+                times["trl_rloo"] = run_trl(prior, codec, steps=steps, seed=seed, between=ours)
+            except Exception as e:  # noqa: BLE001 - the benchmark reports why TRL could not run
+                log.exception("TRL RLOOTrainer failed")
+                error = f"{type(e).__name__}: {e}"
+                times.pop("trl_rloo", None)
+        while len(times["ppo"]) < steps or len(times["rloo"]) < steps:
+            ours()
+    return times, error
+
+
+def summary(seconds: list[float], warmup: int, batch: int, n_new: int) -> dict:
+    """Mean and median seconds of the timed iterations and throughput = B * T / mean."""
+    timed = seconds[warmup:]
+    return {"seconds": mean(timed), "median_seconds": median(timed), "tokens_per_s": batch * n_new / mean(timed),
+            "seconds_all": [round(t, 4) for t in timed]}
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iters", type=int, default=5, help="Timed iterations per system at B=64, T=32.")
+    p.add_argument("--iters", type=int, default=8, help="Timed iterations per system at B=64, T=32.")
     p.add_argument("--warmup", type=int, default=2, help="Untimed iterations first.")
     p.add_argument("--sweep-iters", type=int, default=3, help="Timed iterations per sweep point (PPO).")
     p.add_argument("--seed", type=int, default=0)
@@ -208,44 +254,35 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {
         "model": {"arch": "gpt2", "n_layer": MODEL.n_layer, "n_embd": MODEL.n_embd, "n_head": MODEL.n_head, "vocab": len(codec.tokenizer)},
         "batch": BATCH, "new_tokens": MELODY_STEPS, "k": K, "beta": BETA, "threads": torch.get_num_threads(),
-        "warmup": a.warmup, "iters": a.iters,
+        "warmup": a.warmup, "iters": a.iters, "load_avg_start": os.getloadavg()[0],
     }
     with tempfile.TemporaryDirectory(prefix="rl-bench-prior-") as d:
         prior = save_prior(Path(d), codec, a.seed)
-        run = dict(codec=codec, warmup=a.warmup, seed=a.seed)
-        for algo in ("ppo", "rloo"):
-            r = time_ours(algo, prior, **run, n_new=MELODY_STEPS, batch=BATCH, iters=a.iters)
-            log.info("ours %s: %.3f s/iter %s", algo, r["seconds"], r["seconds_all"])
-            result[f"{algo}_seconds"] = r["seconds"]
-            result[f"{algo}_seconds_all"] = r["seconds_all"]
-            result[f"{algo}_tokens_per_s"] = tokens_per_second(BATCH, MELODY_STEPS, r["seconds"])
-            if "early_stop_frac" in r:
-                result["ppo_early_stop_frac"] = r["early_stop_frac"]
-        if not a.no_trl:
-            try:
-                r = time_trl(prior, codec, warmup=a.warmup, iters=a.iters, seed=a.seed)
-                log.info("trl rloo: %.3f s/iter %s", r["seconds"], r["seconds_all"])
-                result["trl_rloo_seconds"] = r["seconds"]
-                result["trl_rloo_seconds_all"] = r["seconds_all"]
-                result["trl_rloo_tokens_per_s"] = tokens_per_second(BATCH, MELODY_STEPS, r["seconds"])
-                result["ratio_rloo_vs_trl"] = result["rloo_tokens_per_s"] / result["trl_rloo_tokens_per_s"]
-                result["ratio_ppo_vs_trl_rloo"] = result["ppo_tokens_per_s"] / result["trl_rloo_tokens_per_s"]
-            except Exception as e:  # noqa: BLE001 - the benchmark reports why TRL could not run
-                log.exception("TRL RLOOTrainer failed")
-                result["trl_error"] = f"{type(e).__name__}: {e}"
+        times, trl_error = time_head_to_head(prior, codec, warmup=a.warmup, iters=a.iters, seed=a.seed, trl=not a.no_trl)
+        for name, seconds in times.items():
+            s = summary(seconds, a.warmup, BATCH, MELODY_STEPS)
+            log.info("%s: %.3f s/iter (median %.3f) %s", name, s["seconds"], s["median_seconds"], s["seconds_all"])
+            result.update({f"{name}_{k}": v for k, v in s.items()})
+        if "trl_rloo" in times:
+            result["ratio_rloo_vs_trl"] = result["rloo_tokens_per_s"] / result["trl_rloo_tokens_per_s"]
+            result["ratio_ppo_vs_trl_rloo"] = result["ppo_tokens_per_s"] / result["trl_rloo_tokens_per_s"]
+            result["ratio_rloo_vs_trl_median"] = result["trl_rloo_median_seconds"] / result["rloo_median_seconds"]
+        elif trl_error is not None:
+            result["trl_error"] = trl_error
         if not a.no_sweep:
-            by_len, by_batch = {}, {}
-            for t in SWEEP_LENGTHS:
-                by_len[str(t)] = result["ppo_seconds"] if t == MELODY_STEPS else time_ours(
-                    "ppo", prior, **run, n_new=t, batch=BATCH, iters=a.sweep_iters)["seconds"]
-                log.info("ppo T=%d B=%d: %.3f s/iter", t, BATCH, by_len[str(t)])
-            for b in SWEEP_BATCHES:
-                by_batch[str(b)] = result["ppo_seconds"] if b == BATCH else time_ours(
-                    "ppo", prior, **run, n_new=MELODY_STEPS, batch=b, iters=a.sweep_iters)["seconds"]
-                log.info("ppo T=%d B=%d: %.3f s/iter", MELODY_STEPS, b, by_batch[str(b)])
-            result["ppo_seconds_by_length"] = by_len
-            result["ppo_seconds_by_batch"] = by_batch
+            sweep = {"ppo_seconds_by_length": [(t, BATCH) for t in SWEEP_LENGTHS],
+                     "ppo_seconds_by_batch": [(MELODY_STEPS, b) for b in SWEEP_BATCHES]}
+            for key, points in sweep.items():
+                result[key] = {}
+                for t, b in points:
+                    if (t, b) == (MELODY_STEPS, BATCH):
+                        secs = result["ppo_seconds"]
+                    else:
+                        secs = summary(time_ours("ppo", prior, codec, n_new=t, batch=b, warmup=1, iters=a.sweep_iters, seed=a.seed), 1, b, t)["seconds"]
+                    log.info("ppo T=%d B=%d: %.3f s/iter", t, b, secs)
+                    result[key][str(t if key.endswith("length") else b)] = round(secs, 4)
             result["sweep_iters"] = a.sweep_iters
+    result["load_avg_end"] = os.getloadavg()[0]
     return result
 
 

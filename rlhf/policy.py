@@ -27,12 +27,18 @@ def frozen(model: PreTrainedModel) -> PreTrainedModel:
 
 
 class PolicyWithValue(nn.Module):
-    """A causal LM and a scalar value head on its last hidden state (shared trunk, as in
-    Ziegler et al. 2019). Saved as the LM's own HF folder plus ``value_head.safetensors``."""
+    """A causal LM and a scalar value head on its last hidden state. Saved as the LM's own HF
+    folder plus ``value_head.safetensors``.
 
-    def __init__(self, lm: PreTrainedModel):
+    ``shared_trunk=False`` (the default) stops the value loss's gradient at the head: with a
+    shared trunk (Ziegler et al. 2019) the value loss, whose scale is the squared return, can
+    dominate the clipped gradient and drag the policy away from the prior without raising the
+    reward (seen here on the counterpoint rules)."""
+
+    def __init__(self, lm: PreTrainedModel, shared_trunk: bool = False):
         super().__init__()
         self.lm = lm
+        self.shared_trunk = shared_trunk
         hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no spurious early advantages
@@ -41,7 +47,7 @@ class PolicyWithValue(nn.Module):
     def forward(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] predicting each completion token and values V(s_t) [B, T]."""
         logits, hidden = sequence_forward(self.lm, prompts, prompt_mask, tokens, hidden=True)
-        return logits, self.value_head(hidden).squeeze(-1)
+        return logits, self.value_head(hidden if self.shared_trunk else hidden.detach()).squeeze(-1)
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None, **kw) -> None:
         state_dict = state_dict if state_dict is not None else self.state_dict()

@@ -178,11 +178,14 @@ def sample_padded(
     allowed: torch.Tensor | None = None,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
+    return_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample ``n_new`` tokens after left-padded prompts, with a KV cache: [B, n_new].
 
     ``probs_fn(logits [B, V]) -> probs [B, V]`` replaces temperature sampling (e.g. ε-greedy
     over Q-values); by default probs = softmax(masked logits / temperature).
+    ``return_logits`` also returns the raw logits of every step [B, n_new, V] (what a second
+    forward pass over the sampled sequence would compute, without paying for it).
     """
     was_training = model.training
     model.eval()
@@ -190,9 +193,11 @@ def sample_padded(
     out = model(input_ids=prompts, attention_mask=attn, position_ids=position_ids(attn), use_cache=True)
     past, logits = out.past_key_values, out.logits[:, -1, :]
     next_pos = attn.sum(-1, keepdim=True)  # [B, 1]
-    tokens = []
+    tokens, step_logits = [], []
     for t in range(n_new):
         logits = logits.float()
+        if return_logits:
+            step_logits.append(logits)
         if probs_fn is not None:
             probs = probs_fn(logits)
         else:
@@ -206,6 +211,8 @@ def sample_padded(
             out = model(input_ids=nxt, attention_mask=attn, position_ids=next_pos + t, past_key_values=past, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1, :]
     model.train(was_training)
+    if return_logits:
+        return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
     return torch.cat(tokens, dim=1)
 
 

@@ -13,7 +13,7 @@ import pytest
 from music21 import converter
 
 from rlhf.cli import main
-from rlhf.models import ModelConfig, build_causal_lm, load_causal_lm
+from rlhf.models import build_causal_lm, load_causal_lm
 from rlhf.pipeline import RunConfig
 from rlhf.config import load_config
 from tasks.counterpoint.cantus import parse_note_names
@@ -78,15 +78,20 @@ def test_exported_samples_read_back_with_the_same_notes(quick_run):
     assert sorted(map(tuple, parts)) == sorted([tuple(best["cantus"]), tuple(best["counterpoint"])])
 
 
+def prior_vs_untrained(run_dir):
+    """Evaluation rows of a run's prior and of a freshly initialised model of the same size."""
+    cfg = load_config(RunConfig, run_dir / "config.yaml")
+    prior_dir = run_dir / "models" / "prior"
+    task = CounterpointTask(cfg.task, Codec.load(prior_dir))
+    prior = load_causal_lm(prior_dir)
+    untrained = build_causal_lm(cfg.model, task.tokenizer)
+    return task.evaluate({"prior": prior, "untrained": untrained}, prior, seed=0)["rows"]
+
+
 def test_prior_beats_an_untrained_model_on_the_rules(quick_run):
     """Learning happened: the trained prior breaks the consonance rule far less than its own
     untrained initialisation, judged by the same evaluation."""
-    cfg = load_config(RunConfig, quick_run / "config.yaml")
-    prior_dir = quick_run / "models" / "prior"
-    task = CounterpointTask(cfg.task, Codec.load(prior_dir))
-    prior = load_causal_lm(prior_dir)
-    untrained = build_causal_lm(ModelConfig(n_layer=2, n_embd=64, max_positions=64), task.tokenizer)
-    rows = task.evaluate({"prior": prior, "untrained": untrained}, prior, seed=0)["rows"]
+    rows = prior_vs_untrained(quick_run)
     assert rows["prior"]["rules/dissonance"] < 0.5 * rows["untrained"]["rules/dissonance"], rows
     assert rows["prior"]["reward/note"] > rows["untrained"]["reward/note"]
     assert rows["prior"]["logp/prior"] > rows["untrained"]["logp/prior"]
@@ -169,10 +174,5 @@ def test_melody_mode_end_to_end(tmp_path):
     assert "Table 1" in (run_dir / "report.md").read_text()
     mids = sorted((run_dir / "samples" / "prior").glob("*.mid"))
     assert len(mids) == 6
-    cfg = load_config(RunConfig, run_dir / "config.yaml")
-    prior_dir = run_dir / "models" / "prior"
-    task = CounterpointTask(cfg.task, Codec.load(prior_dir))
-    prior = load_causal_lm(prior_dir)
-    untrained = build_causal_lm(ModelConfig(n_layer=2, n_embd=64, max_positions=48), task.tokenizer)
-    rows = task.evaluate({"prior": prior, "untrained": untrained}, prior, seed=0)["rows"]
+    rows = prior_vs_untrained(run_dir)
     assert rows["prior"]["table1/notes_not_in_key"] < 0.5 * rows["untrained"]["table1/notes_not_in_key"], rows

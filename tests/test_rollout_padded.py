@@ -55,3 +55,11 @@ def test_kl_to_reference_matches_a_per_row_loop():
         lb = completion_logits(b, torch.tensor([p]), torch.tensor([c]))[0]
         ref = sum(float(kl_exact(la[t], lb[t], allowed)) for t in range(len(c))) / len(c)
         assert abs(g - ref) < 1e-5
+
+
+def test_sampling_logits_equal_a_second_forward_pass():
+    for m in models():
+        ids, mask = left_pad([[1, 2, 3], [4, 5, 6, 7, 8], [9]], 0)
+        toks, logits = sample_padded(m, ids, mask, 5, generator=torch.Generator().manual_seed(0), return_logits=True)
+        ref, _ = sequence_forward(m, ids, mask, toks)
+        assert torch.allclose(logits, ref, atol=1e-4)

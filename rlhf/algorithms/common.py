@@ -57,9 +57,10 @@ def make_rollout(
     device = next(policy.parameters()).device
     ids, pmask = left_pad(prompts, pad_id, device)
     t = max(n_new)
-    tokens = sample_padded(policy, ids, pmask, t, probs_fn=probs_fn, allowed=allowed, temperature=temperature, generator=generator)
+    # The sampling loop's own logits score the sample: no second policy forward.
+    tokens, logits = sample_padded(policy, ids, pmask, t, probs_fn=probs_fn, allowed=allowed, temperature=temperature,
+                                   generator=generator, return_logits=True)
     mask = length_mask(n_new, t, device)
-    logits, _ = sequence_forward(policy, ids, pmask, tokens)
     logits_prior, _ = sequence_forward(prior, ids, pmask, tokens)
     return Rollout(ids, pmask, tokens, mask, logits.float(), logits_prior.float(),
                    gather_logp(logits, tokens, allowed), gather_logp(logits_prior, tokens, allowed), list(n_new))

@@ -28,6 +28,7 @@ class PPOConfig(Section):
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
     whiten_advantages: bool = Field(True, description="Normalise advantages to zero mean, unit variance per batch.")
     reward_clip: float | None = Field(None, gt=0, description="Clip each shaped per-token reward to ±this; null = off.")
+    shared_trunk: bool = Field(False, description="Let the value loss train the policy's trunk (true) or only the value head (false).")
     target_kl: float | None = Field(0.05, gt=0, description="Stop the epochs early when the approximate KL(old‖new) per token exceeds this; null = never.")
 
 
