@@ -145,7 +145,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from rlhf.pipeline import make_task, stage_evaluate
+    from rlhf.pipeline import stage_evaluate
     from rlhf.runs import Run
 
     cfg = _load(args)
@@ -163,7 +163,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _task_for_model(cfg, model: Path):
     """The task with the tokenizer saved beside the model (so token ids always match)."""
     from tasks.counterpoint.task import CounterpointTask
-    from tasks.counterpoint.tokens import Codec
 
     codec = _load_codec(model)
     if codec.mode != cfg.task.mode:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from rlhf.advantages import masked_sum
+from rlhf.advantages import masked_sum, rloo_advantages
 from rlhf.algorithms.common import KLConfig, Rollout, gather_logp
 from rlhf.algorithms.ppo import rl_metrics
 from rlhf.config import Section
@@ -29,8 +29,6 @@ class RLOO:
         return self.model
 
     def update(self, loop, ro: Rollout, task_reward: torch.Tensor, beta: float) -> dict[str, float]:
-        from rlhf.advantages import rloo_advantages
-
         kl = ro.kl(self.kl_cfg.estimator, self.allowed)
         shaped = shape_rewards(task_reward, kl, ro.mask, beta, self.kl_cfg.c)  # [B, T]
         adv = rloo_advantages(masked_sum(shaped, ro.mask, dim=-1), self.cfg.k)  # [B]
