@@ -9,7 +9,8 @@ import torch
 from pydantic import Field
 
 from rlhf.config import Section
-from rlhf.kl import KLEstimator, masked_log_softmax, per_token_kl
+from rlhf.advantages import masked_mean, masked_sum
+from rlhf.kl import KLEstimator, masked_log_softmax, per_token_kl, sequence_kl
 from rlhf.rollout import left_pad, length_mask, sample_padded, sequence_forward
 
 
@@ -64,6 +65,19 @@ def make_rollout(
     logits_prior, _ = sequence_forward(prior, ids, pmask, tokens)
     return Rollout(ids, pmask, tokens, mask, logits.float(), logits_prior.float(),
                    gather_logp(logits, tokens, allowed), gather_logp(logits_prior, tokens, allowed), list(n_new))
+
+
+def rl_metrics(ro: Rollout, task_reward: torch.Tensor, kl: torch.Tensor, shaped: torch.Tensor) -> dict[str, float]:
+    """The metrics every algorithm logs about its rollout batch (see docs/metrics.md)."""
+    m = ro.mask
+    return {
+        "reward/task": float(masked_sum(task_reward, m, dim=-1).mean()),
+        "reward/shaped": float(masked_sum(shaped, m, dim=-1).mean()),
+        "kl/mean": float(masked_mean(kl, m)),
+        "kl/seq": float(sequence_kl(kl, m).mean()),
+        "logp/prior": float(masked_mean(ro.logp_prior, m)),
+        "logp/policy": float(masked_mean(ro.logp, m)),
+    }
 
 
 Algorithm = Literal["ppo", "rloo", "q", "psi", "g"]

@@ -28,8 +28,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from rlhf.algorithms.common import KLConfig, Rollout
-from rlhf.algorithms.ppo import rl_metrics
+from rlhf.algorithms.common import KLConfig, Rollout, rl_metrics
 from rlhf.config import Section
 from rlhf.kl import masked_log_softmax
 from rlhf.rollout import left_pad, sequence_forward
@@ -120,7 +119,8 @@ class KLControl:
 
     def update(self, loop, ro: Rollout, task_reward: torch.Tensor, beta: float) -> dict[str, float]:
         self._store(ro, task_reward)
-        losses = [self.td_step(loop, random.sample(list(self.buffer), min(self.cfg.minibatch, len(self.buffer)))) for _ in range(self.cfg.updates_per_step)]
+        pool = list(self.buffer)  # one copy per iteration, not per gradient step
+        losses = [self.td_step(loop, random.sample(pool, min(self.cfg.minibatch, len(pool)))) for _ in range(self.cfg.updates_per_step)]
         kl = ro.kl(self.kl_cfg.estimator, self.allowed)
         shaped = td_reward(self.kind, task_reward, ro.logp_prior, self.kl_cfg.c) * ro.mask
         out = {"loss/td": sum(losses) / len(losses), "buffer/size": float(len(self.buffer))}

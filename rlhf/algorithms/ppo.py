@@ -10,9 +10,9 @@ import torch
 from pydantic import Field
 
 from rlhf.advantages import gae, masked_mean, whiten
-from rlhf.algorithms.common import KLConfig, Rollout, gather_logp
+from rlhf.algorithms.common import KLConfig, Rollout, gather_logp, rl_metrics
 from rlhf.config import Section
-from rlhf.kl import sequence_kl, shape_rewards
+from rlhf.kl import shape_rewards
 from rlhf.losses import entropy_from_logits, ppo_policy_loss, value_loss
 from rlhf.policy import PolicyWithValue
 
@@ -79,15 +79,3 @@ class PPO:
         out["ppo/early_stop"] = float(stopped)
         return out
 
-
-def rl_metrics(ro: Rollout, task_reward: torch.Tensor, kl: torch.Tensor, shaped: torch.Tensor) -> dict[str, float]:
-    """The metrics every algorithm logs about its rollout batch (see docs/metrics.md)."""
-    m = ro.mask
-    return {
-        "reward/task": float(sequence_kl(task_reward, m).mean()),
-        "reward/shaped": float(sequence_kl(shaped, m).mean()),
-        "kl/mean": float(masked_mean(kl, m)),
-        "kl/seq": float(sequence_kl(kl, m).mean()),
-        "logp/prior": float(masked_mean(ro.logp_prior, m)),
-        "logp/policy": float(masked_mean(ro.logp, m)),
-    }

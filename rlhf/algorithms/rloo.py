@@ -7,8 +7,7 @@ import torch
 from pydantic import Field
 
 from rlhf.advantages import masked_sum, rloo_advantages
-from rlhf.algorithms.common import KLConfig, Rollout, gather_logp
-from rlhf.algorithms.ppo import rl_metrics
+from rlhf.algorithms.common import KLConfig, Rollout, gather_logp, rl_metrics
 from rlhf.config import Section
 from rlhf.kl import shape_rewards
 from rlhf.losses import reinforce_loss
