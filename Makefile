@@ -20,3 +20,4 @@ test: setup
 bench: setup
 	$(VENV)/bin/python benchmarks/rule_rewards.py
 	$(VENV)/bin/python benchmarks/rl_throughput.py
+	$(VENV)/bin/python benchmarks/bleu_reward.py

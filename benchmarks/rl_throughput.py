@@ -7,10 +7,12 @@ tiny GPT-2 (4 layers, 128 wide, 4 heads), CPU, fp32, torch's default thread coun
 systems. Each system is warmed up, then timed over whole iterations. Prints ONE JSON line on
 stdout (everything else goes to stderr); about 2 minutes on 2 cores:
 
-    python benchmarks/rl_throughput.py [--iters 8] [--warmup 2] [--sweep-iters 3] [--seed 0] [--no-trl] [--no-sweep]
+    python benchmarks/rl_throughput.py [--iters 8] [--warmup 2] [--sweep-iters 3] [--seed 0] [--threads N] [--no-trl] [--no-sweep]
 
-Keys: ``{ppo,rloo,trl_rloo}_{seconds,median_seconds,tokens_per_s,seconds_all}`` (B=64, T=32),
-``ratio_rloo_vs_trl`` (= our RLOO tokens/s / TRL's), ``ratio_ppo_vs_trl_rloo``,
+Keys: ``{ppo,rloo,trl_rloo}_{seconds,median_seconds,tokens_per_s,seconds_all,cpu_seconds}`` (B=64,
+T=32), ``ratio_rloo_vs_trl`` (= our RLOO tokens/s / TRL's), ``ratio_ppo_vs_trl_rloo``,
+``ratio_rloo_vs_trl_cpu`` (TRL's mean process CPU seconds per step / ours: with ``--threads 1``
+the least disturbed by other processes on a shared machine, which stretch wall time only),
 ``ppo_seconds_by_length`` (T = 16..128 at B=64), ``ppo_seconds_by_batch`` (B = 16..256 at
 T=32), ``load_avg_*`` (1-minute load average: other processes on the machine skew timings),
 or ``trl_error`` if TRL could not run.
@@ -43,10 +45,15 @@ How the comparison with TRL is kept fair (all measured in this process):
   then one PPO and one RLOO iteration of ours inside TRL's ``on_step_end``, outside TRL's
   clock), so a burst of load from other processes hits all of them alike.
 
-Differences that remain: TRL samples with ``model.generate`` (logits processors, stopping
-criteria) and scores with its fused LM head (log-probs and entropy without the logits tensor);
-ours keeps [B, T, V] logits of policy and prior (V = 42 here, so that is cheap). Both are
-each system's normal path.
+Differences that remain: TRL samples with ``model.generate`` (DynamicCache, logits
+processors, stopping criteria), computes the policy's log-probs of the sample with an extra
+forward pass, and scores with its fused LM head (log-probs and entropy without the logits
+tensor); ours samples with ``rlhf.rollout.decode`` (KV cache preallocated once, the sampling
+logits reused as the policy's scores) and keeps [B, T, V] logits of policy and prior (V = 42
+here, so that is cheap). Both are each system's normal path. Both also run the same
+transformers model code, which bounds the ratio: per iteration ours runs the sampling pass,
+one prior forward, one policy forward and its backward (about 2 forwards); TRL the same plus
+one more forward, and its sampling loop has more per-step overhead.
 """
 
 from __future__ import annotations
@@ -140,25 +147,25 @@ def make_tuner(stack: contextlib.ExitStack, algorithm: str, prior: Path, codec: 
     return Tuner(run, cfg, MelodyBench(codec, n_new), prior, seed=seed, progress=False)
 
 
-def timed_iteration(tuner: Tuner) -> float:
-    """Wall seconds of one ``Tuner.iteration`` (rollout → reward → update)."""
-    t0 = time.perf_counter()
+def timed_iteration(tuner: Tuner) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one ``Tuner.iteration`` (rollout → reward → update)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     tuner.iteration(tuner.loop.step)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     tuner.loop.advance()
-    return seconds
+    return seconds, cpu
 
 
 def time_ours(algorithm: str, prior: Path, codec: Codec, *, n_new: int, batch: int, warmup: int, iters: int, seed: int) -> list[float]:
-    """Seconds of ``warmup + iters`` consecutive iterations of one of our algorithms."""
+    """Wall seconds of ``warmup + iters`` consecutive iterations of one of our algorithms."""
     with contextlib.ExitStack() as stack:
         tuner = make_tuner(stack, algorithm, prior, codec, n_new=n_new, batch=batch, seed=seed)
-        return [timed_iteration(tuner) for _ in range(warmup + iters)]
+        return [timed_iteration(tuner)[0] for _ in range(warmup + iters)]
 
 
-def run_trl(prior: Path, codec: Codec, *, steps: int, seed: int, between=None) -> list[float]:
-    """Seconds of each optimizer step of TRL's RLOOTrainer configured as our RLOO (see the
-    module doc). ``between()`` runs after each step, outside the timed interval."""
+def run_trl(prior: Path, codec: Codec, *, steps: int, seed: int, between=None) -> tuple[list[float], list[float]]:
+    """(wall, process CPU) seconds of each optimizer step of TRL's RLOOTrainer configured as
+    our RLOO (see the module doc). ``between()`` runs after each step, outside the timed interval."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
@@ -166,16 +173,18 @@ def run_trl(prior: Path, codec: Codec, *, steps: int, seed: int, between=None) -
     class StepClock(TrainerCallback):
         def __init__(self):
             self.times: list[float] = []
-            self.start = 0.0
+            self.cpu: list[float] = []
+            self.start = self.cpu_start = 0.0
 
         def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             self.times.append(time.perf_counter() - self.start)
+            self.cpu.append(time.process_time() - self.cpu_start)
             if between is not None:
                 between()
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def melody_reward(prompts, completions, completion_ids, **kw) -> list[float]:
         # Every completion has 32 ids (no special token can be sampled), so they stack to [B, T].
@@ -203,34 +212,40 @@ def run_trl(prior: Path, codec: Codec, *, steps: int, seed: int, between=None) -
         trainer.train()
     if len(clock.times) != steps:
         raise RuntimeError(f"TRL ran {len(clock.times)} optimizer steps, expected {steps}")
-    return clock.times
+    return clock.times, clock.cpu
 
 
-def time_head_to_head(prior: Path, codec: Codec, *, warmup: int, iters: int, seed: int, trl: bool) -> tuple[dict[str, list[float]], str | None]:
-    """Per-iteration seconds of our PPO and RLOO and TRL's RLOO at B=64, T=32, interleaved
-    (TRL step, our PPO, our RLOO, TRL step, ...) so that load from other processes on the
-    machine falls on all three alike. Returns the times and TRL's error, if it failed."""
+def time_head_to_head(
+    prior: Path, codec: Codec, *, warmup: int, iters: int, seed: int, trl: bool
+) -> tuple[dict[str, list[float]], dict[str, list[float]], str | None]:
+    """Per-iteration wall and CPU seconds of our PPO and RLOO and TRL's RLOO at B=64, T=32,
+    interleaved (TRL step, our PPO, our RLOO, TRL step, ...) so that load from other processes
+    on the machine falls on all three alike. Returns both and TRL's error, if it failed."""
     steps = warmup + iters
     times: dict[str, list[float]] = {"ppo": [], "rloo": []}
+    cpu: dict[str, list[float]] = {"ppo": [], "rloo": []}
     with contextlib.ExitStack() as stack:
         tuners = {a: make_tuner(stack, a, prior, codec, n_new=MELODY_STEPS, batch=BATCH, seed=seed) for a in times}
 
         def ours() -> None:
             for a, tuner in tuners.items():
                 if len(times[a]) < steps:
-                    times[a].append(timed_iteration(tuner))
+                    wall, c = timed_iteration(tuner)
+                    times[a].append(wall)
+                    cpu[a].append(c)
 
         error = None
         if trl:
             try:
-                times["trl_rloo"] = run_trl(prior, codec, steps=steps, seed=seed, between=ours)
+                times["trl_rloo"], cpu["trl_rloo"] = run_trl(prior, codec, steps=steps, seed=seed, between=ours)
             except Exception as e:  # noqa: BLE001 - the benchmark reports why TRL could not run
                 log.exception("TRL RLOOTrainer failed")
                 error = f"{type(e).__name__}: {e}"
                 times.pop("trl_rloo", None)
+                cpu.pop("trl_rloo", None)
         while len(times["ppo"]) < steps or len(times["rloo"]) < steps:
             ours()
-    return times, error
+    return times, cpu, error
 
 
 def summary(seconds: list[float], warmup: int, batch: int, n_new: int) -> dict:
@@ -246,10 +261,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2, help="Untimed iterations first.")
     p.add_argument("--sweep-iters", type=int, default=3, help="Timed iterations per sweep point (PPO).")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both systems (default: torch's).")
     p.add_argument("--no-trl", action="store_true", help="Skip TRL.")
     p.add_argument("--no-sweep", action="store_true", help="Skip the PPO length/batch sweep.")
     a = p.parse_args(argv)
 
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     codec = build_codec("melody")
     result: dict = {
         "model": {"arch": "gpt2", "n_layer": MODEL.n_layer, "n_embd": MODEL.n_embd, "n_head": MODEL.n_head, "vocab": len(codec.tokenizer)},
@@ -258,15 +276,17 @@ def main(argv: list[str] | None = None) -> dict:
     }
     with tempfile.TemporaryDirectory(prefix="rl-bench-prior-") as d:
         prior = save_prior(Path(d), codec, a.seed)
-        times, trl_error = time_head_to_head(prior, codec, warmup=a.warmup, iters=a.iters, seed=a.seed, trl=not a.no_trl)
+        times, cpu, trl_error = time_head_to_head(prior, codec, warmup=a.warmup, iters=a.iters, seed=a.seed, trl=not a.no_trl)
         for name, seconds in times.items():
             s = summary(seconds, a.warmup, BATCH, MELODY_STEPS)
-            log.info("%s: %.3f s/iter (median %.3f) %s", name, s["seconds"], s["median_seconds"], s["seconds_all"])
+            s["cpu_seconds"] = mean(cpu[name][a.warmup:])
+            log.info("%s: %.3f s/iter (median %.3f, cpu %.3f) %s", name, s["seconds"], s["median_seconds"], s["cpu_seconds"], s["seconds_all"])
             result.update({f"{name}_{k}": v for k, v in s.items()})
         if "trl_rloo" in times:
             result["ratio_rloo_vs_trl"] = result["rloo_tokens_per_s"] / result["trl_rloo_tokens_per_s"]
             result["ratio_ppo_vs_trl_rloo"] = result["ppo_tokens_per_s"] / result["trl_rloo_tokens_per_s"]
             result["ratio_rloo_vs_trl_median"] = result["trl_rloo_median_seconds"] / result["rloo_median_seconds"]
+            result["ratio_rloo_vs_trl_cpu"] = result["trl_rloo_cpu_seconds"] / result["rloo_cpu_seconds"]
         elif trl_error is not None:
             result["trl_error"] = trl_error
         if not a.no_sweep:

@@ -30,6 +30,10 @@ EPILOG = """examples:
   rlhf tune configs/counterpoint.yaml tune.algorithm=psi --prior runs/counterpoint/models/prior
   rlhf evaluate configs/counterpoint.yaml --model runs/counterpoint/models/prior
   rlhf sample --model runs/counterpoint/models/prior --cantus "D4 F4 E4 D4 G4 F4 A4 G4 F4 E4 D4"
+  rlhf run configs/translation.yaml                  MLE translation prior, RL on sentence BLEU, report
+  rlhf translate --model runs/translation/models/rloo --input src.en --output out.de --beam 4
+  rlhf simulate-preferences configs/reward-music.yaml   raters of divergent taste -> preference data
+  rlhf train-reward configs/reward-music.yaml        Bradley-Terry and VPL reward models, report
   rlhf config-help configs/counterpoint.yaml         every config key with its meaning
 """
 
@@ -87,19 +91,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
 
+    p = sub.add_parser("translate", help="translate a text file line by line with a trained translation model",
+                       description="Translate --input (one sentence per line) into --output with a model written by `rlhf run configs/translation.yaml`; "
+                       "line i of the output is the translation of line i of the input (empty lines stay empty).")
+    p.add_argument("--model", required=True, help="model folder (save_pretrained, with its tokenizer)")
+    p.add_argument("--input", required=True, help="UTF-8 text file, one source sentence per line")
+    p.add_argument("--output", required=True, help="file to write the translations to")
+    p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
+
+    p = sub.add_parser("simulate-preferences", help="simulate raters of divergent taste and write a preference data set",
+                       description="Write data.path of a reward config (configs/reward-*.yaml): pairwise preferences of simulated rater groups.")
+    p.add_argument("config", help="YAML config, e.g. configs/reward-music.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+
+    p = sub.add_parser("train-reward", help="train Bradley-Terry and VPL reward models on pairwise preferences",
+                       description="Split the preferences (no held-out rater or prompt in training), train each of `methods`, "
+                       "evaluate on held-out raters and write eval.json and report.md into run_dir.")
+    p.add_argument("config", help="YAML config, e.g. configs/reward-music.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    p.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run_dir first")
+
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
     p.add_argument("config", nargs="?", help="optional YAML whose values are shown as defaults")
     return parser
 
 
 def _load(args: argparse.Namespace):
-    from rlhf.config import load_config
-    from rlhf.pipeline import QUICK_OVERRIDES, RunConfig
+    from rlhf.pipeline import load_run_config, quick_overrides
 
-    overrides = [*(QUICK_OVERRIDES if args.quick else ()), *args.overrides]
+    quick = quick_overrides(args.config, args.overrides) if args.quick else ()
+    overrides = [*quick, *args.overrides]
     if args.quick:
-        log.info("--quick sets: %s", " ".join(QUICK_OVERRIDES))
-    return load_config(RunConfig, args.config, overrides)
+        log.info("--quick sets: %s", " ".join(quick))
+    return load_run_config(args.config, overrides)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -163,7 +189,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _task_for_model(cfg, model: Path):
     """The task with the tokenizer saved beside the model (so token ids always match)."""
     from tasks.counterpoint.task import CounterpointTask
+    from tasks.translation.config import TranslationConfig
 
+    if isinstance(cfg.task, TranslationConfig):
+        from tasks.translation.task import TranslationTask
+        from tasks.translation.tokenizer import TranslationCodec
+
+        if not model.is_dir():
+            raise UserError(f"{model}: model folder not found. Train one with `rlhf run` or `rlhf pretrain` (it lands in <run_dir>/models/prior).")
+        return TranslationTask(cfg.task, TranslationCodec.load(model))
     codec = _load_codec(model)
     if codec.mode != cfg.task.mode:
         raise UserError(f"{model}: the model was trained for mode {codec.mode!r} but the config says task.mode={cfg.task.mode!r}; pass task.mode={codec.mode}.")
@@ -226,14 +260,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_config_help(args: argparse.Namespace) -> int:
-    from rlhf.config import describe, load_config
-    from rlhf.pipeline import RunConfig
+    from rlhf.config import describe
+    from rlhf.pipeline import RunConfig, load_run_config
 
-    values = None
+    values, cls = None, RunConfig
     if args.config:
-        cfg = load_config(RunConfig, args.config)
-        values = cfg.model_dump()
-    for key, default, doc in describe(RunConfig):
+        cfg = load_run_config(args.config)
+        values, cls = cfg.model_dump(), type(cfg)
+    for key, default, doc in describe(cls):
         if values is not None:
             v = values
             for part in key.split("."):
@@ -243,7 +277,33 @@ def cmd_config_help(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "tune": cmd_tune, "evaluate": cmd_evaluate, "sample": cmd_sample, "config-help": cmd_config_help}
+def cmd_translate(args: argparse.Namespace) -> int:
+    from tasks.translation.decode import translate_file
+
+    if args.beam < 1 or args.batch_size < 1:
+        raise UserError(f"--beam and --batch-size must be at least 1 (got {args.beam}, {args.batch_size}).")
+    n = translate_file(args.model, args.input, args.output, beam=args.beam, batch_size=args.batch_size)
+    print(f"translated {n} lines -> {args.output}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from reward_models.cli import simulate_main
+
+    print(f"preferences: {simulate_main(args.config, args.overrides)}")
+    return 0
+
+
+def cmd_train_reward(args: argparse.Namespace) -> int:
+    from reward_models.cli import train_reward_main
+
+    root = train_reward_main(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite)
+    print(f"report: {root / 'report.md'}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "tune": cmd_tune, "evaluate": cmd_evaluate, "sample": cmd_sample,
+            "translate": cmd_translate, "simulate-preferences": cmd_simulate, "train-reward": cmd_train_reward, "config-help": cmd_config_help}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

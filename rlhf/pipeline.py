@@ -10,11 +10,11 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from rlhf.config import Section
+from rlhf.config import Section, load_config, read_yaml
 from rlhf.errors import UserError
 from rlhf.models import ModelConfig, build_causal_lm, count_parameters, load_causal_lm
 from rlhf.pretrain import PretrainConfig, pretrain
@@ -23,6 +23,7 @@ from rlhf.tune import TuneConfig, tune
 from rlhf.runs import Run, atomic_write_text
 from rlhf.trainer import seed_everything
 from tasks.counterpoint.config import CounterpointConfig
+from tasks.translation.config import QUICK_OVERRIDES as TRANSLATION_QUICK, TranslationConfig, check_positions
 
 log = logging.getLogger("rlhf")
 
@@ -61,6 +62,49 @@ class RunConfig(Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Extra tuning runs for comparisons: other algorithms, and β for the trade-off curve.")
 
 
+class TranslationRunConfig(RunConfig):
+    """The same job for translation (``task.name: translation``): the MLE prior, then RL on sentence BLEU."""
+
+    run_dir: str = Field("runs/translation", description="The run folder (config, metrics, checkpoints, report).")
+    task: TranslationConfig = Field(default_factory=TranslationConfig, description="The task.")
+
+    @model_validator(mode="after")
+    def _fits_model(self) -> "TranslationRunConfig":
+        check_positions(self.task, self.model.max_positions)
+        return self
+
+
+RUN_CONFIGS: dict[str, type[RunConfig]] = {"counterpoint": RunConfig, "translation": TranslationRunConfig}
+"""``task.name`` -> the run config class: one typed config per task."""
+
+
+def task_name(path: str | Path | None, overrides: Sequence[str] = ()) -> str:
+    """``task.name`` from the overrides, else the file, else counterpoint."""
+    name: Any = "counterpoint"
+    if path is not None:
+        data, _ = read_yaml(path)
+        task = data.get("task")
+        name = task.get("name", name) if isinstance(task, dict) else name
+    for o in overrides:
+        if o.split("=", 1)[0].strip() == "task.name":
+            name = o.split("=", 1)[1].strip()
+    return str(name)
+
+
+def quick_overrides(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[str, ...]:
+    """What ``--quick`` sets for the config's task."""
+    return TRANSLATION_QUICK if task_name(path, overrides) == "translation" else QUICK_OVERRIDES
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read ``task.name`` (file, then overrides; default counterpoint) and load the matching
+    run config; an unknown task name is a UserError listing the known ones."""
+    name = task_name(path, overrides)
+    if name not in RUN_CONFIGS:
+        raise UserError(f"{path or 'config'}: task.name: unknown task {name!r}; use one of {', '.join(RUN_CONFIGS)}.")
+    return load_config(RUN_CONFIGS[name], path, overrides)
+
+
 def open_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Run:
     root = Path(cfg.run_dir)
     if root.exists() and any(root.iterdir()) and not resume:
@@ -74,18 +118,23 @@ def open_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Run:
 
 
 def make_task(cfg: RunConfig):
+    if isinstance(cfg.task, TranslationConfig):
+        from tasks.translation.task import TranslationTask
+
+        return TranslationTask(cfg.task)
     from tasks.counterpoint.task import CounterpointTask
 
     return CounterpointTask(cfg.task)
 
 
 def stage_data(cfg: RunConfig, run: Run, task) -> tuple[list, list]:
-    from tasks.counterpoint.corpus import corpus_stats
-
-    train, val = task.corpus(cfg.seed, progress=cfg.progress)
+    # translation trains its tokenizer here; keeping it in the run folder makes --resume reuse the same ids
+    kw = {"tokenizer_dir": run.root / "tokenizer"} if isinstance(cfg.task, TranslationConfig) else {}
+    train, val = task.corpus(cfg.seed, progress=cfg.progress, **kw)
     if not train or not val:
-        raise UserError(f"the corpus gave {len(train)} training and {len(val)} held-out pieces; raise task.data.max_pieces or lower task.data.min_notes.")
-    stats = {"train": corpus_stats(train, task.codec), "val": corpus_stats(val, task.codec)}
+        raise UserError(f"the corpus gave {len(train)} training and {len(val)} held-out examples; check task.data (counterpoint: raise "
+                        "task.data.max_pieces or lower task.data.min_notes; translation: the files and length limits).")
+    stats = task.data_stats(train, val)
     atomic_write_text(run.root / "data_stats.json", json.dumps(stats, indent=1))
     log.info("data: %s", stats)
     return train, val
@@ -128,9 +177,14 @@ def stage_evaluate(cfg: RunConfig, run: Run, task, models: dict[str, Path], prio
     loaded = {name: load_causal_lm(p) for name, p in models.items()}
     prior_model = loaded.get("prior") or load_causal_lm(prior)
     evaluation = task.evaluate(loaded, prior_model, seed=cfg.seed, val=val)
-    exported = export_samples(run, evaluation, cfg.task.eval.export)
     stats_path = run.root / "data_stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    if isinstance(cfg.task, TranslationConfig):
+        from tasks.translation.report import write_report as write_translation_report
+
+        log.info("report: %s", write_translation_report(run.root, evaluation, stats))
+        return evaluation
+    exported = export_samples(run, evaluation, cfg.task.eval.export)
     docs = {k: r.doc for k, r in RULES_BY_NAME.items()}
     if cfg.task.mode == "melody":
         from tasks.counterpoint.melody_rules import MELODY_RULES

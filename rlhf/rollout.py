@@ -8,8 +8,12 @@ so that the log-probs of the policy and of the prior describe the same action sp
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from rlhf.kl import masked_log_softmax
 
@@ -29,7 +33,6 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-@torch.no_grad()
 def sample(
     model: PreTrainedModel,
     prompts: torch.Tensor,
@@ -43,31 +46,11 @@ def sample(
 ) -> torch.Tensor:
     """Sample ``n_new`` tokens after equal-length ``prompts`` [B, P]; returns [B, n_new].
 
-    One forward pass per new token over the whole batch, reusing the KV cache.
-    ``temperature == 0`` is greedy decoding.
+    :func:`decode` with no padding: one forward pass per new token over the whole batch,
+    reusing a preallocated KV cache. ``temperature == 0`` is greedy decoding.
     """
-    was_training = model.training
-    model.eval()
-    out = model(input_ids=prompts, use_cache=True)
-    past = out.past_key_values
-    logits = out.logits[:, -1, :]  # [B, V]
-    tokens = []
-    for t in range(n_new):
-        logits = logits.float()
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        if temperature == 0:
-            nxt = logits.argmax(-1)
-        else:
-            probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        tokens.append(nxt)
-        if t + 1 < n_new:
-            out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[:, -1, :]
-    model.train(was_training)
-    return torch.stack(tokens, dim=1)
+    return decode(model, prompts, torch.ones_like(prompts), n_new, allowed=allowed, temperature=temperature,
+                  top_k=top_k, top_p=top_p, generator=generator).tokens
 
 
 def completion_logits(model: PreTrainedModel, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
@@ -161,13 +144,175 @@ def sequence_forward(
     """Logits [B, T, V] that predict each completion token (and the last hidden states [B, T, H]
     of the same positions if ``hidden``), for left-padded prompts [B, P] and completions [B, T]."""
     attn = torch.cat([prompt_mask, torch.ones_like(tokens)], dim=1)
-    out = model(input_ids=torch.cat([prompts, tokens], 1), attention_mask=attn, position_ids=position_ids(attn), output_hidden_states=hidden)
     p, t = prompts.shape[1], tokens.shape[1]
-    logits = out.logits[:, p - 1 : p + t - 1]
+    # Only the last t + 1 positions need the LM head (forward and backward): with long
+    # prompts and a large vocabulary that is most of its cost.
+    keep = {"logits_to_keep": t + 1} if _accepts_logits_to_keep(model) else {}
+    out = model(input_ids=torch.cat([prompts, tokens], 1), attention_mask=attn, position_ids=position_ids(attn), output_hidden_states=hidden, **keep)
+    logits = out.logits[:, :t] if keep else out.logits[:, p - 1 : p + t - 1]
     return logits, (out.hidden_states[-1][:, p - 1 : p + t - 1] if hidden else None)
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A transformers ``DynamicLayer`` whose keys/values live in [B, H, max_len, D] buffers
+    allocated once; ``update`` writes the new slots in place and returns views of the filled
+    prefix. Same results as ``DynamicLayer`` (which re-concatenates the whole cache at every
+    step), and attention still only scans the filled slots (``StaticCache`` scans all max_len)."""
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.max_len, self.filled = max_len, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.key_buf = key_states.new_empty((b, h, self.max_len, d))  # [B, H, max_len, D]
+        self.value_buf = value_states.new_empty((b, h, self.max_len, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.filled + key_states.shape[-2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} slots is full")
+        self.key_buf[:, :, self.filled : end] = key_states
+        self.value_buf[:, :, self.filled : end] = value_states
+        self.filled = end
+        self.keys, self.values = self.key_buf[:, :, :end], self.value_buf[:, :, :end]
+        return self.keys, self.values
+
+
+def preallocated_cache(model: PreTrainedModel, max_len: int) -> DynamicCache:
+    """The model's ``DynamicCache`` with every plain full-attention layer swapped for a
+    :class:`PreallocatedLayer` of ``max_len`` slots (sliding-window or other special layers
+    are kept as transformers builds them)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [PreallocatedLayer(max_len) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    *,
+    probs_fn=None,
+    blocked: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row [B, 1] from float logits [B, V].
+
+    ``probs_fn(logits) -> probs`` if given (e.g. ε-greedy over Q-values), else
+    softmax(filter(logits masked to the action space / temperature)); ``blocked`` = ~allowed [V].
+    ``temperature == 0`` is argmax. One ``torch.multinomial`` draw per row and step, so the
+    RNG stream is the one a plain, uncached loop over the same logits consumes.
+    """
+    if probs_fn is not None:
+        return torch.multinomial(probs_fn(logits), 1, generator=generator)
+    if blocked is not None:
+        logits = logits.masked_fill(blocked, float("-inf"))
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    if temperature != 1.0:  # x / 1.0 == x exactly: skipping it changes no bit
+        logits = logits / temperature
+    return torch.multinomial(torch.softmax(filter_logits(logits, top_k, top_p), dim=-1), 1, generator=generator)
+
+
+def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
+    """Whether ``model.forward`` can skip the LM head on all but the last positions."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _store(buf: torch.Tensor | None, t: int, x: torch.Tensor, n: int) -> torch.Tensor:
+    """buf[:, t] = x [B, D], allocating buf [B, n, D] at the first step."""
+    if buf is None:
+        buf = x.new_empty((x.shape[0], n, x.shape[-1]))
+    buf[:, t] = x
+    return buf
+
+
+@dataclass
+class Decoded:
+    """What :func:`decode` returns. T ≤ n_new: the loop stops once every row has ended."""
+
+    tokens: torch.Tensor  # [B, T] sampled ids; after a row's EOS: pad (or EOS again)
+    logits: torch.Tensor | None  # [B, T, V] raw logits of every step (if keep_logits)
+    hidden: torch.Tensor | None  # [B, T, H] last hidden states that produced them (if keep_hidden)
+
+
 @torch.no_grad()
+def decode(
+    model: PreTrainedModel,
+    prompts: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    n_new: int,
+    *,
+    probs_fn=None,
+    allowed: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    keep_logits: bool = False,
+    keep_hidden: bool = False,
+) -> Decoded:
+    """Sample up to ``n_new`` tokens after left-padded prompts [B, P] with a KV cache.
+
+    Everything the loop needs is allocated once: the KV cache (:func:`preallocated_cache`,
+    written in place instead of re-concatenated at every step), the [B, P + n_new] attention
+    mask and position ids (each step gets views), and the output buffers.
+
+    With ``eos_id``, a row that has sampled EOS is finished: it emits ``pad_id`` (default:
+    ``eos_id``) from then on, and the loop stops as soon as every row is finished. Finished
+    rows still draw from the generator, so the other rows' tokens are exactly those of a run
+    without EOS (see :func:`eos_lengths` for the lengths).
+    """
+    was_training = model.training
+    model.eval()
+    b, p = prompts.shape
+    device = prompts.device
+    attn = torch.ones((b, p + n_new), dtype=torch.long, device=device)  # [B, L] 1 on real tokens
+    attn[:, :p] = prompt_mask
+    pos = position_ids(attn)  # [B, L]
+    cache = preallocated_cache(model, p + n_new)
+    blocked = None if allowed is None else ~allowed  # [V]
+    fill = eos_id if pad_id is None else pad_id
+    tokens = torch.empty((b, n_new), dtype=torch.long, device=device)  # [B, n_new]
+    logits_buf = hidden_buf = None
+    done = torch.zeros(b, dtype=torch.bool, device=device)  # [B] row has sampled EOS
+
+    # Each step gets views of the preallocated mask and positions (no torch.cat per step).
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}  # no LM head over the prompt
+    out = model(input_ids=prompts, attention_mask=attn[:, :p], position_ids=pos[:, :p], past_key_values=cache,
+                use_cache=True, output_hidden_states=keep_hidden, **extra)
+    steps = n_new
+    for t in range(n_new):
+        logits = out.logits[:, -1, :].float()  # [B, V]
+        if keep_logits:
+            logits_buf = _store(logits_buf, t, logits, n_new)
+        if keep_hidden:
+            hidden_buf = _store(hidden_buf, t, out.hidden_states[-1][:, -1, :], n_new)
+        nxt = next_tokens(logits, probs_fn=probs_fn, blocked=blocked, temperature=temperature, top_k=top_k, top_p=top_p,
+                          generator=generator)  # [B, 1]
+        if eos_id is not None:
+            nxt = nxt.masked_fill(done[:, None], fill)
+            done |= nxt[:, 0] == eos_id
+        tokens[:, t : t + 1] = nxt
+        if t + 1 == n_new or (eos_id is not None and bool(done.all())):
+            steps = t + 1
+            break
+        i = p + t  # position of the token just sampled
+        out = model(input_ids=nxt, attention_mask=attn[:, : i + 1], position_ids=pos[:, i : i + 1], past_key_values=cache,
+                    use_cache=True, output_hidden_states=keep_hidden)
+    model.train(was_training)
+    return Decoded(tokens[:, :steps], None if logits_buf is None else logits_buf[:, :steps],
+                   None if hidden_buf is None else hidden_buf[:, :steps])
+
+
 def sample_padded(
     model: PreTrainedModel,
     prompts: torch.Tensor,
@@ -179,41 +324,32 @@ def sample_padded(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     return_logits: bool = False,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``n_new`` tokens after left-padded prompts, with a KV cache: [B, n_new].
+    """Sample up to ``n_new`` tokens after left-padded prompts, with a KV cache: [B, T].
 
     ``probs_fn(logits [B, V]) -> probs [B, V]`` replaces temperature sampling (e.g. ε-greedy
     over Q-values); by default probs = softmax(masked logits / temperature).
-    ``return_logits`` also returns the raw logits of every step [B, n_new, V] (what a second
+    ``return_logits`` also returns the raw logits of every step [B, T, V] (what a second
     forward pass over the sampled sequence would compute, without paying for it).
+    T = n_new unless ``eos_id`` is given and every row ended earlier (see :func:`decode`).
     """
-    was_training = model.training
-    model.eval()
-    attn = prompt_mask.clone()
-    out = model(input_ids=prompts, attention_mask=attn, position_ids=position_ids(attn), use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1, :]
-    next_pos = attn.sum(-1, keepdim=True)  # [B, 1]
-    tokens, step_logits = [], []
-    for t in range(n_new):
-        logits = logits.float()
-        if return_logits:
-            step_logits.append(logits)
-        if probs_fn is not None:
-            probs = probs_fn(logits)
-        else:
-            if allowed is not None:
-                logits = logits.masked_fill(~allowed, float("-inf"))
-            probs = torch.softmax(logits / temperature, dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
-        tokens.append(nxt)
-        if t + 1 < n_new:
-            attn = torch.cat([attn, torch.ones_like(nxt)], dim=1)
-            out = model(input_ids=nxt, attention_mask=attn, position_ids=next_pos + t, past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1, :]
-    model.train(was_training)
-    if return_logits:
-        return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
-    return torch.cat(tokens, dim=1)
+    d = decode(model, prompts, prompt_mask, n_new, probs_fn=probs_fn, allowed=allowed, temperature=temperature,
+               generator=generator, eos_id=eos_id, pad_id=pad_id, keep_logits=return_logits)
+    return (d.tokens, d.logits) if return_logits else d.tokens
+
+
+def eos_lengths(tokens: torch.Tensor, eos_id: int | None, limits: torch.Tensor | None = None) -> torch.Tensor:
+    """Completion lengths [B]: up to and including the first ``eos_id`` of each row of
+    ``tokens`` [B, T] (T if none), capped at ``limits`` [B] if given."""
+    b, t = tokens.shape
+    lengths = torch.full((b,), t, dtype=torch.long, device=tokens.device)
+    if eos_id is not None:
+        is_eos = tokens == eos_id  # [B, T]
+        first = is_eos.int().argmax(-1)  # [B] index of the first EOS (0 if none)
+        lengths = torch.where(is_eos.any(-1), first + 1, lengths)
+    return lengths if limits is None else torch.minimum(lengths, limits.to(lengths.device))
 
 
 def length_mask(lengths: list[int], t: int, device: torch.device | None = None) -> torch.Tensor:

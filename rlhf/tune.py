@@ -97,7 +97,8 @@ class Tuner:
         self.gen.manual_seed(int(rng.integers(2**62)))
         probs_fn = algo.probs_fn() if hasattr(algo, "probs_fn") else None
         ro = make_rollout(algo.sampler, self.prior, [p.ids for p in picked], [p.n_new for p in picked], pad_id=task.tokenizer.pad_token_id,
-                          allowed=task.allowed, generator=self.gen, probs_fn=probs_fn, temperature=cfg.temperature)
+                          allowed=task.allowed, generator=self.gen, probs_fn=probs_fn, temperature=cfg.temperature,
+                          eos_id=getattr(task, "eos_id", None), hidden=cfg.algorithm == "ppo")
         task_reward = task.step_rewards(picked, ro.tokens)  # [B, T]
         metrics = algo.update(self.loop, ro, task_reward, self.ctl.value)
         metrics["kl/coef"] = self.ctl.value

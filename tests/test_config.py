@@ -73,3 +73,18 @@ def test_every_field_is_documented():
     assert len(rows) > 20
     undocumented = [k for k, _, doc in rows if not doc]
     assert undocumented == []
+
+
+def test_task_name_picks_the_run_config(tmp_path):
+    from rlhf.pipeline import RunConfig, TranslationRunConfig, load_run_config, quick_overrides
+
+    assert type(load_run_config("configs/translation.yaml")) is TranslationRunConfig
+    assert type(load_run_config("configs/counterpoint.yaml")) is RunConfig
+    assert type(load_run_config(None, ["task.name=translation"])) is TranslationRunConfig
+    assert any(o.startswith("task.data.max_train_pairs") for o in quick_overrides("configs/translation.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task:\n  name: poetry\n")
+    with pytest.raises(UserError, match=r"bad.yaml: task.name: unknown task 'poetry'; use one of counterpoint, translation"):
+        load_run_config(bad)
+    with pytest.raises(UserError, match="command-line override: task.data.max_train_pairs: unknown key"):
+        load_run_config("configs/counterpoint.yaml", ["task.data.max_train_pairs=5"])

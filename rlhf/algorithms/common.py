@@ -11,7 +11,7 @@ from pydantic import Field
 from rlhf.config import Section
 from rlhf.advantages import masked_mean, masked_sum
 from rlhf.kl import KLEstimator, masked_log_softmax, per_token_kl, sequence_kl
-from rlhf.rollout import left_pad, length_mask, sample_padded, sequence_forward
+from rlhf.rollout import decode, eos_lengths, left_pad, length_mask, sequence_forward
 
 
 class KLConfig(Section):
@@ -26,17 +26,19 @@ class KLConfig(Section):
 @dataclass
 class Rollout:
     """One batch of sampled completions with everything the updates need. Shapes: B rows, P
-    prompt tokens (left-padded), T completion tokens (right-padded), V vocabulary."""
+    prompt tokens (left-padded), T completion tokens (right-padded), V vocabulary, H hidden.
+    T ≤ max(n_new): sampling stops early once every row has emitted EOS."""
 
     prompts: torch.Tensor  # [B, P]
     prompt_mask: torch.Tensor  # [B, P]
-    tokens: torch.Tensor  # [B, T]
-    mask: torch.Tensor  # [B, T] float
+    tokens: torch.Tensor  # [B, T] (pad after a row's EOS)
+    mask: torch.Tensor  # [B, T] float, 1 on the first lengths[b] tokens (an EOS counts)
     logits: torch.Tensor  # [B, T, V] policy logits at sampling time
     logits_prior: torch.Tensor  # [B, T, V]
     logp: torch.Tensor  # [B, T] log π(a_t|s_t), masked to the action space
     logp_prior: torch.Tensor  # [B, T] log p(a_t|s_t)
-    lengths: list[int]
+    lengths: list[int]  # completion lengths: min(n_new[b], first EOS + 1)
+    hidden: torch.Tensor | None = None  # [B, T, H] policy's last hidden states at sampling time (make_rollout(hidden=True))
 
     def kl(self, estimator: KLEstimator, allowed: torch.Tensor | None) -> torch.Tensor:
         """[B, T] per-token KL(π‖p) estimate, 0 on padding."""
@@ -52,19 +54,26 @@ def gather_logp(logits: torch.Tensor, tokens: torch.Tensor, allowed: torch.Tenso
 @torch.no_grad()
 def make_rollout(
     policy, prior, prompts: list[list[int]], n_new: list[int], *, pad_id: int, allowed: torch.Tensor | None,
-    generator: torch.Generator | None, probs_fn=None, temperature: float = 1.0,
+    generator: torch.Generator | None, probs_fn=None, temperature: float = 1.0, eos_id: int | None = None,
+    hidden: bool = False,
 ) -> Rollout:
-    """Sample from ``policy`` (a causal LM) and score under it and the frozen ``prior``."""
+    """Sample from ``policy`` (a causal LM) and score under it and the frozen ``prior``.
+
+    Row b gets up to ``n_new[b]`` tokens; with ``eos_id`` it ends at its first EOS (included,
+    mask 1; pad and mask 0 after it) and sampling stops once every row has ended. ``hidden``
+    keeps the policy's last hidden states of every step (e.g. for a value head).
+    """
     device = next(policy.parameters()).device
     ids, pmask = left_pad(prompts, pad_id, device)
-    t = max(n_new)
     # The sampling loop's own logits score the sample: no second policy forward.
-    tokens, logits = sample_padded(policy, ids, pmask, t, probs_fn=probs_fn, allowed=allowed, temperature=temperature,
-                                   generator=generator, return_logits=True)
-    mask = length_mask(n_new, t, device)
-    logits_prior, _ = sequence_forward(prior, ids, pmask, tokens)
-    return Rollout(ids, pmask, tokens, mask, logits.float(), logits_prior.float(),
-                   gather_logp(logits, tokens, allowed), gather_logp(logits_prior, tokens, allowed), list(n_new))
+    d = decode(policy, ids, pmask, max(n_new), probs_fn=probs_fn, allowed=allowed, temperature=temperature,
+               generator=generator, eos_id=eos_id, pad_id=pad_id, keep_logits=True, keep_hidden=hidden)
+    lengths = eos_lengths(d.tokens, eos_id, torch.tensor(n_new, device=device)).tolist()
+    mask = length_mask(lengths, d.tokens.shape[1], device)  # [B, T]
+    logits_prior, _ = sequence_forward(prior, ids, pmask, d.tokens)
+    logits, logits_prior = d.logits.float(), logits_prior.float()
+    return Rollout(ids, pmask, d.tokens, mask, logits, logits_prior, gather_logp(logits, d.tokens, allowed),
+                   gather_logp(logits_prior, d.tokens, allowed), lengths, d.hidden)
 
 
 def rl_metrics(ro: Rollout, task_reward: torch.Tensor, kl: torch.Tensor, shaped: torch.Tensor) -> dict[str, float]:

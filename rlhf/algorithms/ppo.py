@@ -42,6 +42,8 @@ class PPO:
 
     @torch.no_grad()
     def _values(self, ro: Rollout) -> torch.Tensor:
+        if ro.hidden is not None:  # the sampling loop's hidden states: no second forward
+            return self.model.value_head(ro.hidden).squeeze(-1)
         return self.model(ro.prompts, ro.prompt_mask, ro.tokens)[1]
 
     def update(self, loop, ro: Rollout, task_reward: torch.Tensor, beta: float) -> dict[str, float]:

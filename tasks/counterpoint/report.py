@@ -56,6 +56,52 @@ def piano_roll(items: Sequence[Item], titles: Sequence[str], path: Path) -> Path
     return save_fig(fig, path)
 
 
+# Sequence Tutor's Q column (Jaques et al. 2017, Table 1) as targets: (metric, at least?, bound).
+MELODY_TARGETS = (
+    ("table1/notes_not_in_key", False, 0.010),
+    ("table1/notes_excessively_repeated", False, 0.0),
+    ("table1/compositions_starting_with_tonic", True, 0.288),
+    ("table1/leaps_resolved", True, 0.911),
+    ("table1/notes_in_motif", True, 0.757),
+    ("distinct/100", True, 90.0),
+)
+FALLBACK_KL_BOUND = 3.0
+"""KL bound (nats/note) when Fux's solutions are not scored (no Fux data)."""
+
+
+def kl_bound(rows: dict[str, dict[str, float]]) -> float:
+    """The KL bound of first species, in nats per note: the cross-entropy of Fux's own
+    solutions under the prior, −E_Fux[log p_prior]. A deterministic policy has
+    KL(π‖p) = −E_π[log p], so within this bound the tuned pieces are, on average, no less
+    likely under the prior than the textbook's answers: it has moved toward Fux's style,
+    not off the prior's support."""
+    fux = rows.get("Fux solutions", {})
+    return -fux["logp/prior"] if "logp/prior" in fux else FALLBACK_KL_BOUND
+
+
+def targets_section(rows: dict[str, dict[str, float]], mode: str) -> list[str]:
+    """Each tuned model against the issue's targets: a table of ✓/✗ with the figures."""
+    tuned = [n for n in rows if n != "prior" and "kl/prior" in rows[n]]
+    if not tuned or "prior" not in rows:
+        return []
+    ok = lambda good: "✓" if good else "✗"  # noqa: E731
+    if mode == "first_species":
+        bound = kl_bound(rows)
+        prior = rows["prior"]["rules/per_note"]
+        body = [[n, f"{fmt(r['rules/per_note'] / prior)} {ok(r['rules/per_note'] <= 0.25 * prior)}",
+                 f"{fmt(r['rules/clean'])} {ok(r['rules/clean'] >= 0.8)}", f"{fmt(r['kl/prior'])} {ok(r['kl/prior'] <= bound)}"]
+                for n, r in ((n, rows[n]) for n in tuned)]
+        return ["### Targets", "",
+                f"Violations per note at most a quarter of the prior's, at least 80% of pieces clean, and KL to the prior "
+                f"at most {fmt(bound)} nats/note: the cross-entropy of Fux's own solutions under the prior (see `kl_bound`).", "",
+                markdown_table(["model", "violations / prior's", "clean pieces", "KL / note"], body), ""]
+    body = [[n] + [f"{fmt(rows[n].get(k, float('nan')))} {ok(rows[n].get(k, float('nan')) >= b if ge else rows[n].get(k, float('nan')) <= b)}"
+                   for k, ge, b in MELODY_TARGETS] for n in tuned]
+    head = [f"{TABLE1_LABELS.get(k[7:], k)} {'≥' if ge else '≤'} {fmt(b)}" for k, ge, b in MELODY_TARGETS]
+    return ["### Targets", "", "Sequence Tutor's Q column (Table 1 of Jaques et al. 2017) and at least 90 distinct melodies per 100.", "",
+            markdown_table(["model"] + head, body), ""]
+
+
 def tradeoff_section(rows: dict[str, dict[str, float]], root: Path, plots: Path) -> list[str]:
     """β sweep: violations per note against KL to the prior per note, and the β = 0 ablation."""
     sweep = sorted(((float(n.rsplit("-beta", 1)[1]), n) for n in rows if "-beta" in n), reverse=True)
@@ -138,6 +184,7 @@ def write_report(root: Path, evaluation: dict[str, Any], data_stats: dict[str, A
                     ("logp/prior", "log-lik. / note (prior)"), ("kl/prior", "KL to prior / note"), ("distinct/100", "distinct per 100 samples")]
     md += [markdown_table(["set"] + [c[1] for c in summary_cols], [[n] + [rows[n].get(k, float("nan")) for k, _ in summary_cols] for n in names]), ""]
 
+    md += targets_section(rows, evaluation["mode"])
     md += tradeoff_section(rows, root, plots)
     rule_keys = [k for k in rows[names[0]] if k.startswith("rules/") and k not in ("rules/clean", "rules/per_note")]
     md += ["### Violations per note, by rule", "",

@@ -64,6 +64,10 @@ class CounterpointTask:
         train, val = corpus.split_by_piece(items, d.val_fraction, seed)
         return train, val
 
+    def data_stats(self, train: Sequence[Item], val: Sequence[Item]) -> dict[str, Any]:
+        """Examples, pieces and tokens per split, as written to ``data_stats.json``."""
+        return {"train": corpus.corpus_stats(train, self.codec), "val": corpus.corpus_stats(val, self.codec)}
+
     def examples(self, items: Sequence[Item]) -> list[tuple[list[int], list[int]]]:
         """(prompt ids, completion ids incl. eos) for MLE."""
         return [self.codec.encode(it) for it in items]

@@ -1,0 +1,272 @@
+"""The translation task behind one object: corpus, tokenizer, prompts, BLEU reward, evaluation.
+
+It mirrors the counterpoint task's protocol used by ``rlhf.pipeline`` and ``rlhf.tune.Tuner``:
+``corpus(seed)``, ``examples(items)``, ``codec.save(dir)``, ``tokenizer``, ``allowed``,
+``eos_id``, ``train_prompts()`` and ``step_rewards(prompts, tokens)``, ``evaluate(...)``.
+
+The model is decoder-only with the source as prompt (see ``tokenizer.py``)::
+
+    prompt      <bos> <en> x_1 ... x_n <de>          completion   y_1 ... y_m <eos>
+
+The RL reward (Ranzato et al. 2015, MIXER) is the sentence BLEU of the whole translation,
+given once, at its last real token: the first ``<eos>``, or the last token of the budget when
+the sample never stopped. Every other step gets 0, so the return of any step is the sentence
+BLEU, and the KL term of the shaped reward is what gives intermediate steps a signal.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from rlhf.errors import UserError
+from tasks.translation.bleu import SentenceBLEU, SentenceCHRF, bleu_signature, corpus_bleu
+from tasks.translation.config import TranslationConfig
+from tasks.translation.data import LoadReport, Pair, head, load_split, resolve_data_dir
+from tasks.translation.decode import generate, max_new_tokens
+from tasks.translation.tokenizer import TranslationCodec, train_tokenizer
+
+log = logging.getLogger("rlhf")
+
+SPLIT_KEYS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class TranslationPrompt:
+    """One source sentence as an RL / decoding prompt, with its reference."""
+
+    ids: list[int]  # <bos> <src> x_1..x_n <tgt>
+    n_new: int  # generation budget in tokens, <eos> included
+    src: str
+    ref: str
+
+
+class TranslationTask:
+    """Corpus, tokenizer, prompts, reward and evaluation of one language pair.
+
+    ``codec`` is the saved tokenizer of an existing model; without it the tokenizer is trained
+    on the training split by :meth:`corpus` (or loaded from ``task.tokenizer.path``), and the
+    task attributes that need it (``tokenizer``, ``allowed``, prompts) load the corpus first.
+    """
+
+    def __init__(self, cfg: TranslationConfig, codec: TranslationCodec | None = None):
+        self.cfg = cfg
+        self._codec = codec
+        if codec is not None:
+            self._check_langs(codec, "the model's tokenizer")
+        self._splits: dict[str, list[Pair]] = {}
+        self.load_reports: dict[str, LoadReport] = {}
+        self.length_skips: dict[str, int] = {}
+        self.bleu = SentenceBLEU(tokenize=cfg.reward.tokenize)
+        self.chrf = SentenceCHRF() if cfg.reward.chrf_weight > 0 else None
+        self._allowed: torch.Tensor | None = None
+        self._train_prompts: list[TranslationPrompt] | None = None
+
+    def _check_langs(self, codec: TranslationCodec, what: str) -> None:
+        d = self.cfg.data
+        if (codec.src_lang, codec.tgt_lang) != (d.src_lang, d.tgt_lang):
+            raise UserError(f"{what} translates {codec.src_lang}→{codec.tgt_lang} but the config says task.data.src_lang={d.src_lang}, "
+                            f"tgt_lang={d.tgt_lang}; use matching languages or another model.")
+
+    # ----- data ---------------------------------------------------------------------------
+    def split(self, key: str) -> list[Pair]:
+        """Pairs of split ``key`` (train, val or test), loaded once; val/test capped by
+        ``data.max_eval_pairs``, train by ``data.max_train_pairs`` (first N in file order)."""
+        if key not in SPLIT_KEYS:
+            raise ValueError(f"split must be one of {SPLIT_KEYS}, got {key!r}")
+        if key not in self._splits:
+            d = self.cfg.data
+            name = {"train": d.train_split, "val": d.val_split, "test": d.test_split}[key]
+            if name is None:
+                raise UserError(f"task.data.{key}_split is null, so there is no {key} split to use; set it or drop {key!r} from task.eval.splits.")
+            pairs, report = load_split(resolve_data_dir(d.dir), name, d.format, d.src_lang, d.tgt_lang,
+                                       empty_lines=d.empty_lines, encoding_errors=d.encoding_errors)
+            log.info("data: %s", report.summary())
+            self.load_reports[key] = report
+            self._splits[key] = head(pairs, d.max_train_pairs if key == "train" else d.max_eval_pairs)
+            if not self._splits[key]:
+                raise UserError(f"{report.source}: no usable sentence pairs ({report.summary()}).")
+        return self._splits[key]
+
+    def ensure_codec(self, tokenizer_dir: Path | None = None) -> TranslationCodec:
+        """The codec: given, loaded (``tokenizer.path``, or ``tokenizer_dir`` from an earlier
+        attempt of the same run, so ``--resume`` keeps the token ids), or trained on the training
+        split (both sides) and saved into ``tokenizer_dir``."""
+        if self._codec is None:
+            t = self.cfg.tokenizer
+            saved = Path(t.path) if t.path else tokenizer_dir
+            if saved is not None and (saved / "tokenizer.json").is_file():
+                self._codec = TranslationCodec.load(saved)
+                self._check_langs(self._codec, f"the tokenizer in {saved}")
+            elif t.path:
+                raise UserError(f"{t.path}: no tokenizer.json there; set task.tokenizer.path to a model or tokenizer folder, or null to train one.")
+            else:
+                train = self.split("train")
+                d = self.cfg.data
+                tok = train_tokenizer((s for p in train for s in (p.src, p.tgt)), d.src_lang, d.tgt_lang, t.vocab_size, t.min_frequency)
+                self._codec = TranslationCodec(tok, d.src_lang, d.tgt_lang)
+                log.info("tokenizer: joint byte-level BPE, %d tokens, trained on %d pairs", len(tok), len(train))
+                if tokenizer_dir is not None:
+                    self._codec.save(tokenizer_dir)
+        return self._codec
+
+    @property
+    def codec(self) -> TranslationCodec:
+        return self.ensure_codec()
+
+    @property
+    def tokenizer(self):
+        return self.codec.tokenizer
+
+    @property
+    def eos_id(self) -> int:
+        return self.codec.eos_id
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        """[V] bool: subwords and ``<eos>`` (see :meth:`TranslationCodec.allowed`)."""
+        if self._allowed is None:
+            self._allowed = self.codec.allowed()
+        return self._allowed
+
+    def _fits(self, pairs: Sequence[Pair], key: str) -> list[Pair]:
+        """Pairs within the token limits; the rest counted in ``length_skips[key]`` and logged."""
+        d, c = self.cfg.data, self.codec
+        src, tgt = c.encode_texts([p.src for p in pairs]), c.encode_texts([p.tgt for p in pairs])
+        keep = [p for p, s, t in zip(pairs, src, tgt) if len(s) <= d.max_src_tokens and len(t) <= d.max_tgt_tokens]
+        self.length_skips[key] = len(pairs) - len(keep)
+        if self.length_skips[key]:
+            log.info("data: %d %s pairs longer than %d/%d tokens skipped", self.length_skips[key], key, d.max_src_tokens, d.max_tgt_tokens)
+        return keep
+
+    def corpus(self, seed: int, progress: bool = True, tokenizer_dir: Path | None = None) -> tuple[list[Pair], list[Pair]]:
+        """(train, val) pairs for MLE, within the token limits. The splits are the corpus's own,
+        so ``seed`` and ``progress`` are unused (kept for the task protocol)."""
+        self.ensure_codec(tokenizer_dir)
+        return self._fits(self.split("train"), "train"), self._fits(self.split("val"), "val")
+
+    def examples(self, items: Sequence[Pair]) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, completion ids ending in ``<eos>``) for MLE."""
+        c = self.codec
+        src, tgt = c.encode_texts([p.src for p in items]), c.encode_texts([p.tgt for p in items])
+        return [([c.bos_id, c.src_tag_id, *s, c.tgt_tag_id], [*t, c.eos_id]) for s, t in zip(src, tgt)]
+
+    def data_stats(self, train: Sequence[Pair], val: Sequence[Pair]) -> dict[str, Any]:
+        """Sizes, skips and token counts of the corpus, as written to ``data_stats.json``."""
+        out: dict[str, Any] = {"tokenizer": {"vocab": len(self.codec), "kind": "joint byte-level BPE"}}
+        for key, pairs in (("train", train), ("val", val)):
+            ex = self.examples(pairs)
+            words = sum(len(p.src.split()) + len(p.tgt.split()) for p in pairs)
+            tokens = sum(len(a) + len(b) for a, b in ex)
+            rep = self.load_reports.get(key)
+            out[key] = {"examples": len(pairs), "src_tokens": sum(len(a) - 3 for a, _ in ex), "tgt_tokens": sum(len(b) - 1 for _, b in ex),
+                        "tokens": tokens, "tokens_per_word": round((tokens - 4 * len(ex)) / max(words, 1), 3),
+                        "skipped": {**(rep.as_dict()["skipped"] if rep else {}), "too long": self.length_skips.get(key, 0)}}
+        return out
+
+    # ----- prompts and reward -------------------------------------------------------------
+    def prompt(self, pair: Pair) -> TranslationPrompt:
+        """The prompt of a source sentence with its generation budget (``task.length``)."""
+        ln = self.cfg.length
+        ids = self.codec.encode_prompt(pair.src)
+        return TranslationPrompt(ids, max_new_tokens(len(ids) - 3, ln.ratio, ln.extra, ln.cap), pair.src, pair.tgt)
+
+    def train_prompts(self) -> list[TranslationPrompt]:
+        """RL prompts: the training pairs within the token limits (first ``rl_prompts`` of them);
+        their references' BLEU statistics are precomputed here, once."""
+        if self._train_prompts is None:
+            pairs = self._fits(self.split("train"), "train")
+            if self.cfg.rl_prompts is not None:
+                pairs = pairs[: self.cfg.rl_prompts]
+            self._train_prompts = [self.prompt(p) for p in pairs]
+            self.bleu.prepare([p.ref for p in self._train_prompts])
+        return self._train_prompts
+
+    def sentence_rewards(self, hyps: Sequence[str], refs: Sequence[str]) -> np.ndarray:
+        """[B] reward of each translation: sentence BLEU/100 (sacrebleu, effective order), mixed
+        with sentence chrF/100 when ``reward.chrf_weight`` > 0."""
+        r = self.bleu.rewards(hyps, refs)
+        w = self.cfg.reward.chrf_weight
+        if self.chrf is not None and w > 0:
+            r = (1 - w) * r + w * self.chrf.scores(hyps, refs) / 100.0
+        return r
+
+    def completions(self, prompts: Sequence[TranslationPrompt], tokens: torch.Tensor) -> list[list[int]]:
+        """Each row of sampled ``tokens`` [B, T] cut to its sample: the first ``n_new`` tokens,
+        up to and including the first ``<eos>``."""
+        out = []
+        for p, row in zip(prompts, tokens.tolist()):
+            row = row[: p.n_new]  # columns past a row's budget belong to longer rows of the batch
+            out.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
+        return out
+
+    def step_rewards(self, prompts: Sequence[TranslationPrompt], tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] reward: each row's sentence reward at its last real token (the first ``<eos>``,
+        or the budget's last token), 0 elsewhere. The RewardFn of ``rlhf.tune``."""
+        comps = self.completions(prompts, tokens)
+        r = self.sentence_rewards(self.codec.decode_batch(comps), [p.ref for p in prompts])  # [B]
+        out = torch.zeros(tokens.shape, dtype=torch.float32)
+        last = torch.tensor([len(c) - 1 for c in comps], dtype=torch.long)  # [B]
+        out[torch.arange(len(comps)), last] = torch.from_numpy(r).float()
+        return out.to(tokens.device)
+
+    # ----- evaluation ---------------------------------------------------------------------
+    def decode_split(self, model: PreTrainedModel, pairs: Sequence[Pair], beam: int) -> tuple[list[TranslationPrompt], list[list[int]], list[str]]:
+        """Prompts, completion ids and texts of greedy (beam 1) or beam-search translations."""
+        prompts = [self.prompt(p) for p in pairs]
+        suppress = torch.nonzero(~self.allowed).flatten().tolist()
+        comps = generate(model, [p.ids for p in prompts], [p.n_new for p in prompts], eos_id=self.eos_id, pad_id=self.codec.pad_id,
+                         suppress=suppress, beam=beam, batch_size=self.cfg.eval.batch_size)
+        return prompts, comps, self.codec.decode_batch(comps)
+
+    def score_split(self, model: PreTrainedModel, prior: PreTrainedModel, pairs: Sequence[Pair]) -> tuple[dict[str, float | int], list[str]]:
+        """One model's row on one split, and its greedy translations. Keys (docs/translation.md):
+        ``bleu`` and ``ratio`` (corpus BLEU and length ratio, greedy), ``bleu/beam`` and
+        ``ratio/beam`` (beam search), ``reward/sentence`` (mean sentence BLEU/100 of the greedy
+        output, the RL reward), ``kl/prior`` (exact KL to the prior per token along the greedy
+        output, ``<eos>`` included), ``eos`` (share of translations that ended), ``vocab``
+        (distinct 13a words in all translations)."""
+        from rlhf.rollout import kl_to_reference_many
+
+        refs = [p.tgt for p in pairs]
+        prompts, comps, hyps = self.decode_split(model, pairs, beam=1)
+        b = corpus_bleu(hyps, refs, self.cfg.reward.tokenize)
+        row = {"bleu": b.score, "ratio": b.ratio, "reward/sentence": float(self.sentence_rewards(hyps, refs).mean())}
+        if self.cfg.eval.beam > 1:
+            hb = self.decode_split(model, pairs, beam=self.cfg.eval.beam)[2]
+            bb = corpus_bleu(hb, refs, self.cfg.reward.tokenize)
+            row.update({"bleu/beam": bb.score, "ratio/beam": bb.ratio})
+        kl = kl_to_reference_many(model, prior, [p.ids for p in prompts], comps, pad_id=self.codec.pad_id, allowed=self.allowed,
+                                  max_batch=self.cfg.eval.batch_size)  # [B, T, V] logits twice: keep batches small
+        row["kl/prior"] = float(np.mean(kl))
+        row["eos"] = float(np.mean([bool(c) and c[-1] == self.eos_id for c in comps]))
+        row["vocab"] = len({w for h in hyps for w in self.bleu.words(h)})
+        return row, hyps
+
+    def evaluate(self, models: dict[str, PreTrainedModel], prior: PreTrainedModel, *, seed: int, val: Sequence[Pair] | None = None) -> dict[str, Any]:
+        """Corpus BLEU (sacrebleu signature), length ratio, KL to the prior per token and more
+        (see :meth:`score_split`) of every model on each split of ``eval.splits``, plus the first
+        ``eval.examples`` test (else val) sentences side by side. Decoding is deterministic, so
+        ``seed`` is unused; ``val`` is unused (the whole val split is scored, not the filtered
+        one). JSON-serialisable."""
+        e = self.cfg.eval
+        splits = [s for s in e.splits if s != "test" or self.cfg.data.test_split is not None]
+        out: dict[str, Any] = {"splits": {}, "examples": [], "beam": e.beam,
+                               "signature": bleu_signature(self.cfg.reward.tokenize)}
+        for key in splits:
+            pairs = self.split(key)
+            rows, hyps = {}, {}
+            for name, model in models.items():
+                rows[name], hyps[name] = self.score_split(model, prior, pairs)
+                log.info("eval %s %s: %s", key, name, {k: round(v, 3) for k, v in rows[name].items()})
+            ref_vocab = len({w for p in pairs for w in self.bleu.words(p.tgt)})
+            out["splits"][key] = {"split": {"val": self.cfg.data.val_split, "test": self.cfg.data.test_split}[key],
+                                  "sentences": len(pairs), "rows": rows, "reference_vocab": ref_vocab}
+            out["examples"] = [{"src": p.src, "ref": p.tgt, **{n: h[i] for n, h in hyps.items()}} for i, p in enumerate(pairs[: e.examples])]
+        return out

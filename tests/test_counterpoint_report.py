@@ -1,0 +1,33 @@
+"""The report's target checks: the KL bound and the ✓/✗ table."""
+
+from tasks.counterpoint.report import FALLBACK_KL_BOUND, kl_bound, targets_section
+
+
+def _rows(per_note: float, clean: float, kl: float) -> dict:
+    return {
+        "prior": {"rules/per_note": 1.0, "rules/clean": 0.0, "logp/prior": -1.9},
+        "ppo": {"rules/per_note": per_note, "rules/clean": clean, "kl/prior": kl, "logp/prior": -2.5},
+        "Fux solutions": {"rules/per_note": 0.1, "rules/clean": 0.3, "logp/prior": -2.75},
+    }
+
+
+def test_kl_bound_is_fux_cross_entropy_under_prior():
+    assert kl_bound(_rows(0.2, 0.9, 1.0)) == 2.75
+    rows = _rows(0.2, 0.9, 1.0)
+    del rows["Fux solutions"]
+    assert kl_bound(rows) == FALLBACK_KL_BOUND
+
+
+def test_targets_table_marks_each_target():
+    good = "\n".join(targets_section(_rows(0.2, 0.85, 2.0), "first_species"))
+    assert "| ppo | 0.200 ✓ | 0.850 ✓ | 2.000 ✓ |" in good
+    bad = "\n".join(targets_section(_rows(0.3, 0.5, 3.0), "first_species"))
+    assert "| ppo | 0.300 ✗ | 0.500 ✗ | 3.000 ✗ |" in bad
+
+
+def test_melody_targets_use_sequence_tutor_q_column():
+    row = {"table1/notes_not_in_key": 0.005, "table1/notes_excessively_repeated": 0.0, "table1/compositions_starting_with_tonic": 0.2,
+           "table1/leaps_resolved": 0.95, "table1/notes_in_motif": 0.8, "distinct/100": 95.0, "kl/prior": 1.0}
+    md = "\n".join(targets_section({"prior": {"rules/per_note": 1.0}, "psi": row}, "melody"))
+    cells = [c.strip() for c in md.strip().splitlines()[-1].split("|")[2:-1]]
+    assert [c.endswith("✓") for c in cells] == [True, True, False, True, True, True]

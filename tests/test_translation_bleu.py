@@ -1,0 +1,129 @@
+"""The batched sentence-BLEU reward equals sacrebleu's sentence_bleu to 1e-9, its fast 13a
+tokenizer equals sacrebleu's exactly, chrF equals sentence_chrf, and corpus BLEU carries
+sacrebleu's signature."""
+
+import random
+
+import numpy as np
+import pytest
+import sacrebleu
+from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+from tasks.translation.bleu import SentenceBLEU, SentenceCHRF, bleu_from_stats, corpus_bleu, tokenize_13a
+from tasks.translation.data import MULTI30K_ENV, load_split, resolve_data_dir
+
+# Hand-made cases for every branch of the formula: exact match, no match, too short for
+# 4-grams (effective order), zero-match orders (exp smoothing), brevity penalty, longer than
+# the reference, repeated n-grams (clipping), empty strings, punctuation and digits (13a).
+EDGE = [
+    ("Ein Hund rennt über die Wiese.", "Ein Hund rennt über die Wiese."),
+    ("Katze", "Ein Hund rennt."),
+    ("Ein Hund", "Ein Hund rennt über die Wiese."),
+    ("Hund Ein rennt die über Wiese", "Ein Hund rennt über die Wiese."),
+    ("der der der der der der", "der Mann und der Hund"),
+    ("Ein Hund rennt über die große grüne Wiese im Park am Abend.", "Ein Hund rennt."),
+    ("", "Ein Hund rennt."),
+    ("Ein Hund rennt.", ""),
+    ("", ""),
+    ("Zwei (2) Männer, 3-4 Frauen & \"Kinder\" ... 1,5 km.", "Zwei Männer, 3-4 Frauen & Kinder gehen 1,5 km."),
+    ("a", "a"),
+    ("a b", "a b c d e"),
+]
+
+
+def multi30k_dir():
+    d = resolve_data_dir(None)
+    if not (d / "val.de.gz").is_file():
+        pytest.skip(f"Multi30k not found in {d} (set {MULTI30K_ENV}); see docs/translation.md")
+    return d
+
+
+def perturbed(refs, seed):
+    """Real hypotheses: references with words dropped, repeated and swapped, or other sentences."""
+    rng = random.Random(seed)
+    out = []
+    for r in refs:
+        w = r.split()
+        if rng.random() < 0.2:
+            out.append(refs[rng.randrange(len(refs))])
+            continue
+        for _ in range(rng.randint(0, 5)):
+            if w and rng.random() < 0.4:
+                del w[rng.randrange(len(w))]
+            elif w:
+                w.insert(rng.randrange(len(w) + 1), rng.choice(w))
+        out.append(" ".join(w))
+    return out
+
+
+def expected(hyps, refs):
+    return np.array([sacrebleu.sentence_bleu(h, [r]).score for h, r in zip(hyps, refs)])
+
+
+def test_edge_cases_equal_sacrebleu():
+    hyps, refs = zip(*EDGE)
+    got = SentenceBLEU().scores(hyps, refs)
+    want = expected(hyps, refs)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+    assert want[0] == pytest.approx(100.0) and want[1] == 0.0 and 0 < want[2] < want[0]  # the cases exercise the range
+    np.testing.assert_allclose(SentenceBLEU().rewards(hyps, refs), want / 100, rtol=0, atol=1e-11)
+
+
+def test_multi30k_pairs_equal_sacrebleu_and_cache_is_transparent():
+    pairs, _ = load_split(multi30k_dir(), "val", "text", "en", "de")
+    refs = [p.tgt for p in pairs]
+    hyps = perturbed(refs, 0)
+    metric = SentenceBLEU()
+    metric.prepare(refs[:500])  # half the references cached beforehand, half computed on the fly
+    got = metric.scores(hyps, refs)
+    want = expected(hyps, refs)
+    assert np.abs(got - want).max() <= 1e-9
+    assert 0 < np.median(want) < 100 and (want == 0).any()
+    again = metric.scores(hyps, refs)  # every reference now cached: same scores
+    assert np.array_equal(again, got)
+
+
+def test_stats_formula_matches_sacrebleu_compute_bleu_on_random_statistics():
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(2000):
+        c = int(rng.integers(0, 30))
+        total = [max(c - n, 0) for n in range(4)]
+        correct = [int(rng.integers(0, t + 1)) if t else 0 for t in total]
+        rows.append([c, int(rng.integers(0, 30)), *correct, *total])
+    got = bleu_from_stats(np.array(rows))
+    want = [sacrebleu.BLEU.compute_bleu(r[2:6], r[6:], r[0], r[1], smooth_method="exp", effective_order=True).score for r in rows]
+    assert np.abs(got - np.array(want)).max() <= 1e-9
+
+
+def test_fast_13a_tokenizer_equals_sacrebleu():
+    rng = random.Random(0)
+    alphabet = "ab1209 .,-&;<>/'\"\n\t{}[]~`@:äß€quotamplgskipped  "
+    lines = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(15_000)]
+    lines += ["&quot;a&amp;b&lt;&gt;", "<skipped>x", "1-2", "a-\nb", "3.5,6 .7 8, x.y", "..,,--", ""]
+    ref = Tokenizer13a()
+    assert [tokenize_13a(x) for x in lines] == [ref(x) for x in lines]
+
+
+def test_fast_13a_tokenizer_equals_sacrebleu_on_multi30k():
+    d = multi30k_dir()
+    ref = Tokenizer13a()
+    pairs, _ = load_split(d, "train", "text", "en", "de")
+    text = [p.tgt for p in pairs[:15_000]] + [p.src for p in pairs[15_000:]]
+    assert [tokenize_13a(x) for x in text] == [ref(x) for x in text]
+
+
+def test_chrf_and_corpus_bleu_match_sacrebleu():
+    hyps, refs = zip(*EDGE[:6])
+    want = [sacrebleu.sentence_chrf(h, [r]).score for h, r in zip(hyps, refs)]
+    np.testing.assert_allclose(SentenceCHRF().scores(hyps, refs), want, rtol=0, atol=1e-9)
+    res = corpus_bleu(hyps, refs)
+    direct = sacrebleu.corpus_bleu(list(hyps), [list(refs)])
+    assert res.score == pytest.approx(direct.score, abs=1e-9)
+    assert res.ratio == pytest.approx(direct.sys_len / direct.ref_len)
+    assert res.signature.startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+
+
+def test_mismatched_lengths_are_refused():
+    with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
+        SentenceBLEU().scores(["a", "b"], ["a"])

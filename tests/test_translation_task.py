@@ -1,0 +1,248 @@
+"""The translation task: tokenizer round trip and save/load, the reward placed at the first
+<eos>, decoding that does not depend on batching, configs, and a tiny prior trained on a
+Multi30k slice that lowers the held-out loss and translates a file.
+
+The small synthetic corpus below is written here (tests never copy Multi30k); the prior
+tests read Multi30k from its folder and are skipped without it."""
+
+import math
+from pathlib import Path
+
+import pytest
+import sacrebleu
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from rlhf.config import apply_overrides, load_config, read_yaml
+from rlhf.errors import UserError
+from rlhf.models import ModelConfig, build_causal_lm, load_causal_lm
+from rlhf.pretrain import PretrainConfig, evaluate_lm, pretrain
+from rlhf.runs import Run
+from rlhf.tune import TuneConfig
+from tasks.translation.config import QUICK_OVERRIDES, TranslationConfig, check_positions
+from tasks.translation.data import MULTI30K_ENV, resolve_data_dir
+from tasks.translation.decode import generate, translate_file
+from tasks.translation.task import TranslationPrompt, TranslationTask
+from tasks.translation.tokenizer import TranslationCodec, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+NUM = [("One", "Ein"), ("Two", "Zwei"), ("Three", "Drei"), ("Four", "Vier")]
+NOUN = [("dog", "Hund"), ("man", "Mann"), ("child", "Kind"), ("woman", "Frau")]
+VERB = [("runs", "rennt"), ("sings", "singt"), ("sleeps", "schläft"), ("laughs", "lacht")]
+
+
+def synthetic_pairs() -> list[tuple[str, str]]:
+    """64 templated en-de sentence pairs: "Two dog runs ." -> "Zwei Hund rennt ."."""
+    return [(f"{a} {b} {c} .", f"{x} {y} {z} .") for a, x in NUM for b, y in NOUN for c, z in VERB]
+
+
+@pytest.fixture()
+def synthetic_task(tmp_path):
+    pairs = synthetic_pairs()
+    for split, chunk in (("train", pairs), ("val", pairs[:8])):
+        (tmp_path / f"{split}.en").write_text("".join(e + "\n" for e, _ in chunk), encoding="utf-8")
+        (tmp_path / f"{split}.de").write_text("".join(d + "\n" for _, d in chunk), encoding="utf-8")
+    cfg = TranslationConfig.model_validate({"data": {"dir": str(tmp_path), "test_split": None}, "tokenizer": {"vocab_size": 300, "min_frequency": 1}})
+    task = TranslationTask(cfg)
+    task.corpus(0, tokenizer_dir=tmp_path / "tok")
+    return task
+
+
+def test_tokenizer_round_trip_special_tokens_and_reload(tmp_path):
+    texts = [s for pair in synthetic_pairs() for s in pair] + ["Über 3,5 km & 10% \"Freude\" — naïve café !"]
+    tok = train_tokenizer(texts, "en", "de", vocab_size=400, min_frequency=1)
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    codec = TranslationCodec(tok, "en", "de")
+    for s in texts + ["unseen wörds ✓ 漢字", "Ein <eos> ist Text <de>"]:  # byte-level: anything round-trips
+        assert codec.decode(codec.encode_text(s)) == s
+    p, c = codec.encode_prompt("Two dog runs ."), codec.encode_target("Zwei Hund rennt .")
+    assert p[:2] == [codec.bos_id, codec.src_tag_id] and p[-1] == codec.tgt_tag_id and c[-1] == codec.eos_id
+    assert codec.eos_id not in codec.encode_text("Ein <eos> ist Text")  # literal text never becomes a special token
+    assert codec.decode(c + codec.encode_text("junk after eos")) == "Zwei Hund rennt ."
+    allowed = codec.allowed()
+    assert allowed[codec.eos_id] and not allowed[[codec.pad_id, codec.bos_id, codec.unk_id, codec.src_tag_id, codec.tgt_tag_id]].any()
+    codec.save(tmp_path / "m")
+    back = TranslationCodec.load(tmp_path / "m")
+    assert (back.src_lang, back.tgt_lang, back.eos_id) == ("en", "de", codec.eos_id)
+    assert back.encode_prompt("Four child sleeps .") == codec.encode_prompt("Four child sleeps .")
+    # same text, same tokenizer: what makes `--resume` (which retrains or reloads it) safe
+    again = train_tokenizer(texts, "en", "de", vocab_size=400, min_frequency=1)
+    assert again.get_vocab() == tok.get_vocab()
+
+
+def test_loading_a_non_translation_tokenizer_is_a_user_error(tmp_path):
+    from tasks.counterpoint.tokens import build_codec
+
+    build_codec("melody").save(tmp_path / "cp")
+    with pytest.raises(UserError, match="not a translation tokenizer"):
+        TranslationCodec.load(tmp_path / "cp")
+
+
+def test_task_corpus_examples_and_prompts(synthetic_task, tmp_path):
+    task = synthetic_task
+    train, val = task.corpus(0)
+    assert len(train) == 64 and len(val) == 8
+    prompt_ids, completion_ids = task.examples(train[:1])[0]
+    assert task.codec.decode(completion_ids) == train[0].tgt and completion_ids[-1] == task.eos_id
+    prompts = task.train_prompts()
+    src_len = len(prompts[0].ids) - 3
+    assert prompts[0].n_new == min(64, math.ceil(1.5 * src_len) + 5)
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()  # saved for --resume
+    reloaded = TranslationTask(task.cfg)
+    reloaded.corpus(0, tokenizer_dir=tmp_path / "tok")
+    assert reloaded.codec.tokenizer.get_vocab() == task.codec.tokenizer.get_vocab()
+    stats = task.data_stats(train, val)
+    assert stats["train"]["examples"] == 64 and stats["train"]["skipped"]["too long"] == 0
+
+
+def test_step_rewards_sit_at_the_first_eos_or_the_budgets_last_token(synthetic_task):
+    task = synthetic_task
+    c, eos, pad = task.codec, task.eos_id, task.codec.pad_id
+    ref = "Zwei Hund rennt ."
+    good = c.encode_text(ref)
+    half = c.encode_text("Zwei Hund")
+    other = c.encode_text("Vier Frau lacht .")
+    T = 12
+    rows = [
+        good + [eos],  # ends: reward at the <eos>
+        half + [eos] + good + [eos],  # the first <eos> ends it
+        other * 4,  # never ends within the budget: reward at its last token
+        other + [eos],  # budget len(other): the <eos> after it lies outside this row's sample
+    ]
+    rows = [(r + [pad] * T)[:T] for r in rows]
+    budgets = [T, T, T, len(other)]
+    prompts = [TranslationPrompt(c.encode_prompt("Two dog runs ."), n, "Two dog runs .", ref) for n in budgets]
+    r = task.step_rewards(prompts, torch.tensor(rows))
+    assert r.shape == (4, T)
+    ends = [len(good), len(half), T - 1, len(other) - 1]
+    hyps = ["Zwei Hund rennt .", "Zwei Hund", c.decode(rows[2]), c.decode(rows[3][: len(other)])]
+    for i, (end, hyp) in enumerate(zip(ends, hyps)):
+        assert torch.count_nonzero(r[i]) == 1 and r[i, end] > 0, i
+        assert r[i, end].item() == pytest.approx(sacrebleu.sentence_bleu(hyp, [ref]).score / 100, abs=1e-6)
+    assert r[0, ends[0]].item() == pytest.approx(1.0)
+    assert r[1, ends[1]] < r[0, ends[0]]
+
+
+def test_configs_load_and_fit_the_model():
+    for name, overrides in (("translation.yaml", ()), ("translation-quick.yaml", ()), ("translation.yaml", QUICK_OVERRIDES)):
+        data, _ = read_yaml(REPO / "configs" / name)
+        apply_overrides(data, overrides)
+        task = TranslationConfig.model_validate(data["task"])
+        model = ModelConfig.model_validate(data["model"])
+        PretrainConfig.model_validate(data["pretrain"])
+        TuneConfig.model_validate(data["tune"])
+        check_positions(task, model.max_positions)
+    with pytest.raises(ValueError, match="model.max_positions"):
+        check_positions(TranslationConfig(), 64)
+    with pytest.raises(UserError, match="src_lang and data.tgt_lang are both 'de'"):
+        load_config(TranslationConfig, None, ["data.src_lang=de"])
+
+
+# ----- a tiny prior on a Multi30k slice -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_prior(tmp_path_factory):
+    d = resolve_data_dir(None)
+    if not (d / "train.en.gz").is_file():
+        pytest.skip(f"Multi30k not found in {d} (set {MULTI30K_ENV}); see docs/translation.md")
+    root = tmp_path_factory.mktemp("prior")
+    cfg = TranslationConfig.model_validate({"data": {"max_train_pairs": 1500, "max_eval_pairs": 60}, "tokenizer": {"vocab_size": 800},
+                                            "eval": {"beam": 2, "examples": 3}})
+    task = TranslationTask(cfg)
+    train, val = task.corpus(0, tokenizer_dir=root / "tokenizer")
+    torch.manual_seed(0)
+    model = build_causal_lm(ModelConfig(n_layer=2, n_embd=64, n_head=2, max_positions=128), task.tokenizer)
+    val_ex = task.examples(val)
+    before = evaluate_lm(model, val_ex, task.codec.pad_id, torch.device("cpu"))["loss/val"]
+    run = Run(root / "run")
+    pcfg = PretrainConfig(steps=80, batch_size=32, lr=3e-3, warmup_steps=8, eval_every=40, checkpoint_every=100)
+    final = pretrain(run, pcfg, model, task.tokenizer, task.examples(train), val_ex, seed=0, progress=False)
+    task.codec.save(final)
+    after = evaluate_lm(load_causal_lm(final), val_ex, task.codec.pad_id, torch.device("cpu"))["loss/val"]
+    return task, final, before, after
+
+
+def test_tiny_prior_lowers_the_validation_loss(tiny_prior):
+    task, final, before, after = tiny_prior
+    assert before > math.log(len(task.codec)) - 0.5  # untrained: about uniform over the vocabulary
+    assert after < before - 1.5, (before, after)
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+
+
+def _logprobs(model, prompt, completion, allowed):
+    """[T, V] log-probabilities before each completion token, one unpadded sentence."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : len(prompt) + len(completion) - 1]
+    return torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+
+
+def test_batched_decoding_matches_one_sentence_at_a_time(tiny_prior):
+    """Left-padded batches decode as each sentence would alone: greedy picks the unpadded
+    argmax at every step and beam search finds an equally good beam (exact ties between
+    near-equal logits may break either way and change the rest of a beam, so beam scores are
+    compared, not token lists)."""
+    task, final, _, _ = tiny_prior
+    model = load_causal_lm(final).eval()
+    prompts = [task.prompt(p) for p in task.split("val")[:6]]
+    ids, n_new = [p.ids for p in prompts], [p.n_new for p in prompts]
+    assert len({len(i) for i in ids}) > 1  # mixed lengths, so the batch is padded
+    suppress = torch.nonzero(~task.allowed).flatten().tolist()
+    kw = dict(eos_id=task.eos_id, pad_id=task.codec.pad_id, suppress=suppress)
+    greedy = generate(model, ids, n_new, beam=1, batch_size=6, **kw)
+    for p, c, n in zip(ids, greedy, n_new):
+        assert 0 < len(c) <= n
+        lp = _logprobs(model, p, c, task.allowed)
+        chosen = lp.gather(1, torch.tensor(c)[:, None]).squeeze(1)
+        assert torch.all(chosen >= lp.max(-1).values - 1e-3), (c, lp.argmax(-1).tolist())
+    beams = generate(model, ids, n_new, beam=2, batch_size=6, **kw)
+    alone = [generate(model, [i], [n], beam=2, **kw)[0] for i, n in zip(ids, n_new)]
+    score = lambda p, c: float(_logprobs(model, p, c, task.allowed).gather(1, torch.tensor(c)[:, None]).sum()) / len(c)  # noqa: E731
+    for p, b, a in zip(ids, beams, alone):  # wrong positions under padding cost far more than 0.01 nats/token
+        assert b == a or abs(score(p, b) - score(p, a)) < 1e-2
+
+
+def test_evaluate_reports_bleu_ratio_and_zero_kl_for_the_prior(tiny_prior):
+    task, final, _, _ = tiny_prior
+    model = load_causal_lm(final)
+    ev = task.evaluate({"prior": model}, model, seed=0)
+    assert set(ev["splits"]) == {"val", "test"}
+    row = ev["splits"]["test"]["rows"]["prior"]
+    assert 0 <= row["bleu"] <= 100 and row["ratio"] > 0 and "bleu/beam" in row
+    assert abs(row["kl/prior"]) < 1e-5
+    assert ev["signature"].startswith("nrefs:1|") and len(ev["examples"]) == 3
+    from tasks.translation.report import write_report
+
+    run_dir = final.parent.parent
+    report = write_report(run_dir, ev, task.data_stats(*task.corpus(0)))
+    text = report.read_text()
+    assert "BLEU greedy" in text and "## Examples" in text and "prior_loss.png" in text
+
+
+def test_translate_file_keeps_line_alignment(tiny_prior, tmp_path):
+    task, final, _, _ = tiny_prior
+    src = [p.src for p in task.split("test")[:4]]
+    inp = tmp_path / "in.en"
+    inp.write_text(f"{src[0]}\n\n{src[1]}\n{src[2]}\n", encoding="utf-8")
+    n = translate_file(final, inp, tmp_path / "out.de", beam=2, batch_size=2)
+    out = (tmp_path / "out.de").read_text(encoding="utf-8").split("\n")
+    assert n == 4 and len(out) == 5 and out[-1] == "" and out[1] == ""
+    assert all(out[i] for i in (0, 2, 3))
+    with pytest.raises(UserError, match="--beam must be at least 1"):
+        translate_file(final, inp, tmp_path / "x", beam=0)
+
+
+def test_tuner_accepts_the_task(tiny_prior, tmp_path):
+    """The RL core runs on the task: rollouts, BLEU rewards, update, tokenizer saved with the policy."""
+    from rlhf.runs import read_metrics
+    from rlhf.tune import tune
+
+    task, final, _, _ = tiny_prior
+    task.cfg.rl_prompts = 64
+    task._train_prompts = None
+    cfg = TuneConfig.model_validate({"algorithm": "rloo", "steps": 2, "batch_size": 8, "checkpoint_every": 10, "rloo": {"k": 4}})
+    out = tune(Run(tmp_path / "rl"), cfg, task, final, seed=0, progress=False)
+    rows = read_metrics(tmp_path / "rl" / "metrics.jsonl", "tune-rloo")
+    assert len(rows) == 2 and all(0 <= r["reward/task"] <= 1 for r in rows)
+    assert TranslationCodec.load(out).tgt_lang == "de"
