@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +19,7 @@ from rlhf.models import ModelConfig, build_causal_lm, count_parameters, load_cau
 from rlhf.pretrain import PretrainConfig, pretrain
 from rlhf.algorithms.common import Algorithm
 from rlhf.tune import TuneConfig, tune
-from rlhf.runs import Run, atomic_write_text
+from rlhf.runs import Run, atomic_write_text, open_run
 from rlhf.trainer import seed_everything
 from tasks.counterpoint.config import CounterpointConfig
 from tasks.translation.config import QUICK_OVERRIDES as TRANSLATION_QUICK, TranslationConfig, check_positions
@@ -103,18 +102,6 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
     if name not in RUN_CONFIGS:
         raise UserError(f"{path or 'config'}: task.name: unknown task {name!r}; use one of {', '.join(RUN_CONFIGS)}.")
     return load_config(RUN_CONFIGS[name], path, overrides)
-
-
-def open_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> Run:
-    root = Path(cfg.run_dir)
-    if root.exists() and any(root.iterdir()) and not resume:
-        if not overwrite:
-            raise UserError(f"{root}: run folder already exists. Pass --resume to continue it, --overwrite to start afresh, or run_dir=<new folder>.")
-        shutil.rmtree(root)
-    run = Run(root)
-    run.attach_log()
-    run.write_config(cfg)
-    return run
 
 
 def make_task(cfg: RunConfig):

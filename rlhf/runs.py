@@ -25,6 +25,7 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from rlhf.config import dump_config
+from rlhf.errors import UserError
 
 log = logging.getLogger("rlhf")
 
@@ -150,3 +151,17 @@ def prune_checkpoints(stage_dir: Path, keep: int) -> None:
     steps = sorted((int(m.group(1)), p) for p in stage_dir.iterdir() if (m := _STEP_DIR.match(p.name)))
     for _, p in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def open_run(cfg: BaseModel, *, resume: bool, overwrite: bool) -> Run:
+    """The run folder ``cfg.run_dir``, refusing to mix two runs: an existing non-empty folder
+    needs ``resume`` (continue it) or ``overwrite`` (delete it first). Writes the resolved config."""
+    root = Path(cfg.run_dir)  # type: ignore[attr-defined]
+    if root.exists() and any(root.iterdir()) and not resume:
+        if not overwrite:
+            raise UserError(f"{root}: run folder already exists. Pass --resume to continue it, --overwrite to start afresh, or run_dir=<new folder>.")
+        shutil.rmtree(root)
+    run = Run(root)
+    run.attach_log()
+    run.write_config(cfg)
+    return run

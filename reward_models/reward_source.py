@@ -1,0 +1,175 @@
+"""A trained reward model as the reward of RL fine-tuning (``rlhf tune``).
+
+:class:`RewardSource` wraps a BT or VPL model (plus, for VPL, a rater's context → z) and
+exposes ``step_rewards(prompts, tokens [B, T]) -> [B, T]``, the protocol of
+``CounterpointTask.step_rewards``: the sequence's reward sits on its last generated token
+(column ``n_new − 1``), every other step gets 0, so the KL shaping of the tuner applies unchanged
+(an end-of-sequence reward, as in Ziegler et al. 2019 and Ouyang et al. 2022).
+
+The scored sequence is ``prompt ids + the n_new generated ids + <eos>``, which is exactly how
+the training pairs were tokenized (``prompt + response``, eos appended as TRL does).
+
+Scaling (``scale``):
+
+* ``raw`` -- r(x) (BT) or r(x, z) (VPL).
+* ``win_prob`` -- s(x) = (1/M) Σ_m σ(r(x, z) − r(y_m, z)) over reference samples y_m of the same
+  prompt (default: all references): the expected probability of beating the reference set under
+  that rater's model, in [0, 1] for every rater (Poddar et al. 2024, sec. 4.3).
+
+:class:`LearnedRewardTask` puts a source in front of a task object: every attribute is the
+task's except ``step_rewards``, so ``rlhf.tune.Tuner(run, cfg, LearnedRewardTask(task, source), ...)``
+tunes against the learned reward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from reward_models.backbone import PairTensors, load_reward_model, pad_sequences
+from reward_models.data import Preference, comparable, encode_pairs
+from reward_models.vpl import VPLRewardModel, win_probability
+from rlhf.errors import UserError
+
+Scale = Literal["raw", "win_prob"]
+
+
+def context_records(records: Sequence[Preference], *, rater_id: str | None = None, group: str | None = None,
+                    n: int = 8, seed: int = 0) -> list[Preference]:
+    """Up to ``n`` labelled pairs (no ties) of one rater, or drawn across one rater group, to
+    infer a VPL z from (seeded random choice)."""
+    recs = [r for r in comparable(records) if (rater_id is None or r.rater_id == rater_id) and (group is None or r.rater_group == group)]
+    if not recs:
+        raise UserError(f"no labelled pairs for rater_id={rater_id!r} group={group!r}; check the ids against the data (rater_id / rater_group columns).")
+    idx = np.random.default_rng(seed).permutation(len(recs))[:n]
+    return [recs[i] for i in sorted(idx)]
+
+
+class RewardSource:
+    """Scores generated sequences with a trained reward model (see module docstring)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, z: torch.Tensor | None = None,
+                 scale: Scale = "raw", reference: Sequence[Sequence[int]] | Mapping[tuple[int, ...], Sequence[Sequence[int]]] | None = None,
+                 batch_size: int = 256):
+        if scale not in ("raw", "win_prob"):
+            raise UserError(f"reward scale {scale!r}: use raw or win_prob.")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.is_vpl = isinstance(model, VPLRewardModel)
+        if z is not None and not self.is_vpl:
+            raise UserError("a rater latent z only applies to a VPL reward model; this one is Bradley-Terry.")
+        self.device = next(model.parameters()).device
+        self.z = (torch.as_tensor(z, dtype=torch.float32) if z is not None else torch.zeros(model.latent_dim) if self.is_vpl else None)
+        if self.z is not None:
+            self.z = self.z.to(self.device)
+        self.scale = scale
+        self.batch_size = batch_size
+        self.eos_id = tokenizer.eos_token_id
+        self._ref: dict[tuple[int, ...], torch.Tensor] = {}
+        self._ref_all: torch.Tensor | None = None
+        if reference is not None:
+            self.set_reference(reference)
+        elif scale == "win_prob":
+            raise UserError("scale win_prob needs reference samples (e.g. prior samples per prompt): pass reference=... or use scale raw.")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, context: Sequence[Preference] | None = None, z: torch.Tensor | None = None,
+                        **kw: Any) -> "RewardSource":
+        """Load a reward model folder (``runs/<run>/models/reward-bt`` or ``reward-vpl``) with its
+        tokenizer; for VPL, z = μ(context) of a rater's labelled pairs (none: z = 0)."""
+        model = load_reward_model(path)
+        tok = AutoTokenizer.from_pretrained(str(path))
+        if context is not None:
+            if not isinstance(model, VPLRewardModel):
+                raise UserError(f"{path}: rater context applies to a VPL reward model; this one is Bradley-Terry (drop the context).")
+            c, r = encode_pairs(comparable(context), tok)
+            z = model.infer_z(PairTensors.build(c, r, tok.pad_token_id))
+        return cls(model, tok, z=z, **kw)
+
+    # ----- scoring --------------------------------------------------------------------------
+    @torch.no_grad()
+    def raw_rewards(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """[N] r(x) or r(x, z) of token-id sequences (each already ending with eos)."""
+        out = []
+        for i in range(0, len(sequences), self.batch_size):
+            ids, lens = pad_sequences(sequences[i : i + self.batch_size], self.tokenizer.pad_token_id)
+            mask = (torch.arange(ids.shape[1])[None, :] < lens[:, None]).long()
+            kw = {"z": self.z} if self.is_vpl else {}
+            out.append(self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw).logits.squeeze(-1).float())
+        return torch.cat(out) if out else torch.zeros(0, device=self.device)
+
+    def set_reference(self, reference: Sequence[Sequence[int]] | Mapping[tuple[int, ...], Sequence[Sequence[int]]]) -> None:
+        """Reference sequences for ``win_prob``: a list, or a mapping prompt ids → sequences."""
+        if isinstance(reference, Mapping):
+            self._ref = {tuple(k): self.raw_rewards([self._with_eos(s) for s in v]) for k, v in reference.items() if len(v)}
+            self._ref_all = torch.cat(list(self._ref.values())) if self._ref else None
+        else:
+            self._ref = {}
+            self._ref_all = self.raw_rewards([self._with_eos(s) for s in reference])
+        if self._ref_all is None or not len(self._ref_all):
+            raise UserError("the reference set for win_prob scaling is empty; give at least one sequence.")
+
+    def _with_eos(self, seq: Sequence[int]) -> list[int]:
+        seq = [int(t) for t in seq]
+        return seq if seq and seq[-1] == self.eos_id else seq + [self.eos_id]
+
+    def sequence_rewards(self, sequences: Sequence[Sequence[int]], prompt_keys: Sequence[tuple[int, ...]] | None = None) -> torch.Tensor:
+        """[N] rewards of full sequences (prompt + completion), scaled per ``scale``."""
+        seqs = [self._with_eos(s) for s in sequences]
+        r = self.raw_rewards(seqs)
+        if self.scale == "raw":
+            return r
+        out = torch.empty_like(r)
+        for i in range(len(seqs)):
+            ref = self._ref.get(prompt_keys[i], self._ref_all) if prompt_keys is not None else self._ref_all
+            out[i] = win_probability(r[i : i + 1], ref)[0]
+        return out
+
+    def step_rewards(self, prompts: Sequence[Any], tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] float: the sequence reward at column ``n_new − 1`` of each row, 0 elsewhere.
+        ``prompts`` have ``ids`` and ``n_new`` (``tasks.counterpoint.task.Prompt``)."""
+        toks = tokens.tolist()
+        seqs, cols = [], []
+        for p, t in zip(prompts, toks):
+            n = min(int(p.n_new), len(t))
+            seqs.append(list(p.ids) + t[:n])
+            cols.append(n - 1)
+        r = self.sequence_rewards(seqs, [tuple(p.ids) for p in prompts])
+        out = torch.zeros(tokens.shape, dtype=torch.float32)
+        rows = torch.arange(len(cols))
+        out[rows, torch.tensor(cols).clamp(min=0)] = r.float().cpu()
+        return out.to(tokens.device)
+
+
+def prior_reference(task: Any, prior: PreTrainedModel, per_prompt: int = 8, seed: int = 0, temperature: float = 1.0) -> dict[tuple[int, ...], list[list[int]]]:
+    """Reference sets for ``win_prob``: ``per_prompt`` samples of the prior for each training
+    prompt of ``task`` (prompt ids → full sequences)."""
+    prompts = task.train_prompts()
+    rep, comps = task.sample(prior, prompts, per_prompt, temperature=temperature, seed=seed)
+    out: dict[tuple[int, ...], list[list[int]]] = {}
+    for p, c in zip(rep, comps):
+        out.setdefault(tuple(p.ids), []).append(list(p.ids) + list(c)[: p.n_new])
+    return out
+
+
+class LearnedRewardTask:
+    """A task whose reward is a :class:`RewardSource`; every other attribute is the wrapped
+    task's (tokenizer, allowed, train_prompts, sample, codec, evaluate, ...)."""
+
+    def __init__(self, task: Any, source: RewardSource):
+        if source.tokenizer.get_vocab() != task.tokenizer.get_vocab():
+            raise UserError("the reward model's tokenizer differs from the task's; train the reward model with data.tokenizer matching the task (e.g. first_species).")
+        self._task = task
+        self.source = source
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_task":  # not yet set (e.g. during unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._task, name)
+
+    def step_rewards(self, prompts: Sequence[Any], tokens: torch.Tensor) -> torch.Tensor:
+        return self.source.step_rewards(prompts, tokens)

@@ -1,0 +1,220 @@
+"""Reward models train and plug in: our BT loss equals TRL's RewardTrainer loss on the same
+batch, BT learns a known reward, VPL beats BT on a divergent (Pets-style) set through the CLI
+entry points, models round-trip through save_pretrained, and the RL reward source follows the
+task's step_rewards protocol."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from reward_models.backbone import PairTensors, build_backbone, build_reward_model, load_reward_model
+from reward_models.bradley_terry import BTConfig, bt_loss, pair_rewards, pair_tensors, score_pairs, train_bt
+from reward_models.data import Preference, build_word_tokenizer, to_hf_dataset
+from reward_models.reward_source import LearnedRewardTask, RewardSource, context_records
+from reward_models.vpl import build_vpl
+from rlhf.errors import UserError
+from rlhf.models import ModelConfig
+from rlhf.runs import Run, read_metrics
+from tasks.counterpoint.config import CounterpointConfig
+from tasks.counterpoint.task import CounterpointTask
+from tasks.counterpoint.tokens import build_codec
+
+TINY = ModelConfig(n_layer=1, n_embd=32, n_head=2, dropout=0.0, max_positions=48)
+
+
+def music_records(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        cf = [int(x) for x in 55 + rng.integers(-3, 4, size=6)]
+        prompt = "<bos> <cf_below> " + " ".join(f"cf_{m}" for m in cf) + " <sep>"
+        a, b = ([" " + " ".join(f"iv_+{int(x)}" for x in rng.choice([3, 4, 7, 8, 9, 12], size=6)) + " <eos>" for _ in range(2)])
+        if a != b:
+            out.append(Preference(prompt, a, b, margin=float(rng.random()), rater_id=f"r{i % 3}", pair_id=str(i)))
+    return out
+
+
+def test_bt_loss_equals_trl_reward_trainer_loss(tmp_path):
+    from trl import RewardConfig, RewardTrainer
+
+    tok = build_codec("first_species").tokenizer
+    recs = music_records(6)
+    torch.manual_seed(0)
+    model = build_reward_model(TINY, tok)
+    ds = to_hf_dataset(recs).select_columns(["prompt", "chosen", "rejected", "margin"])
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, center_rewards_coefficient=0.01,
+                        per_device_train_batch_size=len(recs), disable_dropout=True, dataloader_num_workers=0)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(recs))])
+    model.eval()
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(model, dict(batch))
+        ours = pair_tensors(recs, tok)
+        b = ours.batch(range(len(recs)))
+        assert torch.equal(b["input_ids"], batch["input_ids"]) and torch.equal(b["attention_mask"], batch["attention_mask"])
+        rc, rr = pair_rewards(model, b)
+        loss = bt_loss(rc, rr, b["margin"], 0.01)
+        # the training path runs each distinct sequence once: same loss
+        rc2, rr2 = pair_rewards(model, *ours.unique_batch(range(len(recs))))
+        loss2 = bt_loss(rc2, rr2, b["margin"], 0.01)
+    torch.testing.assert_close(loss, trl_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss2, trl_loss, rtol=1e-6, atol=1e-6)
+
+
+def known_reward_data(n, seed):
+    """Sentences of 6 words from w0..w7 with true reward #w0 + #w1 − #w2 − #w3; pairs labelled by it."""
+    rng = np.random.default_rng(seed)
+    sents = [" ".join(f"w{k}" for k in rng.integers(0, 8, size=6)) for _ in range(3 * n)]
+
+    def true_r(s):
+        w = s.split()
+        return w.count("w0") + w.count("w1") - w.count("w2") - w.count("w3")
+
+    recs = []
+    for i in range(n):
+        a, b = sents[2 * i], sents[2 * i + 1]
+        if true_r(a) != true_r(b):
+            recs.append(Preference("", a, b) if true_r(a) > true_r(b) else Preference("", b, a))
+    return recs, sents, true_r
+
+
+def test_bt_learns_a_known_reward(tmp_path):
+    train, sents, true_r = known_reward_data(700, 0)
+    val, _, _ = known_reward_data(200, 1)
+    tok = build_word_tokenizer(sents)
+    torch.manual_seed(0)
+    model = build_reward_model(TINY, tok)
+    cfg = BTConfig(steps=250, batch_size=32, lr=3e-3, warmup_steps=10, eval_every=125, checkpoint_every=125)
+    run = Run(tmp_path / "bt")
+    final = train_bt(run, cfg, model, tok, train, val, seed=0, progress=False)
+    rows = [r for r in read_metrics(run.root / "metrics.jsonl") if "acc/val" in r]
+    assert rows[-1]["acc/val"] >= 0.9, rows
+    # the learned reward ranks unseen sentences like the true one
+    loaded = load_reward_model(final)
+    test = [" ".join(f"w{k}" for k in np.random.default_rng(5).integers(0, 8, size=6)) for _ in range(200)]
+    src = RewardSource(loaded, tok)
+    r = src.sequence_rewards(tok(test)["input_ids"]).numpy()
+    truth = np.array([true_r(s) for s in test])
+    rank = lambda x: np.argsort(np.argsort(x))
+    assert np.corrcoef(rank(r), rank(truth))[0, 1] > 0.85
+    assert (final / "tokenizer.json").is_file() and (run.checkpoints / "reward-bt" / "step-000250").is_dir()
+
+
+@pytest.fixture(scope="module")
+def pets_run(tmp_path_factory):
+    """simulate_main + train_reward_main on the Pets config, small: BT then VPL (from BT's backbone)."""
+    from reward_models.cli import simulate_main, train_reward_main
+
+    root = tmp_path_factory.mktemp("pets")
+    data = root / "pets.jsonl"
+    over = [f"data.path={data}", f"run_dir={root / 'run'}", "progress=false", "simulate.raters=50", "simulate.pairs_per_rater=24",
+            "bt.steps=150", "bt.eval_every=150", "vpl.steps=450", "vpl.eval_every=150", "vpl.checkpoint_every=225"]
+    assert simulate_main("configs/reward-pets.yaml", over) == data
+    run_dir = train_reward_main("configs/reward-pets.yaml", over)
+    return run_dir, over
+
+
+def test_vpl_beats_bt_on_divergent_raters(pets_run):
+    run_dir, _ = pets_run
+    ev = json.loads((run_dir / "eval.json").read_text())
+    bt, vpl = ev["methods"]["bt"], ev["methods"]["vpl"]["by_context"]
+    ceiling = ev["ceilings"]["bt_ceiling_disputed"]
+    assert bt["by_kind"]["disputed"] <= ceiling + 0.05  # BT cannot serve both groups
+    assert vpl["8"]["by_kind"]["disputed"] >= 0.85 and vpl["8"]["by_kind"]["disputed"] >= bt["by_kind"]["disputed"] + 0.15, (bt, vpl["8"])
+    assert vpl["8"]["by_kind"]["agreed"] >= 0.95 and bt["by_kind"]["agreed"] >= 0.95
+    assert vpl["8"]["active_units"] >= 1 and vpl["0"]["active_units"] == 0
+    report = (run_dir / "report.md").read_text()
+    assert "BT ceiling on disputed pairs" in report and (run_dir / "plots" / "accuracy_vs_context.png").is_file()
+    kl = [r["vpl/kl"] for r in read_metrics(run_dir / "metrics.jsonl", "reward-vpl")]
+    assert len(kl) == 450
+
+
+def test_train_reward_run_folder_resume_and_errors(pets_run, tmp_path):
+    from reward_models.cli import simulate_main, train_reward_main
+
+    run_dir, over = pets_run
+    with pytest.raises(UserError, match="already exists"):
+        train_reward_main("configs/reward-pets.yaml", over)
+    assert train_reward_main("configs/reward-pets.yaml", over, resume=True) == run_dir  # both stages done: evaluation only
+    assert (run_dir / "data" / "train.jsonl").is_file() and (run_dir / "models" / "reward-vpl" / "config.json").is_file()
+    with pytest.raises(UserError, match="vpl.beta"):
+        train_reward_main("configs/reward-pets.yaml", [*over, "vpl.beta=-1"])
+    with pytest.raises(UserError, match="preference file not found"):
+        train_reward_main("configs/reward-pets.yaml", [f"data.path={tmp_path / 'none.jsonl'}"])
+    with pytest.raises(UserError, match="no `simulate:` section"):
+        simulate_main("configs/reward-pets.yaml", ["simulate=null"])
+
+
+def test_vpl_roundtrip_and_context(pets_run):
+    run_dir, _ = pets_run
+    from reward_models.data import load_preferences
+
+    test = load_preferences(run_dir / "data" / "test.jsonl")
+    a = RewardSource.from_pretrained(run_dir / "models" / "reward-vpl", context=context_records(test, group="A", n=8))
+    b = RewardSource.from_pretrained(run_dir / "models" / "reward-vpl", context=context_records(test, group="B", n=8))
+    none = RewardSource.from_pretrained(run_dir / "models" / "reward-vpl")
+    assert torch.count_nonzero(none.z) == 0 and not torch.allclose(a.z, b.z)
+    seqs = a.tokenizer(["which pet should i get ? you should get a calm dog , it is fun .",
+                        "which pet should i get ? you should get a calm cat , it is fun ."])["input_ids"]
+    ra, rb = a.sequence_rewards(seqs), b.sequence_rewards(seqs)
+    assert ra[0] > ra[1] and rb[1] > rb[0]  # group A's z prefers the dog, group B's the cat
+    with pytest.raises(UserError, match="Bradley-Terry"):
+        RewardSource.from_pretrained(run_dir / "models" / "reward-bt", context=test[:2])
+
+
+def test_reward_source_follows_the_step_rewards_protocol():
+    task = CounterpointTask(CounterpointConfig())
+    tok = task.tokenizer
+    torch.manual_seed(0)
+    bt = build_reward_model(TINY, tok).eval()
+    prompts = task.train_prompts()[:3]
+    g = torch.Generator().manual_seed(0)
+    T = max(p.n_new for p in prompts)
+    ids = torch.tensor(task.codec.completion_token_ids)
+    tokens = ids[torch.randint(len(ids), (3, T), generator=g)]
+    src = RewardSource(bt, tok)
+    out = src.step_rewards(prompts, tokens)
+    assert out.shape == tokens.shape
+    for i, p in enumerate(prompts):
+        seq = torch.tensor([list(p.ids) + tokens[i, : p.n_new].tolist() + [tok.eos_token_id]])
+        expect = bt(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, 0]
+        assert out[i, p.n_new - 1].item() == pytest.approx(expect.item(), abs=1e-5)
+        assert torch.count_nonzero(out[i]) == 1
+    # win-probability scaling against reference samples: in (0, 1), same protocol
+    ref = {tuple(p.ids): [list(p.ids) + tokens[(i + 1) % 3, : p.n_new].tolist()] for i, p in enumerate(prompts)}
+    scaled = RewardSource(bt, tok, scale="win_prob", reference=ref).step_rewards(prompts, tokens)
+    vals = scaled[torch.arange(3), torch.tensor([p.n_new - 1 for p in prompts])]
+    assert ((vals > 0) & (vals < 1)).all()
+    # a VPL model with z; the wrapper task delegates everything but step_rewards
+    vpl = build_vpl(build_backbone(TINY, tok), 4, 16, 16, "attention").eval()
+    z = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    wrapped = LearnedRewardTask(task, RewardSource(vpl, tok, z=z))
+    assert wrapped.allowed is task.allowed and wrapped.train_prompts()[0] == task.train_prompts()[0] and wrapped.codec is task.codec
+    r = wrapped.step_rewards(prompts, tokens)
+    seq = torch.tensor([list(prompts[0].ids) + tokens[0, : prompts[0].n_new].tolist() + [tok.eos_token_id]])
+    assert r[0, prompts[0].n_new - 1].item() == pytest.approx(vpl(input_ids=seq, z=z).logits[0, 0].item(), abs=1e-5)
+    with pytest.raises(UserError, match="tokenizer differs"):
+        LearnedRewardTask(CounterpointTask(CounterpointConfig(mode="melody")), src)
+    with pytest.raises(UserError, match="needs reference"):
+        RewardSource(bt, tok, scale="win_prob")
+
+
+def test_vpl_save_load_roundtrip(tmp_path):
+    tok = build_codec("first_species").tokenizer
+    torch.manual_seed(0)
+    vpl = build_vpl(build_backbone(TINY, tok), 4, 16, 16, "mean").eval()
+    recs = music_records(5)
+    pairs = pair_tensors(recs, tok)
+    z = vpl.infer_z(pairs)
+    vpl.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    back = load_reward_model(tmp_path / "m")
+    torch.testing.assert_close(back.infer_z(pairs), z)
+    b = pairs.batch(range(len(pairs)))
+    torch.testing.assert_close(back(**b, z=z).logits, vpl(**b, z=z).logits)
+    assert torch.count_nonzero(vpl.infer_z(None)) == 0
+    assert np.all(np.isfinite(score_pairs(back, pairs)))
+    # the same tensors whether or not sequences repeat across pairs
+    assert isinstance(PairTensors.build([[1, 2]], [[1, 3]], 0), PairTensors)
