@@ -112,7 +112,15 @@ def pets_run(tmp_path_factory):
     over = [f"data.path={data}", f"run_dir={root / 'run'}", "progress=false", "simulate.raters=50", "simulate.pairs_per_rater=24",
             "bt.steps=150", "bt.eval_every=150", "vpl.steps=450", "vpl.eval_every=150", "vpl.checkpoint_every=225"]
     assert simulate_main("configs/reward-pets.yaml", over) == data
-    run_dir = train_reward_main("configs/reward-pets.yaml", over)
+    # One thread: VPL's use of z appears as a phase change a few hundred steps in, and its
+    # timing depends on float summation order, which the thread count changes. Pinned so the
+    # result is the same on every machine; the brittleness itself is a known open problem.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_dir = train_reward_main("configs/reward-pets.yaml", over)
+    finally:
+        torch.set_num_threads(threads)
     return run_dir, over
 
 
