@@ -21,3 +21,4 @@ bench: setup
 	$(VENV)/bin/python benchmarks/rule_rewards.py
 	$(VENV)/bin/python benchmarks/rl_throughput.py
 	$(VENV)/bin/python benchmarks/bleu_reward.py
+	$(VENV)/bin/python benchmarks/reward_training.py
