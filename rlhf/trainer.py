@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -127,6 +128,7 @@ class TrainLoop:
         bar = tqdm(
             total=self.total_steps, initial=self.step, desc=self.stage, unit="step",
             disable=not (self.progress and self.accelerator.is_main_process), dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line per 30 s, not per step
         )
         try:
             while self.step < self.total_steps:
