@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -106,7 +106,31 @@ def score_pairs(model: PreTrainedModel, pairs: PairTensors, batch_size: int = 51
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-class BTTrainer:
+class PairTrainer:
+    """The loop shared by the BT and VPL trainers: ``step`` every iteration, ``evaluate`` every
+    ``cfg.eval_every`` steps and at the end; subclasses set ``loop`` and ``cfg``."""
+
+    loop: TrainLoop
+    cfg: Any
+
+    def step(self, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def fit(self, resume: bool = False) -> None:
+        if resume:
+            self.loop.resume()
+        self.loop.model.train()
+        for step in self.loop.steps():
+            metrics = self.step(step)
+            if self.loop.step % self.cfg.eval_every == 0 or self.loop.step == self.cfg.steps:
+                metrics.update(self.evaluate())
+            self.loop.log(metrics)
+
+
+class BTTrainer(PairTrainer):
     """One Bradley-Terry training run; :meth:`step` is one optimizer step (used by the benchmark)."""
 
     def __init__(self, run: Run, cfg: BTConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -146,15 +170,6 @@ class BTTrainer:
             return {}
         return summary(score_pairs(self.loop.unwrapped, self.val), None if self.val.margin is None else self.val.margin.numpy(), split="val")
 
-    def fit(self, resume: bool = False) -> None:
-        if resume:
-            self.loop.resume()
-        self.loop.model.train()
-        for step in self.loop.steps():
-            metrics = self.step(step)
-            if self.loop.step % self.cfg.eval_every == 0 or self.loop.step == self.cfg.steps:
-                metrics.update(self.evaluate())
-            self.loop.log(metrics)
 
 
 def train_bt(run: Run, cfg: BTConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

@@ -40,6 +40,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedMode
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from reward_models.backbone import PairTensors, last_token_hidden
+from reward_models.bradley_terry import PairTrainer
 from reward_models.data import Preference, by_rater, comparable
 from reward_models.metrics import summary
 from rlhf.config import Section
@@ -371,7 +372,7 @@ def vpl_deltas(model: VPLRewardModel, pairs: PairTensors, held: HeldOut, k: int,
     return torch.cat(deltas).numpy(), torch.cat(mus).numpy()
 
 
-class VPLTrainer:
+class VPLTrainer(PairTrainer):
     def __init__(self, run: Run, cfg: VPLTrainConfig, model: VPLRewardModel, tokenizer: PreTrainedTokenizerBase,
                  train: PairTensors, rater_pairs: list[np.ndarray], val: PairTensors | None = None, held: HeldOut | None = None,
                  *, seed: int, progress: bool = True, stage: str = "reward-vpl", eval_context: int = 8):
@@ -421,16 +422,6 @@ class VPLTrainer:
             if k == self.eval_context:
                 m["vpl/active_units"] = float(active_units(mu))
         return m
-
-    def fit(self, resume: bool = False) -> None:
-        if resume:
-            self.loop.resume()
-        self.loop.model.train()
-        for step in self.loop.steps():
-            metrics = self.step(step)
-            if self.loop.step % self.cfg.eval_every == 0 or self.loop.step == self.cfg.steps:
-                metrics.update(self.evaluate())
-            self.loop.log(metrics)
 
 
 def train_vpl(run: Run, cfg: VPLTrainConfig, model: VPLRewardModel, tokenizer: PreTrainedTokenizerBase,
