@@ -28,11 +28,13 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from reward_models.backbone import PairTensors, load_reward_model, pad_sequences
 from reward_models.data import Preference, comparable, encode_pairs
 from reward_models.vpl import VPLRewardModel, win_probability
+from rlhf.config import Section
 from rlhf.errors import UserError
 
 Scale = Literal["raw", "win_prob"]
@@ -173,3 +175,58 @@ class LearnedRewardTask:
 
     def step_rewards(self, prompts: Sequence[Any], tokens: torch.Tensor) -> torch.Tensor:
         return self.source.step_rewards(prompts, tokens)
+
+
+# --------------------------------------------------------------------------- tuning config
+
+
+class LearnedRewardConfig(Section):
+    """``reward:`` of a run config: tune against a trained reward model instead of the task's
+    own reward (the rule reward, BLEU). The task still supplies prompts and evaluation."""
+
+    model: str = Field(..., description="Folder of a reward model written by `rlhf train-reward` (<run>/models/reward-bt or reward-vpl).")
+    context: str | None = Field(None, description="Preference data (JSONL/CSV/Parquet) holding the rater's labelled pairs: VPL infers z from them; null = z = 0 (VPL's prior mean) or BT.")
+    rater_group: str | None = Field(None, description="Draw the context pairs from this rater group (e.g. A); needs context.")
+    rater_id: str | None = Field(None, description="Draw the context pairs from this one rater; needs context.")
+    context_size: int = Field(8, ge=1, le=64, description="Labelled pairs in the context set C (VPL).")
+    scale: Scale = Field("win_prob", description="raw r(x, z), or win_prob: expected probability of beating the prior's samples of the same prompt (same range for every rater).")
+    reference_per_prompt: int = Field(8, ge=1, description="Prior samples per training prompt forming the win_prob reference set.")
+    seed: int = Field(0, ge=0, description="Seed of the context draw and of the reference samples.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LearnedRewardConfig":
+        if (self.rater_group or self.rater_id) and self.context is None:
+            raise ValueError("reward.rater_group / reward.rater_id select pairs from reward.context; set reward.context to the preference data file")
+        if self.rater_group and self.rater_id:
+            raise ValueError("set one of reward.rater_group and reward.rater_id, not both")
+        return self
+
+
+def learned_reward_task(cfg: LearnedRewardConfig, task: Any, prior: PreTrainedModel) -> LearnedRewardTask:
+    """The task with its reward replaced by the reward model of ``cfg`` (z from the context for
+    VPL; win_prob references sampled from ``prior``)."""
+    from reward_models.data import load_preferences
+
+    context = None
+    if cfg.context is not None:
+        context = context_records(load_preferences(cfg.context), rater_id=cfg.rater_id, group=cfg.rater_group, n=cfg.context_size, seed=cfg.seed)
+    reference = prior_reference(task, prior, cfg.reference_per_prompt, seed=cfg.seed) if cfg.scale == "win_prob" else None
+    source = RewardSource.from_pretrained(cfg.model, context=context, scale=cfg.scale, reference=reference)
+    return LearnedRewardTask(task, source)
+
+
+def preference_win_rates(evaluation: dict[str, Any], meta: dict[str, Any], baseline: str = "prior") -> dict[str, dict[str, float]]:
+    """model -> group -> share of evaluation samples that the group's prototype rater prefers
+    to the ``baseline`` model's sample of the same prompt and index (ties count ½): the
+    personalisation check of a tuned policy. ``evaluation`` is ``CounterpointTask.evaluate``'s
+    output, ``meta`` the simulation sidecar of the preference data."""
+    from reward_models.simulate import prototype_from_sidecar, win_rate
+    from tasks.counterpoint.task import from_json
+
+    samples = evaluation["samples"]
+    if baseline not in samples:
+        return {}
+    base = [from_json(s) for s in samples[baseline]]
+    groups = [g["name"] for g in meta["config"]["groups"]]
+    return {name: {g: win_rate(prototype_from_sidecar(meta, g), [from_json(s) for s in items], base) for g in groups}
+            for name, items in samples.items() if name != baseline}

@@ -34,6 +34,8 @@ EPILOG = """examples:
   rlhf translate --model runs/translation/models/rloo --input src.en --output out.de --beam 4
   rlhf simulate-preferences configs/reward-music.yaml   raters of divergent taste -> preference data
   rlhf train-reward configs/reward-music.yaml        Bradley-Terry and VPL reward models, report
+  rlhf export-pairs --run runs/counterpoint --stage prior --out labelling/round1
+  rlhf label serve --pairs labelling/round1/pairs.jsonl --db labelling/round1/labels.sqlite
   rlhf config-help configs/counterpoint.yaml         every config key with its meaning
 """
 
@@ -113,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last checkpoints")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run_dir first")
 
+    # parsed by reward_models/labelling/cli.py (see DELEGATED); listed here for `rlhf --help`
+    sub.add_parser("export-pairs", help="sample candidate pairs for labelling (JSONL, Label Studio, CSV, MusicXML/MIDI)", add_help=False)
+    sub.add_parser("import-labels", help="read labels (Label Studio JSON, CSV, JSONL) back into the preference schema", add_help=False)
+    sub.add_parser("label", help="label pairs in a local web page (label serve), write the labels (label export)", add_help=False)
+
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
     p.add_argument("config", nargs="?", help="optional YAML whose values are shown as defaults")
     return parser
@@ -181,7 +188,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run.attach_log()
     run.write_config(cfg)
     task = _task_for_model(cfg, model)
-    stage_evaluate(cfg, run, task, {model.name: model}, Path(args.prior) if args.prior else model, None)
+    prior = Path(args.prior) if args.prior else model
+    # with a separate prior, it gets its own row: the baseline every comparison in the report needs
+    models = {"prior": prior, model.name: model} if prior.resolve() != model.resolve() else {model.name: model}
+    stage_evaluate(cfg, run, task, models, prior, None)
     print(f"report: {out / 'report.md'}")
     return 0
 
@@ -306,7 +316,16 @@ COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "tune": cmd_tune, "evaluat
             "translate": cmd_translate, "simulate-preferences": cmd_simulate, "train-reward": cmd_train_reward, "config-help": cmd_config_help}
 
 
+DELEGATED = {"export-pairs": "export_pairs_main", "import-labels": "import_labels_main", "label": "label_main"}
+"""Subcommands with their own argument parsers (``reward_models/labelling/cli.py``)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        from reward_models.labelling import cli as labelling
+
+        return getattr(labelling, DELEGATED[argv[0]])(argv[1:])
     parser = build_parser()
     # Overrides may come after flags (`run c.yaml --resume a=1`): argparse leaves those unknown.
     args, extra = parser.parse_known_args(argv)

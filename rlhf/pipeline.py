@@ -18,6 +18,7 @@ from rlhf.errors import UserError
 from rlhf.models import ModelConfig, build_causal_lm, count_parameters, load_causal_lm
 from rlhf.pretrain import PretrainConfig, pretrain
 from rlhf.algorithms.common import Algorithm
+from reward_models.reward_source import LearnedRewardConfig
 from rlhf.tune import TuneConfig, tune
 from rlhf.runs import Run, atomic_write_text, open_run
 from rlhf.trainer import seed_everything
@@ -59,6 +60,7 @@ class RunConfig(Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="MLE pre-training of the prior.")
     tune: TuneConfig | None = Field(default_factory=TuneConfig, description="Fine-tuning against the frozen prior; null = stop after the prior.")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Extra tuning runs for comparisons: other algorithms, and β for the trade-off curve.")
+    reward: LearnedRewardConfig | None = Field(None, description="Tune against a trained reward model (BT or VPL with a rater's context) instead of the task's reward; null = the task's reward.")
 
 
 class TranslationRunConfig(RunConfig):
@@ -171,6 +173,14 @@ def stage_evaluate(cfg: RunConfig, run: Run, task, models: dict[str, Path], prio
 
         log.info("report: %s", write_translation_report(run.root, evaluation, stats))
         return evaluation
+    if cfg.reward is not None and cfg.reward.context is not None and cfg.task.mode == "first_species":
+        from reward_models.reward_source import preference_win_rates
+        from reward_models.simulate import load_sidecar
+
+        meta = load_sidecar(cfg.reward.context)
+        if meta is not None:  # simulated raters: judge the tuned models by each group's taste
+            evaluation["preference"] = preference_win_rates(evaluation, meta)
+            log.info("win rates against the prior by rater group: %s", evaluation["preference"])
     exported = export_samples(run, evaluation, cfg.task.eval.export)
     docs = {k: r.doc for k, r in RULES_BY_NAME.items()}
     if cfg.task.mode == "melody":
@@ -216,4 +226,9 @@ def stage_tune(cfg: RunConfig, run: Run, task, prior: Path, *, resume: bool, tcf
     if resume and (final / "config.json").is_file():
         log.info("%s already tuned: %s", name, final)
         return final
+    if cfg.reward is not None:
+        from reward_models.reward_source import learned_reward_task
+
+        task = learned_reward_task(cfg.reward, task, load_causal_lm(prior))
+        log.info("reward: %s (%s)", cfg.reward.model, f"context: {cfg.reward.rater_group or cfg.reward.rater_id or 'random raters'}" if cfg.reward.context else "no context")
     return tune(run, tcfg, task, prior, seed=cfg.seed, resume=resume, progress=cfg.progress, name=name)

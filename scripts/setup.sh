@@ -32,6 +32,8 @@ if ! "$PY" -c "import deepspeed" 2>/dev/null; then
   DS_BUILD_OPS=0 pip install -q --no-build-isolation "deepspeed>=0.15"
 fi
 pip install -q -e ".[test]"
+# the labelling page's browser test: Debian chromium + playwright (never playwright's own download)
+bash scripts/install_browser.sh "$VENV"
 rm -f "$VENV"/.installed-*
 touch "$STAMP"
 echo "setup: environment ready in $VENV"

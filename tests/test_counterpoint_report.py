@@ -1,4 +1,8 @@
-"""The report's target checks: the KL bound and the ✓/✗ table."""
+"""The report's target checks (the KL bound and the ✓/✗ table) and the clean-piece bonus
+they motivate."""
+
+import pytest
+import torch
 
 from tasks.counterpoint.report import FALLBACK_KL_BOUND, kl_bound, targets_section
 
@@ -31,3 +35,35 @@ def test_melody_targets_use_sequence_tutor_q_column():
     md = "\n".join(targets_section({"prior": {"rules/per_note": 1.0}, "psi": row}, "melody"))
     cells = [c.strip() for c in md.strip().splitlines()[-1].split("|")[2:-1]]
     assert [c.endswith("✓") for c in cells] == [True, True, False, True, True, True]
+
+
+def test_clean_bonus_sits_on_the_last_note_of_clean_pieces_only():
+    """step_rewards with ``clean_bonus``: the rule reward plus the bonus on the last note of each
+    piece that RuleScores.clean() calls clean, nothing anywhere else. Fux's solutions give
+    both kinds of piece (a few break unrecovered_leap)."""
+    import numpy as np
+
+    from tasks.counterpoint.cantus import fux_data_dir, load_fux_first_species
+    from tasks.counterpoint.config import CounterpointConfig
+    from tasks.counterpoint.task import CounterpointTask, Prompt
+
+    data = fux_data_dir()
+    if data is None:
+        pytest.skip("Fux species data absent: set RLHF_FUX_DIR or put it at ../shared/data/fux-species")
+    pieces = load_fux_first_species(data)
+    plain = CounterpointTask(CounterpointConfig())
+    bonus = CounterpointTask(CounterpointConfig(clean_bonus=2.5))
+    prompts, comps = [], []
+    for p in pieces:
+        prompt_ids, completion = plain.codec.encode(p)
+        prompts.append(Prompt(p.source, prompt_ids, len(p.cantus), p.final))
+        comps.append(completion[: len(p.cantus)])
+    width = max(len(c) for c in comps)
+    tokens = torch.tensor([c + [plain.codec.tokenizer.pad_token_id] * (width - len(c)) for c in comps])
+    clean = plain.score(plain.decode(prompts, comps)).clean()
+    assert clean.any() and not clean.all()
+    diff = (bonus.step_rewards(prompts, tokens) - plain.step_rewards(prompts, tokens)).numpy()
+    expected = np.zeros_like(diff)
+    for b, c in enumerate(comps):
+        expected[b, len(c) - 1] = 2.5 * clean[b]
+    np.testing.assert_allclose(diff, expected, atol=1e-6)

@@ -226,3 +226,60 @@ def test_vpl_save_load_roundtrip(tmp_path):
     assert np.all(np.isfinite(score_pairs(back, pairs)))
     # the same tensors whether or not sequences repeat across pairs
     assert isinstance(PairTensors.build([[1, 2]], [[1, 3]], 0), PairTensors)
+
+
+def test_learned_reward_config_is_checked_at_load():
+    from rlhf.config import load_config
+    from rlhf.pipeline import RunConfig
+
+    with pytest.raises(UserError, match="reward.context"):
+        load_config(RunConfig, None, ["reward.model=some/reward-vpl", "reward.rater_group=A"])
+    with pytest.raises(UserError, match="not both"):
+        load_config(RunConfig, None, ["reward.model=m", "reward.context=d.jsonl", "reward.rater_group=A", "reward.rater_id=r001"])
+    assert load_config(RunConfig, None, []).reward is None
+
+
+def test_tune_against_a_learned_reward(quick_run, tmp_path):
+    """`reward.model` swaps the rule reward for a reward model's: with win_prob scaling every
+    sequence's reward is a probability in (0, 1), which no rule reward (≤ 0) can produce."""
+    from rlhf.config import load_config
+    from rlhf.pipeline import RunConfig, stage_tune
+    from tasks.counterpoint.tokens import Codec
+
+    prior = quick_run / "models" / "prior"
+    tok = Codec.load(prior).tokenizer
+    torch.manual_seed(0)
+    rm = build_reward_model(TINY, tok)
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    cfg = load_config(RunConfig, quick_run / "config.yaml", [f"run_dir={tmp_path / 'run'}", f"reward.model={tmp_path / 'rm'}",
+                                                              "reward.reference_per_prompt=2", "tune.steps=3", "tune.batch_size=8"])
+    run = Run(tmp_path / "run")
+    task = CounterpointTask(cfg.task, Codec.load(prior))
+    final = stage_tune(cfg, run, task, prior, resume=False)
+    rows = read_metrics(run.root / "metrics.jsonl", "tune-ppo")
+    assert len(rows) == 3 and (final / "model.safetensors").is_file()
+    assert all(0.0 < r["reward/task"] < 1.0 for r in rows), [r["reward/task"] for r in rows]
+
+
+def test_preference_win_rates_pair_each_sample_with_the_priors():
+    from reward_models.reward_source import preference_win_rates
+    from reward_models.simulate import prototype_from_sidecar, type_weights
+    from tasks.counterpoint.cantus import fux_data_dir, load_fux_first_species
+    from tasks.counterpoint.task import _to_json
+
+    data = fux_data_dir()
+    if data is None:
+        pytest.skip("Fux species data absent: set RLHF_FUX_DIR or put it at ../shared/data/fux-species")
+    pieces = load_fux_first_species(data)[:10]
+    meta = {"config": {"domain": "music", "temperature": 0.05, "groups": [{"name": "A", "type": "stepwise"}, {"name": "B", "type": "leaps"}]},
+            "prototypes": {"A": list(type_weights("music", "stepwise")), "B": list(type_weights("music", "leaps"))}}
+    shifted = pieces[1:] + pieces[:1]
+    ev = {"samples": {"prior": [_to_json(p, 0.0) for p in pieces], "same": [_to_json(p, 0.0) for p in pieces],
+                      "shifted": [_to_json(p, 0.0) for p in shifted]}}
+    out = preference_win_rates(ev, meta)
+    assert set(out) == {"same", "shifted"} and out["same"] == {"A": 0.5, "B": 0.5}
+    for g in "AB":
+        u = prototype_from_sidecar(meta, g).utility
+        expect = np.mean([(a > b) + 0.5 * (a == b) for a, b in zip(u(shifted), u(pieces))])
+        assert out["shifted"][g] == pytest.approx(expect)

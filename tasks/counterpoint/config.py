@@ -59,6 +59,10 @@ class CounterpointConfig(Section):
     rule_weights: dict[str, float] = Field(
         default_factory=dict, description="Override the default weight of named rules, e.g. {parallel_fifths: 5.0}."
     )
+    clean_bonus: float = Field(
+        0.0, ge=0, description="RL reward added on the last note of a piece that breaks no hard rule (first species): "
+        "a credit for the whole piece, as the target is clean pieces; not part of the evaluated rule reward.",
+    )
     data: CounterpointDataConfig = Field(default_factory=CounterpointDataConfig, description="Corpus extraction.")
     eval: CounterpointEvalConfig = Field(default_factory=CounterpointEvalConfig, description="Evaluation.")
 

@@ -136,6 +136,19 @@ def _rel(path: Path, root: Path) -> str:
     return str(path.relative_to(root))
 
 
+def preference_section(win_rates: dict[str, dict[str, float]] | None) -> list[str]:
+    """Markdown of the personalisation check: how often each simulated rater group's prototype
+    prefers a tuned model's sample to the prior's sample of the same prompt (target ≥ 80% for the
+    group whose context tuned it)."""
+    if not win_rates:
+        return []
+    groups = sorted({g for v in win_rates.values() for g in v})
+    return ["### Preferred by which raters?", "",
+            "Share of evaluation samples that each rater group's prototype (the simulator's utility) prefers to the prior's "
+            "sample of the same prompt and index; ties count ½. A policy tuned with one group's context should win for that group.", "",
+            markdown_table(["model"] + [f"group {g}" for g in groups], [[n] + [v.get(g, float("nan")) for g in groups] for n, v in win_rates.items()]), ""]
+
+
 def write_report(root: Path, evaluation: dict[str, Any], data_stats: dict[str, Any], exported: dict[str, list[Path]], rule_docs: dict[str, str]) -> Path:
     """Write ``report.md`` and its plots into the run folder ``root``."""
     plots = root / "plots"
@@ -185,6 +198,7 @@ def write_report(root: Path, evaluation: dict[str, Any], data_stats: dict[str, A
     md += [markdown_table(["set"] + [c[1] for c in summary_cols], [[n] + [rows[n].get(k, float("nan")) for k, _ in summary_cols] for n in names]), ""]
 
     md += targets_section(rows, evaluation["mode"])
+    md += preference_section(evaluation.get("preference"))
     md += tradeoff_section(rows, root, plots)
     rule_keys = [k for k in rows[names[0]] if k.startswith("rules/") and k not in ("rules/clean", "rules/per_note")]
     md += ["### Violations per note, by rule", "",

@@ -99,10 +99,15 @@ class CounterpointTask:
         return prompts
 
     def step_rewards(self, prompts: Sequence[Prompt], tokens: torch.Tensor) -> torch.Tensor:
-        """The rule reward of each generated note, [B, T] (0 past a piece's end): the RewardFn."""
+        """The rule reward of each generated note, [B, T] (0 past a piece's end): the RewardFn.
+        With ``clean_bonus`` a piece that breaks no hard rule gets it on its last note."""
         toks = tokens.tolist()
         items = self.decode(prompts, [t[: p.n_new] for p, t in zip(prompts, toks)])
-        r = self.score(items).rewards  # [B, N]
+        s = self.score(items)
+        r = s.rewards  # [B, N]
+        if self.cfg.clean_bonus and self.cfg.mode == "first_species":
+            r = r.copy()
+            r[np.arange(len(items)), s.notes - 1] += self.cfg.clean_bonus * s.clean()
         out = torch.zeros(tokens.shape, dtype=torch.float32)
         out[:, : r.shape[1]] = torch.from_numpy(r[:, : tokens.shape[1]]).float()
         return out.to(tokens.device)

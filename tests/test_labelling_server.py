@@ -1,0 +1,287 @@
+"""The labelling web app: labels posted at once from many threads are all stored, a server killed
+with SIGKILL loses no acknowledged label, hostile input gets a 4xx and changes nothing, and
+`rlhf label export` writes exactly what was stored."""
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from reward_models.data import load_preferences
+from reward_models.labelling.cli import label_main
+from reward_models.labelling.loop import serving
+from reward_models.labelling.pairs import CandidatePair, make_pair_id, midi_name, pairs_jsonl
+from reward_models.labelling.store import LabelStore
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "s3cret-token-for-tests"
+
+
+def music_pairs(n):
+    """``n`` first-species pairs over one cantus, as export-pairs writes them (no model needed)."""
+    cf = [62, 65, 64, 62, 67, 65, 69, 67, 65, 64, 62]
+    out = []
+    for i in range(n):
+        cps = [[c + (3, 4, 7, 8, 9, 12)[(i + k + j) % 6] for j, c in enumerate(cf)] for k in (0, 1)]
+        prompt = "<bos> <cf_below> " + " ".join(f"cf_{m}" for m in cf) + f" <sep> #{i}"
+        a, b = (" " + " ".join(f"iv_+{p - c}" for p, c in zip(cp, cf)) + " <eos>" for cp in cps)
+        pid = make_pair_id(prompt, a, b, ["test@0"])
+        voices = lambda cp: [{"role": "counterpoint", "pitches": cp, "durations": [4.0] * len(cp)},  # noqa: E731
+                             {"role": "cantus", "pitches": cf, "durations": [4.0] * len(cf)}]
+        meta = {"domain": "music", "prompt_name": f"fux-d/below-{i}",
+                "display": {"prompt": "cantus: " + " ".join(map(midi_name, cf)), "a": " ".join(map(midi_name, cps[0])), "b": " ".join(map(midi_name, cps[1]))},
+                "notes": {"a": voices(cps[0]), "b": voices(cps[1])}, "task": {"mode": "first_species", "cantus_position": "below", "final": 2}}
+        out.append(CandidatePair(pid, prompt, a, b, f"fux-d/below-{i}#{pid}", meta))
+    return out
+
+
+@pytest.fixture()
+def pairs_file(tmp_path):
+    pairs = music_pairs(30)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(pairs_jsonl(pairs))
+    return path, pairs
+
+
+def call(base, method, path, body=None, headers=None, raw=None, token=TOKEN, host=None):
+    """(status, parsed JSON or text, headers) of one request on a fresh connection."""
+    m = re.match(r"http://([^:/]+):(\d+)", base)
+    conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=30)
+    hdrs = {"Content-Type": "application/json", **({"X-Access-Token": token} if token else {}), **(headers or {})}
+    if host is not None:
+        hdrs["Host"] = host
+    data = raw if raw is not None else (json.dumps(body) if body is not None else None)
+    data = data.encode() if isinstance(data, str) else data  # one send(): no Nagle/delayed-ACK stall
+    try:
+        conn.request(method, path, body=data, headers=hdrs)
+        r = conn.getresponse()
+        text = r.read().decode("utf-8", "replace")
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            parsed = text
+        return r.status, parsed, dict(r.getheaders())
+    finally:
+        conn.close()
+
+
+def snapshot(db):
+    store = LabelStore(db)
+    return store.labels(), store.counts()
+
+
+def test_labels_posted_concurrently_are_all_stored(pairs_file, tmp_path):
+    path, pairs = pairs_file
+    db = tmp_path / "labels.sqlite"
+    errors = []
+    with serving(path, db, token=TOKEN) as url:
+        def rater(k):
+            for i, p in enumerate(pairs[:20]):
+                choice = ("A", "B", "tie", "skip")[(i + k) % 4]
+                status, body, _ = call(url, "POST", "/api/labels", {"pair_id": p.pair_id, "rater": f"rater{k}", "choice": choice})
+                if status != 200 or body["label"]["choice"] != choice:
+                    errors.append((k, i, status, body))
+
+        def relabel(k):  # the same (pair, rater) from several threads: one row, every revision counted
+            for i in range(10):
+                status, _, _ = call(url, "POST", "/api/labels", {"pair_id": pairs[0].pair_id, "rater": "same", "choice": "AB"[(i + k) % 2]})
+                if status != 200:
+                    errors.append(("same", k, i, status))
+
+        threads = [threading.Thread(target=rater, args=(k,)) for k in range(6)] + [threading.Thread(target=relabel, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        status, progress, _ = call(url, "GET", "/api/progress?rater=rater2")
+    assert not errors, errors[:3]
+    assert progress == {"done": 20, "labelled": 15, "skipped": 5, "total": 30}
+    store = LabelStore(db)
+    labels = {(lb.pair_id, lb.rater): lb for lb in store.labels()}
+    assert len(labels) == 6 * 20 + 1 and store.counts()["events"] == 6 * 20 + 30
+    for k in range(6):
+        for i, p in enumerate(pairs[:20]):
+            assert labels[p.pair_id, f"rater{k}"].choice == ("A", "B", "tie", "skip")[(i + k) % 4]
+    same = labels[pairs[0].pair_id, "same"]
+    assert same.revision == 30 and same.created_at <= same.updated_at
+
+
+def test_next_pair_relabel_and_export(pairs_file, tmp_path, capsys):
+    path, pairs = pairs_file
+    db = tmp_path / "labels.sqlite"
+    with serving(path, db, token=TOKEN) as url:
+        status, nxt, _ = call(url, "GET", "/api/next?rater=ann")
+        assert status == 200 and nxt["pair"]["pair_id"] == pairs[0].pair_id and nxt["progress"]["done"] == 0
+        assert nxt["pair"]["a"]["notes"][1]["role"] == "cantus" and "files" not in json.dumps(nxt)
+        for p, choice in zip(pairs[:4], ["A", "B", "tie", "skip"]):
+            assert call(url, "POST", "/api/labels", {"pair_id": p.pair_id, "rater": "ann", "choice": choice})[0] == 200
+        status, nxt, _ = call(url, "GET", "/api/next?rater=ann")
+        assert nxt["pair"]["pair_id"] == pairs[4].pair_id and nxt["progress"] == {"done": 4, "labelled": 3, "skipped": 1, "total": 30}
+        # go back and change the first label: one row, revision 2, first time kept
+        status, back, _ = call(url, "GET", f"/api/pairs/{pairs[0].pair_id}?rater=ann")
+        assert back["label"]["choice"] == "A"
+        status, again, _ = call(url, "POST", "/api/labels", {"pair_id": pairs[0].pair_id, "rater": "ann", "choice": "B"})
+        assert again["label"]["revision"] == 2 and again["label"]["created_at"] == back["label"]["created_at"]
+        assert call(url, "POST", "/api/labels", {"pair_id": pairs[5].pair_id, "rater": "bo.b@example.org", "choice": "A"})[0] == 200
+    out = tmp_path / "labels.jsonl"
+    assert label_main(["export", "--pairs", str(path), "--db", str(db), "--out", str(out)]) == 0
+    assert "wrote 4 labels (1 skips left out)" in capsys.readouterr().out
+    recs = load_preferences(out)
+    got = [(r.pair_id, r.chosen, r.rejected, r.label, r.rater_id) for r in recs]
+    assert got == [(f"{pairs[0].pair_id}/ann", pairs[0].b, pairs[0].a, "chosen", "ann"),
+                   (f"{pairs[1].pair_id}/ann", pairs[1].b, pairs[1].a, "chosen", "ann"),
+                   (f"{pairs[2].pair_id}/ann", pairs[2].a, pairs[2].b, "tie", "ann"),
+                   (f"{pairs[5].pair_id}/bo.b@example.org", pairs[5].a, pairs[5].b, "chosen", "bo.b@example.org")]
+    assert all(r.source == p.source for r, p in zip(recs, [pairs[0], pairs[1], pairs[2], pairs[5]]))
+    assert label_main(["export", "--pairs", str(path), "--db", str(db), "--out", str(tmp_path / "ann.jsonl"), "--rater", "ann"]) == 0
+    assert len(load_preferences(tmp_path / "ann.jsonl")) == 3
+    # a pairs file that does not match the database, an existing output: refused, nothing written
+    other = tmp_path / "other.jsonl"
+    other.write_text(pairs_jsonl(music_pairs(40)[30:]))
+    assert label_main(["export", "--pairs", str(other), "--db", str(db), "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "not in the pairs file" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()
+    assert label_main(["export", "--pairs", str(path), "--db", str(db), "--out", str(out)]) == 2
+
+
+HUGE = json.dumps({"pair_id": "x", "rater": "a" * 2_000_000, "choice": "A"})
+HOSTILE = [
+    ("POST", "/api/labels", {"pair_id": 123, "rater": "eve", "choice": "A"}, None, {}, 422),
+    ("POST", "/api/labels", {"pair_id": "PID", "rater": ["eve"], "choice": "A"}, None, {}, 422),
+    ("POST", "/api/labels", {"pair_id": "PID", "rater": "eve", "choice": 1}, None, {}, 422),
+    ("POST", "/api/labels", {"pair_id": "PID", "rater": "eve", "choice": "C"}, None, {}, 422),
+    ("POST", "/api/labels", {"pair_id": "PID", "rater": "eve", "choice": None}, None, {}, 422),
+    ("POST", "/api/labels", {"pair_id": "PID", "rater": "eve"}, None, {}, 422),
+    ("POST", "/api/labels", {"pair_id": "PID", "rater": "eve", "choice": "A", "path": "/etc/passwd"}, None, {}, 422),
+    ("POST", "/api/labels", {"pair_id": "PID", "rater": "eve'; DROP TABLE labels; --", "choice": "A"}, None, {}, 422),
+    ("POST", "/api/labels", {"pair_id": "x' OR '1'='1", "rater": "eve", "choice": "A"}, None, {}, 422),
+    ("POST", "/api/labels", {"pair_id": "PID", "rater": "", "choice": "A"}, None, {}, 422),
+    ("POST", "/api/labels", {"pair_id": "PID", "rater": "e" * 65, "choice": "A"}, None, {}, 422),
+    ("POST", "/api/labels", {"pair_id": "deadbeefdeadbeef", "rater": "eve", "choice": "A"}, None, {}, 404),
+    ("POST", "/api/labels", None, HUGE, {}, 413),
+    ("POST", "/api/labels", None, "not json at all", {}, 422),
+    ("POST", "/api/labels", None, "pair_id=PID&rater=eve&choice=A", {"Content-Type": "application/x-www-form-urlencoded"}, 422),
+    ("POST", "/api/labels", None, '[{"pair_id": "PID"}]', {}, 422),
+    ("PUT", "/api/labels", {"pair_id": "PID", "rater": "eve", "choice": "A"}, None, {}, 405),
+    ("DELETE", "/api/labels?rater=ann", None, None, {}, 405),
+    ("GET", "/api/next?rater=%27%20OR%20%271%27%3D%271", None, None, {}, 422),
+    ("GET", "/api/next", None, None, {}, 422),
+    ("GET", "/api/pairs/..%2F..%2Fetc%2Fpasswd?rater=eve", None, None, {}, 404),
+    ("GET", "/api/pairs/1;DROP?rater=eve", None, None, {}, 422),
+    ("GET", "/static/..%2F..%2F..%2Fetc%2Fpasswd", None, None, {}, 404),
+    ("GET", "/static/../server.py", None, None, {}, 404),
+    ("GET", "/docs", None, None, {}, 404),
+]
+
+
+def test_hostile_input_gets_4xx_and_changes_nothing(pairs_file, tmp_path):
+    path, pairs = pairs_file
+    db = tmp_path / "labels.sqlite"
+    with serving(path, db, token=TOKEN) as url:
+        assert call(url, "POST", "/api/labels", {"pair_id": pairs[0].pair_id, "rater": "ann", "choice": "A"})[0] == 200
+        before = snapshot(db)
+        for method, route, body, raw, headers, want in HOSTILE:
+            if isinstance(body, dict) and body.get("pair_id") == "PID":
+                body = {**body, "pair_id": pairs[1].pair_id}
+            status, answer, hdrs = call(url, method, route, body=body, raw=raw, headers=headers)
+            assert status == want, (method, route, body if raw is None else raw[:80], status, answer)
+            assert "'none'" in hdrs.get("content-security-policy", "") and hdrs.get("x-content-type-options") == "nosniff"
+        # a body sent in chunks, over the limit, without a Content-Length
+        m = re.match(r"http://([^:/]+):(\d+)", url)
+        conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=30)
+        conn.request("POST", "/api/labels", body=iter([b"{" + b" " * 8192] * 4), headers={"X-Access-Token": TOKEN, "Content-Type": "application/json"},
+                     encode_chunked=True)
+        assert conn.getresponse().status == 413
+        conn.close()
+        # the token: missing or wrong is 401; in the query it works; the page itself needs none
+        ok = {"pair_id": pairs[2].pair_id, "rater": "eve", "choice": "A"}
+        assert call(url, "POST", "/api/labels", ok, token=None)[0] == 401
+        assert call(url, "POST", "/api/labels", ok, token="wrong-token-xxxxxxxx")[0] == 401
+        assert call(url, "GET", "/api/next?rater=eve", token=None)[0] == 401
+        assert call(url, "GET", "/api/next?rater=eve", token=None, headers={"X-Access-Token": TOKEN[:-1]})[0] == 401
+        # DNS rebinding: a foreign Host header is refused even with the token
+        assert call(url, "POST", "/api/labels", ok, host="evil.example:80")[0] == 400
+        assert snapshot(db) == before
+        status, page, hdrs = call(url, "GET", "/", token=None)
+        assert status == 200 and "<canvas" in page and hdrs["content-type"].startswith("text/html")
+        assert call(url, "GET", "/static/app.js", token=None)[2]["content-type"].startswith("text/javascript")
+        assert call(url, "GET", f"/api/next?rater=eve&token={TOKEN}", token=None)[0] == 200
+    # the database is intact and usable
+    labels, counts = snapshot(db)
+    assert counts == {"labels": 1, "events": 1} and labels[0].rater == "ann"
+
+
+def test_killed_server_loses_no_acknowledged_label(pairs_file, tmp_path):
+    path, pairs = pairs_file
+    db = tmp_path / "labels.sqlite"
+    proc = subprocess.Popen([sys.executable, "-m", "reward_models.labelling.cli", "label", "serve", "--pairs", str(path), "--db", str(db),
+                             "--port", "0", "--token", TOKEN], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in proc.stdout:
+            m = re.search(r"serving on (http://127\.0\.0\.1:\d+)/", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, proc.stderr.read()
+        acked = {}  # (pair, rater) -> (revision, choice) of the last acknowledged post
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def poster(k):
+            i = 0
+            while not stop.is_set():
+                p = pairs[(i * 7 + k) % len(pairs)]
+                choice = "AB"[(i + k) % 2]
+                try:
+                    status, body, _ = call(url, "POST", "/api/labels", {"pair_id": p.pair_id, "rater": f"r{k}", "choice": choice})
+                except OSError:  # the server is gone
+                    return
+                if status == 200:
+                    with lock:
+                        acked[p.pair_id, f"r{k}"] = (body["label"]["revision"], choice)
+                i += 1
+
+        threads = [threading.Thread(target=poster, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(acked) < 45 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-session: posts are in flight
+        proc.wait(10)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert len(acked) >= 45
+    stored = {(lb.pair_id, lb.rater): lb for lb in LabelStore(db).labels()}
+    for key, (revision, choice) in acked.items():
+        lb = stored[key]  # every acknowledged label survived the kill
+        assert lb.revision >= revision and (lb.revision > revision or lb.choice == choice), (key, lb, revision, choice)
+
+
+def test_serve_refuses_unsafe_settings(pairs_file, tmp_path, capsys):
+    path, _ = pairs_file
+    assert label_main(["serve", "--pairs", str(path), "--db", str(tmp_path / "l.sqlite"), "--host", "0.0.0.0"]) == 2
+    assert "give --token" in capsys.readouterr().err
+    assert label_main(["serve", "--pairs", str(path), "--db", str(tmp_path / "l.sqlite"), "--token", "short"]) == 2
+    assert label_main(["serve", "--pairs", str(tmp_path / "none.jsonl"), "--db", str(tmp_path / "l.sqlite")]) == 2
+    assert "pairs file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"pair_id": "a b", "prompt": "", "chosen": "x", "rejected": "y"}\n')
+    assert label_main(["serve", "--pairs", str(bad), "--db", str(tmp_path / "l.sqlite")]) == 2
+    assert "bad.jsonl:1: pair_id" in capsys.readouterr().err
+    assert label_main(["serve", "--pairs", str(path), "--db", str(tmp_path)]) == 2
+    assert label_main(["bogus"]) == 2
