@@ -132,12 +132,14 @@ class RewardSource:
         return out
 
     def step_rewards(self, prompts: Sequence[Any], tokens: torch.Tensor) -> torch.Tensor:
-        """[B, T] float: the sequence reward at column ``n_new − 1`` of each row, 0 elsewhere.
-        ``prompts`` have ``ids`` and ``n_new`` (``tasks.counterpoint.task.Prompt``)."""
+        """[B, T] float: the sequence reward at column ``n_new − 1`` of each row (or at its first
+        ``<eos>``), 0 elsewhere. ``prompts`` have ``ids`` and ``n_new`` (``tasks.counterpoint.task.Prompt``)."""
         toks = tokens.tolist()
         seqs, cols = [], []
         for p, t in zip(prompts, toks):
             n = min(int(p.n_new), len(t))
+            if self.eos_id in t[:n]:  # a text answer ends at its <eos> (music has a fixed length and none)
+                n = t.index(self.eos_id) + 1
             seqs.append(list(p.ids) + t[:n])
             cols.append(n - 1)
         r = self.sequence_rewards(seqs, [tuple(p.ids) for p in prompts])

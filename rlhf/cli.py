@@ -34,6 +34,7 @@ EPILOG = """examples:
   rlhf translate --model runs/translation/models/rloo --input src.en --output out.de --beam 4
   rlhf simulate-preferences configs/reward-music.yaml   raters of divergent taste -> preference data
   rlhf train-reward configs/reward-music.yaml        Bradley-Terry and VPL reward models, report
+  rlhf personalise configs/personal-pets.yaml        one policy per rater group from a VPL reward (after reward-pets)
   rlhf export-pairs --run runs/counterpoint --stage prior --out labelling/round1
   rlhf label serve --pairs labelling/round1/pairs.jsonl --db labelling/round1/labels.sqlite
   rlhf config-help configs/counterpoint.yaml         every config key with its meaning
@@ -113,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. configs/reward-music.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     p.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run_dir first")
+
+    p = sub.add_parser("personalise", help="tune one policy per rater group with a VPL reward (Pets) and judge it by that group",
+                       description="From a `rlhf train-reward` run with VPL on simulated Pets raters: train a small prior on the candidate answers, "
+                       "tune it once per group with z from that group's held-out labelled pairs, and report how often each group prefers "
+                       "the tuned answers to the prior's.")
+    p.add_argument("config", help="YAML config, e.g. configs/personal-pets.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    p.add_argument("--resume", action="store_true", help="keep the prior and tuned models already in run_dir")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run_dir first")
 
     # parsed by reward_models/labelling/cli.py (see DELEGATED); listed here for `rlhf --help`
@@ -312,8 +322,19 @@ def cmd_train_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_personalise(args: argparse.Namespace) -> int:
+    from reward_models.personal import PersonalConfig, personalise
+    from rlhf.config import load_config
+    from rlhf.runs import open_run
+
+    cfg = load_config(PersonalConfig, args.config, args.overrides)
+    run = open_run(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(f"report: {personalise(cfg, run, resume=args.resume)}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "tune": cmd_tune, "evaluate": cmd_evaluate, "sample": cmd_sample,
-            "translate": cmd_translate, "simulate-preferences": cmd_simulate, "train-reward": cmd_train_reward, "config-help": cmd_config_help}
+            "translate": cmd_translate, "simulate-preferences": cmd_simulate, "train-reward": cmd_train_reward, "personalise": cmd_personalise, "config-help": cmd_config_help}
 
 
 DELEGATED = {"export-pairs": "export_pairs_main", "import-labels": "import_labels_main", "label": "label_main"}

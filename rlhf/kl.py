@@ -86,6 +86,36 @@ def per_token_kl(
     raise ValueError(f"unknown KL estimator {name!r}; use one of 'k1', 'k2', 'k3', 'exact'")
 
 
+def kl_pathwise_loss(
+    name: KLEstimator,
+    logp: torch.Tensor,
+    logp_ref: torch.Tensor,
+    mask: torch.Tensor,
+    logits: torch.Tensor | None = None,
+    logits_ref: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The part of ∇_θ E_π[Σ_t KL_t] that a KL-shaped *reward* cannot carry; add β × this to the
+    policy loss. With KL_t = f_θ(s_t, a_t) the gradient has two parts,
+
+        ∇ E_τ[Σ_t f_θ] = E_τ[Σ_t f_θ · ∇ log P_θ(τ)]  +  E_τ[Σ_t ∇_θ f_θ(s_t, a_t)],
+                          score function: the shaped       pathwise: this loss
+                          reward r_t − β·KL_t carries it
+
+    k1 = log π(a) − log p(a) has E_{a~π}[∇ log π(a)] = 0: no pathwise term (returns 0), which is
+    why Ziegler et al. (2019) can put it in the reward alone. The exact per-state KL depends on θ
+    at every visited state; in the reward alone, nothing pulls π back toward p where it already
+    is (only toward states where the KL happens to be small, e.g. shorter outputs). For k2,
+    ∇½(log π − log p)² = (log π − log p)·∇ log π, unbiased for ∇KL at the state; k3 is the loss
+    form of GRPO (Shao et al. 2024). Fresh log-probs/logits [B, T](, V) with gradient → scalar
+    mean over real tokens (the scale of the per-token policy losses)."""
+    if name == "k1":
+        return torch.zeros((), dtype=logp.dtype, device=logp.device)
+    kl = per_token_kl(name, logp, logp_ref, logits, logits_ref, allowed)
+    m = mask.bool()
+    return torch.where(m, kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).sum() / m.sum().clamp(min=1)
+
+
 def sequence_kl(kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sequence KL = Σ_t KL_t over real tokens: kl, mask [B, T] → [B]."""
     return masked_sum(kl, mask, dim=-1)

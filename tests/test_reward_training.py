@@ -283,3 +283,23 @@ def test_preference_win_rates_pair_each_sample_with_the_priors():
         u = prototype_from_sidecar(meta, g).utility
         expect = np.mean([(a > b) + 0.5 * (a == b) for a, b in zip(u(shifted), u(pieces))])
         assert out["shifted"][g] == pytest.approx(expect)
+
+
+def test_personalised_tuning_pleases_each_group(pets_run, tmp_path):
+    """`rlhf personalise` at small scale: one VPL reward model, a policy per group tuned with z
+    from that group's held-out pairs; each group's prototype prefers its own policy's answers to
+    the prior's, and the animals named shift toward that group's favourite."""
+    from reward_models.personal import PersonalConfig, personalise
+    from rlhf.config import load_config
+    from rlhf.runs import open_run
+
+    run_dir, _ = pets_run
+    cfg = load_config(PersonalConfig, "configs/personal-pets.yaml", [
+        f"reward_run={run_dir}", f"run_dir={tmp_path / 'pers'}", "progress=false", "pretrain.steps=200", "tune.steps=40", "eval_samples=100"])
+    report = personalise(cfg, open_run(cfg, resume=False, overwrite=False))
+    ev = json.loads((report.parent / "eval.json").read_text())["rows"]
+    assert ev["tuned-A"]["win"]["A"] > 0.65 and ev["tuned-B"]["win"]["B"] > 0.65, {k: v.get("win") for k, v in ev.items()}
+    assert ev["tuned-A"]["animals"]["dog"] > ev["prior"]["animals"]["dog"] + 0.2
+    assert ev["tuned-B"]["animals"]["cat"] > ev["prior"]["animals"]["cat"] + 0.2
+    assert all(ev[n]["kl/prior"] < 2.0 for n in ("tuned-A", "tuned-B"))
+    assert "Win rate against the prior" in report.read_text()
