@@ -22,3 +22,4 @@ bench: setup
 	$(VENV)/bin/python benchmarks/rl_throughput.py
 	$(VENV)/bin/python benchmarks/bleu_reward.py
 	$(VENV)/bin/python benchmarks/reward_training.py
+	$(VENV)/bin/python benchmarks/scaling.py

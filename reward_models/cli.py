@@ -142,8 +142,9 @@ def train_reward_main(config_path: str | None, overrides: Sequence[str] = (), re
     records = load_preferences(cfg.data.path)
     run = open_run(cfg, resume=resume, overwrite=overwrite)
     train, test, dropped = split_preferences(records, cfg.data.split.by, cfg.data.split.test_fraction, cfg.seed)
-    save_preferences(train, run.root / "data" / "train.jsonl")
-    save_preferences(test, run.root / "data" / "test.jsonl")
+    if run.is_main:
+        save_preferences(train, run.root / "data" / "train.jsonl")
+        save_preferences(test, run.root / "data" / "test.jsonl")
     log.info("data: %d records -> %d train, %d test, %d dropped (split by %s)", len(records), len(train), len(test), dropped, cfg.data.split.by)
     texts = [t for r in records for t in (r.prompt, r.chosen, r.rejected)] if cfg.data.tokenizer == "words" else ()
     tokenizer = load_tokenizer(cfg.data.tokenizer, texts)
@@ -170,6 +171,8 @@ def train_reward_main(config_path: str | None, overrides: Sequence[str] = (), re
                 train_vpl(run, cfg.vpl, model, tokenizer, train, test, seed=cfg.seed, resume=resume, progress=cfg.progress,
                           max_length=max_len, eval_context=cfg.eval.context_pool)
         models[method] = load_reward_model(final)
+    if not run.is_main:  # under a launcher: rank 0 evaluates and reports
+        return run.root
     result = evaluate_reward_models(models, tokenizer, test, context_sizes=cfg.eval.context_sizes, context_pool=cfg.eval.context_pool,
                                     seed=cfg.seed, sidecar=load_sidecar(cfg.data.path), max_length=max_len)
     result["data"] = {"path": cfg.data.path, "records": len(records), "train": len(train), "test": len(test), "dropped": dropped,

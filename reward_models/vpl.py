@@ -285,7 +285,7 @@ def sample_rater_batch(rater_pairs: Sequence[np.ndarray], n_raters: int, context
 
 class VPLTrainConfig(Section):
     steps: int = Field(1500, ge=1, description="Optimizer steps of VPL training.")
-    raters_per_batch: int = Field(16, ge=1, description="Raters per optimizer step.")
+    raters_per_batch: int = Field(16, ge=1, description="Raters per optimizer step (global, over all processes).")
     targets_per_rater: int = Field(8, ge=1, description="Target pairs per rater per step (the BT likelihood terms).")
     context_sizes: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8], description="Context sizes drawn per rater during training (0 = prior).")
     latent_dim: int = Field(8, ge=1, le=256, description="Dimension of the rater latent z.")
@@ -384,6 +384,10 @@ class VPLTrainer(PairTrainer):
         scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
         self.loop = TrainLoop(run, stage, model, optimizer, scheduler, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
                               keep_checkpoints=cfg.keep_checkpoints, grad_clip=cfg.grad_clip, tokenizer=tokenizer, progress=progress)
+        acc = self.loop.accelerator
+        self.local = cfg.raters_per_batch // acc.num_processes
+        if self.local * acc.num_processes != cfg.raters_per_batch:
+            raise ValueError(f"vpl.raters_per_batch ({cfg.raters_per_batch}) must be divisible by the number of processes ({acc.num_processes})")
 
     def ramp(self, step: int) -> float:
         """0 → 1 linearly over ``beta_warmup_steps`` (1 without warm-up)."""
@@ -396,12 +400,18 @@ class VPLTrainer(PairTrainer):
     def step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         acc = self.loop.accelerator
-        rng = np.random.default_rng([self.seed, step, acc.process_index])
+        # the global batch of raters and their noise, drawn alike on every rank; each rank
+        # trains on its contiguous share (so the run does not depend on the process count, except
+        # that free_bits' max(KL_j, λ) is taken on each rank's raters before DDP averages)
+        rng = np.random.default_rng([self.seed, step, 0])
         rb = sample_rater_batch(self.rater_pairs, cfg.raters_per_batch, cfg.context_sizes, cfg.targets_per_rater, rng)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         # KL annealing (Bowman et al. 2016) applied to the sampling noise too: while β ramps up,
         # z = μ + ramp·σ·ε, so the head first learns to read μ before the noise and the KL arrive
         eps = torch.randn(cfg.raters_per_batch, cfg.latent_dim, generator=gen).to(self.loop.device) * self.ramp(step)
+        if acc.num_processes > 1:
+            mine = slice(acc.process_index * self.local, (acc.process_index + 1) * self.local)
+            rb, eps = RaterBatch(rb.context[mine], rb.targets[mine]), eps[mine]
         out = self.loop.model(pairs=self.train, rater_batch=rb, eps=eps)
         beta = self.beta(step)
         loss, nll, kl = vpl_loss(out["delta"], out["target_mask"], out["mu"], out["logvar"], beta, out.get("margin"), cfg.free_bits)

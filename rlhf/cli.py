@@ -37,6 +37,7 @@ EPILOG = """examples:
   rlhf personalise configs/personal-pets.yaml        one policy per rater group from a VPL reward (after reward-pets)
   rlhf export-pairs --run runs/counterpoint --stage prior --out labelling/round1
   rlhf label serve --pairs labelling/round1/pairs.jsonl --db labelling/round1/labels.sqlite
+  rlhf launch --nproc 2 train-reward configs/reward-pets.yaml   the same command on 2 processes (accelerate; --launcher deepspeed)
   rlhf config-help configs/counterpoint.yaml         every config key with its meaning
 """
 
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("import-labels", help="read labels (Label Studio JSON, CSV, JSONL) back into the preference schema", add_help=False)
     sub.add_parser("label", help="label pairs in a local web page (label serve), write the labels (label export)", add_help=False)
 
+    # parsed by rlhf/launch.py; listed here for `rlhf --help`
+    sub.add_parser("launch", help="run a subcommand on N processes / machines via accelerate launch or deepspeed (prints the command)", add_help=False)
+
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
     p.add_argument("config", nargs="?", help="optional YAML whose values are shown as defaults")
     return parser
@@ -178,7 +182,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     task = _task_for_model(cfg, prior)
     if (run.final_model_dir(cfg.tune.algorithm) / "config.json").is_file() and not (args.resume or args.overwrite):
         raise UserError(f"{run.final_model_dir(cfg.tune.algorithm)} exists; pass --resume to keep it or --overwrite to tune again.")
-    if args.overwrite:
+    if args.overwrite and run.is_main:  # under a launcher only rank 0 deletes
         import shutil
 
         shutil.rmtree(run.stage_dir(f"tune-{cfg.tune.algorithm}"), ignore_errors=True)
@@ -343,6 +347,10 @@ DELEGATED = {"export-pairs": "export_pairs_main", "import-labels": "import_label
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # rlhf launch: its own parser (rlhf/launch.py); the rest is the launched subcommand
+        from rlhf.launch import launch_main
+
+        return launch_main(argv[1:])
     if argv and argv[0] in DELEGATED:
         from reward_models.labelling import cli as labelling
 

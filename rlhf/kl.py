@@ -111,8 +111,12 @@ def kl_pathwise_loss(
     mean over real tokens (the scale of the per-token policy losses)."""
     if name == "k1":
         return torch.zeros((), dtype=logp.dtype, device=logp.device)
-    kl = per_token_kl(name, logp, logp_ref, logits, logits_ref, allowed)
     m = mask.bool()
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    # padding holds tokens outside the action space (log π = −inf): zero them *before* the
+    # estimator, or the masked-out branch's gradient would be 0·inf = NaN
+    logp, logp_ref = torch.where(m, logp, zero), torch.where(m, logp_ref, zero)
+    kl = per_token_kl(name, logp, logp_ref, logits, logits_ref, allowed)
     return torch.where(m, kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).sum() / m.sum().clamp(min=1)
 
 

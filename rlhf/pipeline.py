@@ -124,7 +124,8 @@ def stage_data(cfg: RunConfig, run: Run, task) -> tuple[list, list]:
         raise UserError(f"the corpus gave {len(train)} training and {len(val)} held-out examples; check task.data (counterpoint: raise "
                         "task.data.max_pieces or lower task.data.min_notes; translation: the files and length limits).")
     stats = task.data_stats(train, val)
-    atomic_write_text(run.root / "data_stats.json", json.dumps(stats, indent=1))
+    if run.is_main:
+        atomic_write_text(run.root / "data_stats.json", json.dumps(stats, indent=1))
     log.info("data: %s", stats)
     return train, val
 
@@ -138,7 +139,8 @@ def stage_prior(cfg: RunConfig, run: Run, task, train: list, val: list, *, resum
     model = build_causal_lm(cfg.model, task.tokenizer)
     log.info("prior: %s, %d parameters", cfg.model.arch, count_parameters(model))
     pretrain(run, cfg.pretrain, model, task.tokenizer, task.examples(train), task.examples(val), seed=cfg.seed, resume=resume, progress=cfg.progress)
-    task.codec.save(final)
+    if run.is_main:
+        task.codec.save(final)
     return final
 
 
@@ -203,7 +205,8 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         models[cfg.tune.algorithm] = stage_tune(cfg, run, task, prior, resume=resume)
         for name, tcfg in sweep_configs(cfg).items():
             models[name] = stage_tune(cfg, run, task, prior, resume=resume, tcfg=tcfg, name=name)
-    stage_evaluate(cfg, run, task, models, prior, val)
+    if run.is_main:  # under a launcher: rank 0 evaluates and reports
+        stage_evaluate(cfg, run, task, models, prior, val)
     return run.root / "report.md"
 
 

@@ -17,6 +17,7 @@ import torch
 from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from rlhf import distributed
 from rlhf.config import Section
 from rlhf.runs import Run
 from rlhf.trainer import TrainLoop
@@ -126,9 +127,18 @@ def pretrain(
         mine = idx[acc.process_index * local : (acc.process_index + 1) * local]
         batch = {k: v.to(loop.device) for k, v in collate([train[i] for i in mine], pad_id).items()}
         nll, correct, count = token_stats(loop.model, batch)
-        loss = nll / count.clamp(min=1)
-        metrics = loop.update(loss)
-        metrics.update({"loss/train": float(loss.detach()), "acc/train": float(correct) / max(float(count), 1.0)})
+        if acc.num_processes == 1:
+            loss = nll / count.clamp(min=1)
+            metrics = loop.update(loss)
+            metrics.update({"loss/train": float(loss.detach()), "acc/train": float(correct) / max(float(count), 1.0)})
+        else:
+            # ranks hold different numbers of completion tokens: normalise by the global count
+            # so that DDP's gradient mean is the gradient of the global token mean
+            total = distributed.all_sum(torch.stack([count.double(), nll.detach().double(), correct.double()]))
+            loss = nll * (acc.num_processes / total[0].clamp(min=1).item())
+            metrics = loop.update(loss)
+            # identical on every rank, so loop.log's mean over ranks keeps them
+            metrics.update({"loss/train": float(total[1] / total[0].clamp(min=1)), "acc/train": float(total[2] / total[0].clamp(min=1))})
         if loop.step % cfg.eval_every == 0 or loop.step == cfg.steps:
             metrics.update(evaluate_lm(loop.unwrapped, val, pad_id, loop.device) if val else {})
         loop.log(metrics)

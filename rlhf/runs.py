@@ -99,12 +99,14 @@ def read_metrics(path: Path, stage: str | None = None) -> list[dict[str, Any]]:
 class Run:
     """A run folder. Only the main process writes (``is_main``), so it is safe under a launcher."""
 
-    def __init__(self, root: str | Path, is_main: bool = True):
+    def __init__(self, root: str | Path, is_main: bool | None = None):
+        from rlhf.distributed import env_rank
+
         self.root = Path(root)
-        self.is_main = is_main
-        if is_main:
+        self.is_main = env_rank() == 0 if is_main is None else is_main  # default: rank 0 under a launcher
+        if self.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsLogger(self.root / "metrics.jsonl", enabled=is_main)
+        self.metrics = MetricsLogger(self.root / "metrics.jsonl", enabled=self.is_main)
 
     @property
     def checkpoints(self) -> Path:
@@ -157,11 +159,12 @@ def open_run(cfg: BaseModel, *, resume: bool, overwrite: bool) -> Run:
     """The run folder ``cfg.run_dir``, refusing to mix two runs: an existing non-empty folder
     needs ``resume`` (continue it) or ``overwrite`` (delete it first). Writes the resolved config."""
     root = Path(cfg.run_dir)  # type: ignore[attr-defined]
-    if root.exists() and any(root.iterdir()) and not resume:
+    run = Run(root)
+    if run.is_main and root.exists() and any(root.iterdir()) and not resume:  # under a launcher: rank 0 checks and clears
         if not overwrite:
             raise UserError(f"{root}: run folder already exists. Pass --resume to continue it, --overwrite to start afresh, or run_dir=<new folder>.")
         shutil.rmtree(root)
-    run = Run(root)
+        run = Run(root)
     run.attach_log()
     run.write_config(cfg)
     return run

@@ -17,7 +17,9 @@ algorithm-specific math lives elsewhere; a trainer's loop reads::
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,12 +31,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from rlhf import distributed
 from rlhf.errors import UserError
 from rlhf.runs import Run, atomic_dir, prune_checkpoints
 
 log = logging.getLogger("rlhf")
 
 STATE_FILE = "trainer_state.pt"
+ZERO_DIR = "zero"  # DeepSpeed's own sharded checkpoint (optimizer partitions) inside a step folder
 
 # transformers draws a bar per save_pretrained ("Writing model shards"); ours is the step bar.
 hf_logging.disable_progress_bar()
@@ -75,11 +79,20 @@ class TrainLoop:
         accelerator: Accelerator | None = None,
         progress: bool = True,
     ):
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or distributed.make_accelerator()
         self.run = run
         self.stage = stage
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.scheduler = self.accelerator.prepare(scheduler) if scheduler is not None else None
+        if not self.accelerator.is_main_process:  # only rank 0 writes metrics, logs and checkpoints
+            run.is_main = False
+            run.metrics.enabled = False
+            distributed.quiet_other_ranks(run.root)
+        self._configure_deepspeed(grad_clip)
+        if scheduler is not None:  # one prepare call: DeepSpeed builds its engine from all three
+            self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+            self.scheduler = None
+        distributed.plain_model_loading(self.accelerator)
         self.total_steps = total_steps
         self.checkpoint_every = checkpoint_every
         self.keep_checkpoints = keep_checkpoints
@@ -87,7 +100,22 @@ class TrainLoop:
         self.tokenizer = tokenizer
         self.progress = progress
         self.step = 0
-        self.extra_state: dict[str, Any] = {}  # trainer-specific state restored by resume()
+        # trainer-specific state restored by resume(); a callable value is called at save time
+        self.extra_state: dict[str, Any] = {}
+
+    def _configure_deepspeed(self, grad_clip: float | None) -> None:
+        """Fill the DeepSpeed config's ``auto`` values accelerate cannot infer here: we feed no
+        DataLoader, so the micro-batch size only feeds DeepSpeed's own throughput logging (1);
+        gradient clipping is DeepSpeed's job under ZeRO, so it gets this stage's ``grad_clip``."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None:
+            return
+        ds = plugin.deepspeed_config
+        if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds["train_micro_batch_size_per_gpu"] = 1
+        if ds.get("gradient_clipping", "auto") == "auto":
+            ds["gradient_clipping"] = float(grad_clip or 0.0)
+        ds.setdefault("zero_allow_untested_optimizer", True)  # our torch optimizers (fused Adam/AdamW) under ZeRO
 
     @property
     def device(self) -> torch.device:
@@ -104,7 +132,9 @@ class TrainLoop:
         self.accelerator.backward(loss)
         norm = float("nan")
         if self.grad_clip is not None:
-            norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip))
+            # under DeepSpeed, backward() already clipped and stepped; this returns its norm (or None)
+            n = self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            norm = float("nan") if n is None else float(n)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -121,6 +151,9 @@ class TrainLoop:
         return metrics
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Write one metrics row (rank 0). Under a launcher every rank must call this with the
+        same keys: the values are averaged over ranks first (one all-reduce)."""
+        metrics = distributed.reduce_metrics(metrics)
         self.run.metrics.log(self.step if step is None else step, metrics, self.stage)
 
     def steps(self) -> Iterator[int]:
@@ -143,18 +176,31 @@ class TrainLoop:
             bar.close()
 
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/<stage>/step-N`` atomically (HF model + tokenizer + trainer state)."""
+        """Write ``checkpoints/<stage>/step-N`` atomically (HF model + tokenizer + trainer state).
+
+        Under DeepSpeed the folder also holds DeepSpeed's own checkpoint (``zero/``: each rank
+        writes its optimizer partition, so the run folder must be on storage every node sees);
+        the HF weights next to it are the full model either way (gathered under ZeRO-3)."""
         self.accelerator.wait_for_everyone()
         state_dict = self.accelerator.get_state_dict(self.model)  # gathers ZeRO-3 shards on every rank
+        # callables are evaluated now, on every rank (they may gather per-rank state)
+        extra = {k: v() if callable(v) else v for k, v in self.extra_state.items()}
+        target = self.run.checkpoint_dir(self.stage, self.step)
+        zero = None
+        if distributed.is_deepspeed(self.model):
+            # every rank writes its shard here first; rank 0 then moves it into the atomic folder
+            zero = target.parent / f".zero-{target.name}"
+            self.model.save_checkpoint(str(zero), tag=ZERO_DIR)
+            self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        target = self.run.checkpoint_dir(self.stage, self.step)
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            # a ZeRO optimizer's state_dict is this rank's partition only: zero/ holds all of them
+            "optimizer": None if zero is not None else self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None and zero is None else None,
             "rng": _rng_state(),
-            "extra": self.extra_state,
+            "extra": extra,
         }
 
         def write(tmp: Path) -> None:
@@ -162,6 +208,9 @@ class TrainLoop:
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             torch.save(state, tmp / STATE_FILE)
+            if zero is not None:
+                os.replace(zero / ZERO_DIR, tmp / ZERO_DIR)
+                shutil.rmtree(zero, ignore_errors=True)
 
         atomic_dir(target, write)
         prune_checkpoints(self.run.stage_dir(self.stage), self.keep_checkpoints)
@@ -169,31 +218,27 @@ class TrainLoop:
         return target
 
     def resume(self) -> bool:
-        """Restore weights, optimizer, scheduler, step and RNG from the newest checkpoint."""
-        ckpt = self.run.latest_checkpoint(self.stage)
+        """Restore weights, optimizer, scheduler, step, RNG and ``extra_state`` from the newest
+        checkpoint."""
+        ckpt = distributed.broadcast_object(self.run.latest_checkpoint(self.stage))  # rank 0's view of the folder
         if ckpt is None:
             return False
         state_path = ckpt / STATE_FILE
         if not state_path.is_file():
             raise UserError(f"{ckpt}: checkpoint has no {STATE_FILE}; delete the folder or start without --resume.")
-        if hasattr(self.unwrapped, "load_checkpoint"):  # wrappers that save more than one HF model
-            try:
-                self.unwrapped.load_checkpoint(ckpt)
-            except ValueError as e:
-                raise UserError(f"{e}. Resume with the config that wrote it.") from None
-        else:
-            from safetensors.torch import load_file
-
-            weights = load_file(str(ckpt / "model.safetensors"))
-            missing, unexpected = self.unwrapped.load_state_dict(weights, strict=False)
-            # Tied embeddings (lm_head = wte) are saved once; anything else missing is a real mismatch.
-            missing = [k for k in missing if not k.endswith("lm_head.weight")]
-            if missing or unexpected:
-                raise UserError(f"{ckpt}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}). Resume with the config that wrote it.")
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        if distributed.is_deepspeed(self.model):
+            if not (ckpt / ZERO_DIR).is_dir():
+                raise UserError(f"{ckpt}: no DeepSpeed state ({ZERO_DIR}/); it was written without DeepSpeed. Resume with the launcher config that wrote it.")
+            # weights, optimizer partitions and the LR schedule, each rank its own shard
+            self.model.load_checkpoint(str(ckpt), tag=ZERO_DIR)
+        else:
+            if state["optimizer"] is None:
+                raise UserError(f"{ckpt}: written under DeepSpeed ZeRO; resume it under the same DeepSpeed config.")
+            self._load_weights(ckpt)
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state["scheduler"] is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.extra_state = state.get("extra", {})
@@ -202,9 +247,26 @@ class TrainLoop:
         log.info("resumed %s from %s (step %d)", self.stage, ckpt, self.step)
         return True
 
+    def _load_weights(self, ckpt: Path) -> None:
+        if hasattr(self.unwrapped, "load_checkpoint"):  # wrappers that save more than one HF model
+            try:
+                self.unwrapped.load_checkpoint(ckpt)
+            except ValueError as e:
+                raise UserError(f"{e}. Resume with the config that wrote it.") from None
+            return
+        from safetensors.torch import load_file
+
+        weights = load_file(str(ckpt / "model.safetensors"))
+        missing, unexpected = self.unwrapped.load_state_dict(weights, strict=False)
+        # Tied embeddings (lm_head = wte) are saved once; anything else missing is a real mismatch.
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise UserError(f"{ckpt}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}). Resume with the config that wrote it.")
+
     def finish(self, final_dir: Path) -> Path:
         """Save the last checkpoint and a plain HF model folder (what later stages load)."""
-        if self.run.latest_checkpoint(self.stage) != self.run.checkpoint_dir(self.stage, self.step):
+        # decided on rank 0 and broadcast: every rank must take part in save_checkpoint or none
+        if distributed.broadcast_object(self.run.latest_checkpoint(self.stage) != self.run.checkpoint_dir(self.stage, self.step)):
             self.save_checkpoint()
         self.accelerator.wait_for_everyone()
         state_dict = self.accelerator.get_state_dict(self.model)

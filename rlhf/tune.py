@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from rlhf import distributed
 from rlhf.algorithms.common import Algorithm, KLConfig, make_rollout
 from rlhf.algorithms.kl_control import KLControl, KLControlConfig
 from rlhf.algorithms.ppo import PPO, PPOConfig
@@ -36,6 +38,11 @@ class TuneConfig(Section):
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts (PPO/RLOO assume 1).")
     checkpoint_every: int = Field(50, ge=1, description="Write a resumable checkpoint every this many iterations.")
+    rollout_seeds: Literal["auto", "batch", "sequence"] = Field(
+        "auto",
+        description="batch: one random stream for the whole rollout batch; sequence: one per sequence, seeded by its index in the "
+        "global batch, so N processes sample exactly the sequences one process samples; auto: batch with one process, sequence with several.",
+    )
     kl: KLConfig = Field(default_factory=KLConfig, description="The KL term and reward scale.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO settings.")
     rloo: RLOOConfig = Field(default_factory=RLOOConfig, description="RLOO settings.")
@@ -76,6 +83,12 @@ class Tuner:
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, fused=True)
         self.loop = TrainLoop(run, f"tune-{name or cfg.algorithm}", model, optimizer, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
                               grad_clip=cfg.grad_clip, tokenizer=task.tokenizer, progress=progress)
+        # Each process samples and trains on its contiguous share of the global batch (RLOO: whole groups).
+        self.start, self.end = distributed.shard_bounds(cfg.batch_size, "tune.batch_size")
+        if cfg.algorithm == "rloo" and (self.end - self.start) % cfg.rloo.k:
+            raise ValueError(f"tune.batch_size / processes ({self.end - self.start}) must be a multiple of rloo.k ({cfg.rloo.k}): a leave-one-out group must stay on one process")
+        seeds = cfg.rollout_seeds if cfg.rollout_seeds != "auto" else ("batch" if distributed.world_size() == 1 else "sequence")
+        self.per_sequence = seeds == "sequence"
         kl = cfg.kl
         self.ctl = AdaptiveKLController(kl.beta, kl.target_kl, kl.horizon) if kl.adaptive else FixedKLController(kl.beta)
         self.prompts = task.train_prompts()
@@ -93,19 +106,27 @@ class Tuner:
         cfg, task, algo = self.cfg, self.task, self.algo
         group = cfg.rloo.k if cfg.algorithm == "rloo" else 1
         rng = np.random.default_rng([self.seed, step])
-        picked = [self.prompts[i] for i in rng.integers(0, len(self.prompts), cfg.batch_size // group) for _ in range(group)]
-        self.gen.manual_seed(int(rng.integers(2**62)))
+        batch = [self.prompts[i] for i in rng.integers(0, len(self.prompts), cfg.batch_size // group) for _ in range(group)]
+        picked = batch[self.start : self.end]  # this process's rows of the global batch
+        base_seed = int(rng.integers(2**62))
+        self.gen.manual_seed(base_seed)
         probs_fn = algo.probs_fn() if hasattr(algo, "probs_fn") else None
-        ro = make_rollout(algo.sampler, self.prior, [p.ids for p in picked], [p.n_new for p in picked], pad_id=task.tokenizer.pad_token_id,
-                          allowed=task.allowed, generator=self.gen, probs_fn=probs_fn, temperature=cfg.temperature,
-                          eos_id=getattr(task, "eos_id", None), hidden=cfg.algorithm == "ppo")
+        if self.per_sequence:
+            # row b of the global batch draws from its own stream, whatever process samples it
+            probs_fn = distributed.RowSampler(distributed.row_seeds(base_seed, step, range(self.start, self.end)), max(p.n_new for p in batch),
+                                              allowed=task.allowed, temperature=cfg.temperature, base=probs_fn)
+        with distributed.generation(self.loop.model):
+            ro = make_rollout(algo.sampler, self.prior, [p.ids for p in picked], [p.n_new for p in picked], pad_id=task.tokenizer.pad_token_id,
+                              allowed=task.allowed, generator=self.gen, probs_fn=probs_fn, temperature=cfg.temperature,
+                              eos_id=getattr(task, "eos_id", None), hidden=cfg.algorithm == "ppo")
         task_reward = task.step_rewards(picked, ro.tokens)  # [B, T]
         metrics = algo.update(self.loop, ro, task_reward, self.ctl.value)
         metrics["kl/coef"] = self.ctl.value
-        self.ctl.update(metrics["kl/seq"], cfg.batch_size)
+        self.ctl.update(metrics["kl/seq"], cfg.batch_size)  # kl/seq is the global batch's mean (rl_metrics)
         self.loop.extra_state["kl_ctl"] = self.ctl.state_dict()
         if hasattr(algo, "state_dict"):
-            self.loop.extra_state["algo"] = algo.state_dict()
+            # a callable: evaluated (on every rank) only when a checkpoint is written
+            self.loop.extra_state["algo"] = algo.state_dict
         return metrics
 
 
@@ -121,5 +142,7 @@ def tune(run: Run, cfg: TuneConfig, task, prior_dir: Path, *, seed: int, resume:
         tuner.loop.log(metrics)
     final = run.final_model_dir(name or cfg.algorithm)
     tuner.loop.finish(final)
-    task.codec.save(final)
+    if tuner.loop.accelerator.is_main_process:
+        task.codec.save(final)
+    tuner.loop.accelerator.wait_for_everyone()
     return final

@@ -4,6 +4,7 @@ KL, the prior never moves, and an interrupted tune resumes exactly."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -142,3 +143,49 @@ def test_run_with_a_sweep_reports_the_tradeoff(quick_run, tmp_path):
     report = (run_dir / "report.md").read_text()
     assert "plots/tradeoff.png" in report and "Ablation, KL term off" in report and "## Fine-tuning: g" in report
     assert (run_dir / "plots" / "tradeoff.png").is_file()
+
+
+class _ZeroReward:
+    """The task with its reward switched off: only the KL term acts."""
+
+    def __init__(self, task):
+        self._task = task
+
+    def __getattr__(self, name):
+        return getattr(self._task, name)
+
+    def step_rewards(self, prompts, tokens):
+        return torch.zeros(tokens.shape)
+
+
+@pytest.mark.parametrize("algorithm,estimator", [("rloo", "exact"), ("ppo", "exact"), ("rloo", "k1"), ("ppo", "k2")])
+def test_kl_term_alone_pulls_a_perturbed_policy_back_to_the_prior(quick_run, tmp_path, algorithm, estimator):
+    """With no task reward the objective's optimum is the prior itself. A policy pushed away from
+    it must come back: this fails if a per-state KL (exact, k2) enters only as a reward, whose
+    score-function gradient never lowers the KL at the states it visits (rlhf/kl.py:
+    kl_pathwise_loss). Measured as the exact KL per token of the rollouts."""
+    from rlhf.tune import Tuner
+
+    task, prior = task_and_prior(quick_run)
+    cfg = TuneConfig.model_validate({"algorithm": algorithm, "steps": 16, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 100,
+                                     "kl": {"estimator": estimator, "beta": 1.0}, "rloo": {"k": 4}})
+    tuner = Tuner(Run(tmp_path / "run"), cfg, _ZeroReward(task), prior, seed=0, progress=False)
+    policy = tuner.algo.sampler
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    def exact_kl() -> float:
+        from rlhf.rollout import kl_to_reference_many
+
+        rep, comps = task.sample(policy, task.train_prompts()[:8], 4, temperature=1.0, seed=0)
+        return float(np.mean(kl_to_reference_many(policy, tuner.prior, [p.ids for p in rep], comps,
+                                                  pad_id=task.tokenizer.pad_token_id, allowed=task.allowed)))
+
+    before = exact_kl()
+    for step in range(16):
+        tuner.iteration(step)
+        tuner.loop.advance()
+    after = exact_kl()
+    # k1's restoring force is the score function alone (noisier); exact and k2 also have the pathwise gradient
+    assert after < (0.9 if estimator == "k1" else 0.6) * before, (before, after)

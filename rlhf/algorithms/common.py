@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from rlhf import distributed
 from rlhf.config import Section
 from rlhf.advantages import masked_mean, masked_sum
 from rlhf.kl import KLEstimator, masked_log_softmax, per_token_kl, sequence_kl
@@ -15,7 +16,7 @@ from rlhf.rollout import decode, eos_lengths, left_pad, length_mask, sequence_fo
 
 
 class KLConfig(Section):
-    estimator: KLEstimator = Field("exact", description="Per-token KL estimator: k1, k2, k3 (Schulman) or exact over the action space.")
+    estimator: KLEstimator = Field("k1", description="Per-token KL in the shaped reward: k1 = log π/p (Ziegler et al. 2019; the reward alone gives the right gradient), k2, k3 (Schulman) or exact over the action space (these three also add their pathwise gradient to the loss: rlhf/kl.py kl_pathwise_loss).")
     beta: float = Field(0.1, ge=0, description="KL coefficient β (initial value when adaptive); 0 switches the KL term off.")
     adaptive: bool = Field(False, description="Adapt β toward target_kl (Ziegler et al. 2019).")
     target_kl: float = Field(2.0, gt=0, description="Adaptive β: target KL per sequence (nats).")
@@ -77,8 +78,12 @@ def make_rollout(
 
 
 def rl_metrics(ro: Rollout, task_reward: torch.Tensor, kl: torch.Tensor, shaped: torch.Tensor) -> dict[str, float]:
-    """The metrics every algorithm logs about its rollout batch (see docs/metrics.md)."""
+    """The metrics every algorithm logs about its rollout batch (see docs/metrics.md), over
+    the global batch: under a launcher each rank holds a shard, and ``kl/seq`` feeds the
+    adaptive KL controller, which must see the same value on every rank."""
     m = ro.mask
+    if distributed.world_size() > 1:
+        return _global_rl_metrics(ro, task_reward, kl, shaped)
     return {
         "reward/task": float(masked_sum(task_reward, m, dim=-1).mean()),
         "reward/shaped": float(masked_sum(shaped, m, dim=-1).mean()),
@@ -87,6 +92,19 @@ def rl_metrics(ro: Rollout, task_reward: torch.Tensor, kl: torch.Tensor, shaped:
         "logp/prior": float(masked_mean(ro.logp_prior, m)),
         "logp/policy": float(masked_mean(ro.logp, m)),
     }
+
+
+def _global_rl_metrics(ro: Rollout, task_reward: torch.Tensor, kl: torch.Tensor, shaped: torch.Tensor) -> dict[str, float]:
+    """:func:`rl_metrics` from sums over all ranks in one all-reduce: per-sequence means are
+    Σ_rows / rows, per-token means Σ_tokens / tokens of the global batch."""
+    m = ro.mask
+    per_row = torch.stack([masked_sum(task_reward, m, dim=-1), masked_sum(shaped, m, dim=-1), sequence_kl(kl, m)]).double().sum(-1)  # [3]
+    per_tok = torch.stack([masked_sum(kl, m), masked_sum(ro.logp_prior, m), masked_sum(ro.logp, m)]).double()  # [3]
+    counts = torch.tensor([float(m.shape[0]), float(m.bool().sum())], dtype=torch.float64)
+    s = distributed.all_sum(torch.cat([per_row, per_tok, counts]))
+    rows, toks = s[6].clamp(min=1), s[7].clamp(min=1)
+    return {"reward/task": float(s[0] / rows), "reward/shaped": float(s[1] / rows), "kl/seq": float(s[2] / rows),
+            "kl/mean": float(s[3] / toks), "logp/prior": float(s[4] / toks), "logp/policy": float(s[5] / toks)}
 
 
 Algorithm = Literal["ppo", "rloo", "q", "psi", "g"]

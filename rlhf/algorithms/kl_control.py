@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from rlhf import distributed
 from rlhf.algorithms.common import KLConfig, Rollout, rl_metrics
 from rlhf.config import Section
 from rlhf.kl import masked_log_softmax
@@ -70,6 +71,10 @@ class KLControl:
         return None
 
     def _store(self, ro: Rollout, task_reward: torch.Tensor) -> None:
+        # Under a launcher each rank keeps its own rollouts: buffer_size is the global capacity.
+        cap = max(1, self.cfg.buffer_size // distributed.world_size())
+        if self.buffer.maxlen != cap:
+            self.buffer = deque(self.buffer, maxlen=cap)
         pm = ro.prompt_mask.bool()
         for i, n in enumerate(ro.lengths):
             self.buffer.append({"prompt": ro.prompts[i][pm[i]].tolist(), "tokens": ro.tokens[i, :n].cpu(), "reward": task_reward[i, :n].cpu()})
@@ -98,7 +103,7 @@ class KLControl:
     def td_step(self, loop, rows: list[dict]) -> float:
         device = next(self.model.parameters()).device
         ids, pmask, tokens, task_reward, mask = self._batch(rows, device)
-        logits, _ = sequence_forward(self.model, ids, pmask, tokens)  # [b, T, V]
+        logits, _ = sequence_forward(distributed.training_forward(loop, self.model), ids, pmask, tokens)  # [b, T, V], synchronised gradients
         with torch.no_grad():
             prior_logits = sequence_forward(self.prior, ids, pmask, tokens)[0].float()
             logp_prior_all = masked_log_softmax(prior_logits, self.allowed)  # [b, T, V]
@@ -113,24 +118,37 @@ class KLControl:
                 y = (q_target if self.kind == "q" else psi_target)(reward, nxt, done, self.cfg.gamma, self.allowed)
         values = logits.float() - offset
         loss = td_loss(action_values(values, tokens), y, mask, self.cfg.loss)
+        if distributed.world_size() > 1:
+            loss = loss * distributed.token_share(mask)[0]  # rank means → the global minibatch's token mean
         loop.optimizer_step(loss)
-        soft_update(self.target, self.model, self.cfg.tau)
+        with distributed.gathered(self.model):  # ZeRO-3 keeps only a shard of θ on each rank
+            soft_update(self.target, self.model, self.cfg.tau)
         return float(loss.detach())
 
     def update(self, loop, ro: Rollout, task_reward: torch.Tensor, beta: float) -> dict[str, float]:
         self._store(ro, task_reward)
         pool = list(self.buffer)  # one copy per iteration, not per gradient step
-        losses = [self.td_step(loop, random.sample(pool, min(self.cfg.minibatch, len(pool)))) for _ in range(self.cfg.updates_per_step)]
+        # each rank draws its share of the global minibatch from its own buffer
+        minibatch = max(1, self.cfg.minibatch // distributed.world_size())
+        losses = [self.td_step(loop, random.sample(pool, min(minibatch, len(pool)))) for _ in range(self.cfg.updates_per_step)]
         kl = ro.kl(self.kl_cfg.estimator, self.allowed)
         shaped = td_reward(self.kind, task_reward, ro.logp_prior, self.kl_cfg.c) * ro.mask
-        out = {"loss/td": sum(losses) / len(losses), "buffer/size": float(len(self.buffer))}
+        size = float(len(self.buffer)) if distributed.world_size() == 1 else float(distributed.all_sum(torch.tensor(float(len(self.buffer)))))
+        out = {"loss/td": sum(losses) / len(losses), "buffer/size": size}
         out.update(rl_metrics(ro, task_reward, kl, shaped))
         return out
 
     def state_dict(self) -> dict:
+        """Target network and replay buffer; under a launcher every rank's buffer (a collective:
+        call it on all ranks), since each holds different rollouts."""
+        if distributed.world_size() > 1:
+            return {"target": self.target.state_dict(), "buffers": distributed.gather_objects(list(self.buffer))}
         return {"target": self.target.state_dict(), "buffer": list(self.buffer)}
 
     def load_state_dict(self, state: dict) -> None:
         self.target.load_state_dict(state["target"])
+        if "buffers" in state and len(state["buffers"]) != distributed.world_size():
+            raise ValueError(f"the checkpoint holds the replay buffers of {len(state['buffers'])} processes; resume with that many")
+        rows = state["buffers"][distributed.rank()] if "buffers" in state else state["buffer"]
         self.buffer.clear()
-        self.buffer.extend(state["buffer"])
+        self.buffer.extend(rows)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from rlhf.advantages import gae, masked_mean, whiten
+from rlhf import distributed
+from rlhf.advantages import gae, masked_mean
 from rlhf.algorithms.common import KLConfig, Rollout, gather_logp, rl_metrics
 from rlhf.config import Section
-from rlhf.kl import shape_rewards
+from rlhf.kl import kl_pathwise_loss, shape_rewards
 from rlhf.losses import entropy_from_logits, ppo_policy_loss, value_loss
 from rlhf.policy import PolicyWithValue
 
@@ -54,24 +55,50 @@ class PPO:
             rewards = rewards.clamp(-cfg.reward_clip, cfg.reward_clip)
         old_values = self._values(ro)  # [B, T]
         adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        # the pathwise KL term (see kl_pathwise_loss) must keep its weight β relative to the
+        # advantages, so it is divided by the same σ the whitening divides them by
+        kl_coef = beta
         if cfg.whiten_advantages:
-            adv = whiten(adv, mask)
+            mu = distributed.global_masked_mean(adv, mask)
+            kl_coef = beta / float(distributed.global_masked_mean((adv - mu) ** 2, mask).sqrt().clamp(min=1e-8))
+            adv = distributed.global_whiten(adv, mask)  # μ, σ² over the global batch, not this rank's shard
         b = ro.tokens.shape[0]
-        size = max(1, b // cfg.minibatches)
-        stats: dict[str, list[float]] = {"loss/policy": [], "loss/value": [], "entropy": [], "clip/frac": [], "kl/approx": []}
+        world = distributed.world_size()
+        # Minibatches are drawn from the *global* batch (same permutation on every rank: the
+        # torch RNG is seeded alike); each rank trains on the rows it holds, weighted by its
+        # share of the minibatch's tokens, so N processes take the steps one process takes.
+        n_global, offset = b * world, distributed.rank() * b
+        size = max(1, n_global // cfg.minibatches)
+        model = distributed.training_forward(loop, self.model)  # through DDP / DeepSpeed: synchronised gradients
+        stats: dict[str, list[float]] = {"loss/policy": [], "loss/value": [], "loss/kl": [], "entropy": [], "clip/frac": [], "kl/approx": []}
         stopped = False
         for _ in range(cfg.epochs):
-            for idx in torch.randperm(b).split(size):
-                logits, values = self.model(ro.prompts[idx], ro.prompt_mask[idx], ro.tokens[idx])
-                logp = gather_logp(logits, ro.tokens[idx], self.allowed)
-                m = mask[idx]
-                pg, st = ppo_policy_loss(logp, ro.logp[idx], adv[idx], m, cfg.clip)
+            minibatches = [_local_rows(gidx, offset, b, mask) for gidx in torch.randperm(n_global).split(size)]
+            if world > 1:  # every minibatch's global token count, in one all-reduce per epoch
+                totals = distributed.all_sum(torch.stack([m.bool().sum() for _, m in minibatches])).tolist()
+            for j, (idx, m) in enumerate(minibatches):
+                logits, values = model(ro.prompts[idx], ro.prompt_mask[idx], ro.tokens[idx])
+                # Padding after EOS holds a token outside the action space (log π = −inf): exp(−inf − (−inf))
+                # is NaN, and the masked mean's zero gradient times NaN is NaN. Real tokens are unchanged.
+                logp = _real(gather_logp(logits, ro.tokens[idx], self.allowed), m)
+                pg, st = ppo_policy_loss(logp, _real(ro.logp[idx], m), adv[idx], m, cfg.clip)
                 vl = value_loss(values, old_values[idx], returns[idx], m, cfg.value_clip)
+                pw = kl_pathwise_loss(self.kl_cfg.estimator, logp, _real(ro.logp_prior[idx], m), m, logits.float(), ro.logits_prior[idx], self.allowed)
                 ent = masked_mean(entropy_from_logits(logits.float(), self.allowed), m)
-                loop.optimizer_step(pg + cfg.vf_coef * vl - cfg.ent_coef * ent)
-                for k, v in (("loss/policy", pg), ("loss/value", vl), ("entropy", ent), ("clip/frac", st["clip/frac"]), ("kl/approx", st["kl/approx"])):
+                terms = {"loss/policy": pg, "loss/value": vl, "loss/kl": pw, "entropy": ent, "clip/frac": st["clip/frac"], "kl/approx": st["kl/approx"]}
+                global_kl = None
+                if world > 1:
+                    # rank means → global token means once DDP (or loop.log) averages over ranks: n_r·W/N
+                    scale = float(m.bool().sum()) * world / max(totals[j], 1.0)
+                    terms = {k: v * scale for k, v in terms.items()}
+                    if cfg.target_kl is not None:  # the early-stop decision must be the same on every rank
+                        global_kl = distributed.all_sum_async(terms["kl/approx"])  # waited for after the step
+                loop.optimizer_step(terms["loss/policy"] + kl_coef * terms["loss/kl"] + cfg.vf_coef * terms["loss/value"] - cfg.ent_coef * terms["entropy"])
+                if global_kl is not None:
+                    terms["kl/approx"] = global_kl() / world
+                for k, v in terms.items():
                     stats[k].append(float(v.detach()))
-                if cfg.target_kl is not None and float(st["kl/approx"]) > cfg.target_kl:
+                if cfg.target_kl is not None and float(terms["kl/approx"]) > cfg.target_kl:
                     stopped = True
                     break
             if stopped:
@@ -81,3 +108,19 @@ class PPO:
         out["ppo/early_stop"] = float(stopped)
         return out
 
+
+
+def _local_rows(gidx: torch.Tensor, offset: int, b: int, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's row indices, their mask) among the global rows ``gidx`` of a minibatch,
+    when the rank holds global rows [offset, offset + b). With one process: ``gidx`` itself.
+    A rank that holds none of them still runs a forward and backward (DDP needs every rank's
+    gradients) on one row with an all-zero mask, which contributes nothing."""
+    mine = gidx[(gidx >= offset) & (gidx < offset + b)] - offset
+    if len(mine) == 0:
+        return gidx.new_zeros(1), torch.zeros_like(mask[:1])
+    return mine, mask[mine]
+
+
+def _real(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x on real tokens, 0 on padding."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from rlhf import distributed
 from rlhf.advantages import masked_sum, rloo_advantages
 from rlhf.algorithms.common import KLConfig, Rollout, gather_logp, rl_metrics
 from rlhf.config import Section
-from rlhf.kl import shape_rewards
+from rlhf.kl import kl_pathwise_loss, shape_rewards
 from rlhf.losses import reinforce_loss
 from rlhf.rollout import sequence_forward
 
@@ -32,9 +33,15 @@ class RLOO:
         shaped = shape_rewards(task_reward, kl, ro.mask, beta, self.kl_cfg.c)  # [B, T]
         adv = rloo_advantages(masked_sum(shaped, ro.mask, dim=-1), self.cfg.k)  # [B]
         losses = []
+        model = distributed.training_forward(loop, self.model)  # through DDP / DeepSpeed: synchronised gradients
+        scale = distributed.token_share(ro.mask)[0] if distributed.world_size() > 1 else None  # global token mean
         for _ in range(self.cfg.epochs):
-            logits, _ = sequence_forward(self.model, ro.prompts, ro.prompt_mask, ro.tokens)
-            loss = reinforce_loss(gather_logp(logits, ro.tokens, self.allowed), adv, ro.mask)
+            logits, _ = sequence_forward(model, ro.prompts, ro.prompt_mask, ro.tokens)
+            logp = gather_logp(logits, ro.tokens, self.allowed)
+            loss = reinforce_loss(logp, adv, ro.mask) + beta * kl_pathwise_loss(
+                self.kl_cfg.estimator, logp, ro.logp_prior, ro.mask, logits.float(), ro.logits_prior, self.allowed)
+            if scale is not None:
+                loss = loss * scale
             loop.optimizer_step(loss)
             losses.append(float(loss.detach()))
         out = {"loss/policy": sum(losses) / len(losses)}
