@@ -188,6 +188,12 @@ def records_from_rows(rows: Iterable[tuple[str, dict[str, Any]]], source: str, *
     columns: dict[str, None] = {}
     for where, row in rows:
         columns.update(dict.fromkeys(row))
+        meta = row.get("metadata")
+        if isinstance(meta, dict) and meta.get("kind") == "candidate-pair":
+            # chosen/rejected of an `rlhf export-pairs` row are only sides A and B: training on
+            # them would teach that A always wins
+            raise UserError(f"{where}: an unlabelled candidate pair (metadata.kind: candidate-pair, from `rlhf export-pairs`), not a preference. "
+                            "Label the pairs (`rlhf label serve`, then `rlhf label export`) or import labels (`rlhf import-labels`), and use that file.")
         rec = parse_record(row, where, errors, empty_is_missing=empty_is_missing)
         if rec is not None:
             out.append(rec)

@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from reward_models.data import load_preferences
+from rlhf.errors import UserError
 from reward_models.labelling.cli import export_pairs_main, import_labels_main
 from reward_models.labelling.loop import pair_pieces, tiny_prior
 from reward_models.labelling.pairs import make_pair_id, read_pairs
@@ -88,10 +89,12 @@ def test_export_writes_every_format(export, prior):
             upper, lower = read_back(export / files["musicxml"])
             assert (upper, lower) == (list(piece.upper), list(piece.lower))
             assert (export / files["midi"]).read_bytes()[:4] == b"MThd"
-    # the file is the schema's (TRL columns): it loads, warning only about the metadata column
-    with pytest.warns(UserWarning, match="metadata"):
-        recs = load_preferences(export / "pairs.jsonl")
-    assert [(r.prompt, r.chosen, r.rejected) for r in recs] == [(p.prompt, p.a, p.b) for p in pairs]
+    # the file has the schema's (TRL) columns, with A and B as chosen/rejected; being unlabelled,
+    # it is refused as preference data (training on it would teach that A always wins)
+    rows = [json.loads(line) for line in (export / "pairs.jsonl").read_text().splitlines() if line.strip()]
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [(p.prompt, p.a, p.b) for p in pairs]
+    with pytest.raises(UserError, match="unlabelled candidate pair"):
+        load_preferences(export / "pairs.jsonl")
     # CSV for spreadsheets
     with (export / "pairs.csv").open() as f:
         table = list(csv.DictReader(f))

@@ -248,3 +248,12 @@ def test_warnings_are_not_raised_for_clean_files(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_preferences(path)
+
+
+def test_unlabelled_candidate_pairs_are_refused_as_preferences(tmp_path):
+    """An `rlhf export-pairs` file has the schema's columns, but its chosen/rejected are only the
+    sides A and B: loading it as preferences would teach that A always wins."""
+    row = {"prompt": "p", "chosen": "a", "rejected": "b", "pair_id": "x", "metadata": {"kind": "candidate-pair", "domain": "text"}}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [row])
+    with pytest.raises(UserError, match=rf"{path}:1: an unlabelled candidate pair.*rlhf label serve"):
+        load_preferences(path)
