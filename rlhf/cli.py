@@ -289,13 +289,26 @@ def cmd_config_help(args: argparse.Namespace) -> int:
 
     values, cls = None, RunConfig
     if args.config:
-        cfg = load_run_config(args.config)
+        from rlhf.config import load_config, read_yaml
+
+        keys = set(read_yaml(args.config)[0])
+        # the config families: personalisation, reward models, and the run configs (by task.name)
+        if "reward_run" in keys:
+            from reward_models.personal import PersonalConfig
+
+            cfg = load_config(PersonalConfig, args.config)
+        elif keys & {"methods", "bt", "vpl", "simulate"}:
+            from reward_models.cli import RewardRunConfig
+
+            cfg = load_config(RewardRunConfig, args.config)
+        else:
+            cfg = load_run_config(args.config)
         values, cls = cfg.model_dump(), type(cfg)
     for key, default, doc in describe(cls):
         if values is not None:
             v = values
             for part in key.split("."):
-                v = v[part]
+                v = v.get(part) if isinstance(v, dict) else None  # a section set to null has no sub-keys
             default = repr(v)
         print(f"{key} = {default}\n    {doc}")
     return 0
