@@ -28,6 +28,7 @@ from reward_models.metrics import summary
 from rlhf.config import Section
 from rlhf.pretrain import batch_indices
 from rlhf.runs import Run
+from rlhf import distributed
 from rlhf.trainer import TrainLoop
 
 log = logging.getLogger("rlhf")
@@ -113,6 +114,18 @@ class PairTrainer:
     loop: TrainLoop
     cfg: Any
 
+    def _build_loop(self, run: Run, stage: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, progress: bool,
+                    global_rows: int, what: str) -> None:
+        """AdamW (fused: one kernel over all parameter tensors, several times faster per step on
+        CPU) with cosine warm-up, the training loop, and this rank's ``shard`` of the
+        ``global_rows`` drawn per step (the same global batch on every rank)."""
+        cfg = self.cfg
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+        self.loop = TrainLoop(run, stage, model, optimizer, scheduler, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
+                              keep_checkpoints=cfg.keep_checkpoints, grad_clip=cfg.grad_clip, tokenizer=tokenizer, progress=progress)
+        self.shard = slice(*distributed.shard_bounds(global_rows, what))
+
     def step(self, step: int) -> dict[str, float]:
         raise NotImplementedError
 
@@ -138,21 +151,12 @@ class BTTrainer(PairTrainer):
         if len(train) == 0:
             raise ValueError("BT training: no comparable (non-tie) training pairs")
         self.cfg, self.train, self.val, self.seed = cfg, train, val, seed
-        # fused: one kernel over all parameter tensors (several times faster per step on CPU)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-        self.loop = TrainLoop(run, stage, model, optimizer, scheduler, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
-                              keep_checkpoints=cfg.keep_checkpoints, grad_clip=cfg.grad_clip, tokenizer=tokenizer, progress=progress)
-        acc = self.loop.accelerator
-        self.local = cfg.batch_size // acc.num_processes
-        if self.local * acc.num_processes != cfg.batch_size:
-            raise ValueError(f"bt.batch_size ({cfg.batch_size}) must be divisible by the number of processes ({acc.num_processes})")
+        self._build_loop(run, stage, model, tokenizer, progress, cfg.batch_size, "bt.batch_size")
 
     def step(self, step: int) -> dict[str, float]:
         """One optimizer step on the global batch of ``step`` (this process's slice)."""
-        acc = self.loop.accelerator
         idx = batch_indices(len(self.train), self.cfg.batch_size, step, self.seed)
-        mine = idx[acc.process_index * self.local : (acc.process_index + 1) * self.local]
+        mine = idx[self.shard]
         batch, inverse = self.train.unique_batch(mine, self.loop.device)  # each distinct sequence once
         rc, rr = pair_rewards(self.loop.model, batch, inverse)
         bt = bt_loss(rc, rr, batch.get("margin"))

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from reward_models.backbone import PairTensors, last_token_hidden
@@ -45,7 +45,6 @@ from reward_models.data import Preference, by_rater, comparable
 from reward_models.metrics import summary
 from rlhf.config import Section
 from rlhf.runs import Run
-from rlhf.trainer import TrainLoop
 
 log = logging.getLogger("rlhf")
 
@@ -380,14 +379,7 @@ class VPLTrainer(PairTrainer):
             raise ValueError("VPL training: no raters")
         self.cfg, self.train, self.rater_pairs, self.val, self.held, self.seed = cfg, train, rater_pairs, val, held, seed
         self.eval_context = eval_context
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-        self.loop = TrainLoop(run, stage, model, optimizer, scheduler, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
-                              keep_checkpoints=cfg.keep_checkpoints, grad_clip=cfg.grad_clip, tokenizer=tokenizer, progress=progress)
-        acc = self.loop.accelerator
-        self.local = cfg.raters_per_batch // acc.num_processes
-        if self.local * acc.num_processes != cfg.raters_per_batch:
-            raise ValueError(f"vpl.raters_per_batch ({cfg.raters_per_batch}) must be divisible by the number of processes ({acc.num_processes})")
+        self._build_loop(run, stage, model, tokenizer, progress, cfg.raters_per_batch, "vpl.raters_per_batch")
 
     def ramp(self, step: int) -> float:
         """0 → 1 linearly over ``beta_warmup_steps`` (1 without warm-up)."""
@@ -410,7 +402,7 @@ class VPLTrainer(PairTrainer):
         # z = μ + ramp·σ·ε, so the head first learns to read μ before the noise and the KL arrive
         eps = torch.randn(cfg.raters_per_batch, cfg.latent_dim, generator=gen).to(self.loop.device) * self.ramp(step)
         if acc.num_processes > 1:
-            mine = slice(acc.process_index * self.local, (acc.process_index + 1) * self.local)
+            mine = self.shard
             rb, eps = RaterBatch(rb.context[mine], rb.targets[mine]), eps[mine]
         out = self.loop.model(pairs=self.train, rater_batch=rb, eps=eps)
         beta = self.beta(step)

@@ -118,13 +118,11 @@ def pretrain(
     pad_id = tokenizer.pad_token_id
     # Each process takes its slice of the same global batch, so the result does not depend
     # on the number of processes (up to floating-point summation order).
-    local = cfg.batch_size // acc.num_processes
-    if local * acc.num_processes != cfg.batch_size:
-        raise ValueError(f"pretrain.batch_size ({cfg.batch_size}) must be divisible by the number of processes ({acc.num_processes})")
+    shard = slice(*distributed.shard_bounds(cfg.batch_size, "pretrain.batch_size"))
     loop.model.train()
     for step in loop.steps():
         idx = batch_indices(len(train), cfg.batch_size, step, seed)
-        mine = idx[acc.process_index * local : (acc.process_index + 1) * local]
+        mine = idx[shard]
         batch = {k: v.to(loop.device) for k, v in collate([train[i] for i in mine], pad_id).items()}
         nll, correct, count = token_stats(loop.model, batch)
         if acc.num_processes == 1:
