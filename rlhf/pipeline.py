@@ -62,6 +62,17 @@ class RunConfig(Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Extra tuning runs for comparisons: other algorithms, and β for the trade-off curve.")
     reward: LearnedRewardConfig | None = Field(None, description="Tune against a trained reward model (BT or VPL with a rater's context) instead of the task's reward; null = the task's reward.")
 
+    @model_validator(mode="after")
+    def _fits_counterpoint(self) -> "RunConfig":
+        if isinstance(self.task, CounterpointConfig) and self.model.path is None:
+            need = self.task.positions_needed()
+            if self.model.max_positions < need:
+                raise ValueError(
+                    f"model.max_positions ({self.model.max_positions}) is shorter than the longest {self.task.mode} sequence ({need} tokens: "
+                    f"prompt + notes + <eos>, see task.data.max_notes); raise model.max_positions to at least {need} or lower task.data.max_notes"
+                )
+        return self
+
 
 class TranslationRunConfig(RunConfig):
     """The same job for translation (``task.name: translation``): the MLE prior, then RL on sentence BLEU."""

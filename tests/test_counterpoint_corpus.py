@@ -204,8 +204,8 @@ def test_corpus_stats(chorale_examples) -> None:
     stats = corpus_stats(chorale_examples, codec)
     assert stats["examples"] == len(chorale_examples)
     assert stats["pieces"] == N_CHORALES
-    # prompt: bos, position, N cantus, sep; completion: N intervals, eos
-    assert stats["tokens"] == sum(2 * len(p.cantus) + 4 for p in chorale_examples)
+    # prompt: bos, position, N cantus, sep, (16 - N) padding seps; completion: N intervals, eos
+    assert stats["tokens"] == sum(max(len(p.cantus), 16) + len(p.cantus) + 4 for p in chorale_examples)
 
 
 # --------------------------------------------------------------------------- melodies

@@ -84,7 +84,40 @@ def test_interval_tokens_match_music21_semitones(fs: Codec) -> None:
 def test_prompt_text_layout(fs: Codec) -> None:
     piece = FirstSpeciesPiece((62, 65, 64), (69, 69, 67), "above", 2)
     text = fs.tokenizer.decode(fs.encode_prompt(piece))
-    assert text.split() == ["<bos>", "<cf_above>", "cf_62", "cf_65", "cf_64", "<sep>"]
+    assert text.split() == ["<bos>", "<cf_above>", "cf_62", "cf_65", "cf_64", "<sep>"] + ["<sep>"] * 13
+    old = build_codec("first_species", cantus_slots=0)  # the layout before the padding
+    assert old.tokenizer.decode(old.encode_prompt(piece)).split() == ["<bos>", "<cf_above>", "cf_62", "cf_65", "cf_64", "<sep>"]
+
+
+@pytest.mark.parametrize("n", [3, 9, 16, 20])
+def test_cantus_note_i_sits_a_fixed_distance_before_the_token_that_predicts_interval_i(fs: Codec, n: int) -> None:
+    """With the padding, cf_i and the position that predicts d_i are ``cantus_slots`` apart for
+    every cantus of up to 16 notes (the point of the layout); a longer cantus is unpadded."""
+    cantus = tuple(50 + (k % 7) for k in range(n))
+    piece = FirstSpeciesPiece(cantus, tuple(c + 7 for c in cantus), "below", 2)
+    prompt, completion = fs.encode(piece)
+    seq = prompt + completion
+    toks = fs.tokenizer.convert_ids_to_tokens(seq)
+    for i in range(n):
+        cf_pos = 2 + i
+        predictor = len(prompt) + i - 1  # the position whose next-token logits give d_i
+        assert toks[cf_pos] == f"cf_{cantus[i]}" and toks[predictor + 1] == "iv_+7"
+        assert predictor - cf_pos == (16 if n <= 16 else n)
+    assert fs.decode(prompt, completion, final=2) == piece
+    assert fs.completion_length(prompt) == n
+
+
+def test_old_layout_tokenizer_still_loads_and_decodes(tmp_path) -> None:
+    old = build_codec("first_species", cantus_slots=0)
+    old.save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del cfg["codec_cantus_slots"]  # as written before the padding existed
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    loaded = Codec.load(tmp_path)
+    assert loaded.cantus_slots == 0
+    piece = random_pieces(1)[0]
+    assert loaded.encode(piece) == old.encode(piece)
+    assert loaded.decode(*old.encode(piece)).counterpoint == piece.counterpoint
 
 
 def test_decode_defaults_and_missing_eos(fs: Codec) -> None:
@@ -144,6 +177,7 @@ def test_save_and_autotokenizer_reload(tmp_path, mode: str) -> None:
         assert reloaded(text)["input_ids"] == prompt + completion
         assert codec.tokenizer(text)["input_ids"] == prompt + completion
         assert loaded.encode(item) == (prompt, completion)
+        assert loaded.cantus_slots == codec.cantus_slots
 
 
 def test_load_rejects_foreign_tokenizer(tmp_path) -> None:

@@ -230,7 +230,8 @@ def test_music_candidates_pair_real_lines_with_the_same_prompt():
     assert all(s == "bach/x#p1" for s in c.source)
     codec = build_codec("first_species")
     ids = codec.tokenizer(c.prompt[0] + c.response[0])["input_ids"]
-    assert codec.decode(ids[: len(cf) + 3], ids[len(cf) + 3 :]).counterpoint == lines[0]  # the strings are the task's tokens
+    n_prompt = len(codec.encode_prompt((cf, "below")))  # the cantus padded to its slots
+    assert codec.decode(ids[:n_prompt], ids[n_prompt:]).counterpoint == lines[0]  # the strings are the task's tokens
     pairs, disputed = classify_pairs(c, prototype(cfg, "A"), prototype(cfg, "B"), 0.0)
     ua, ub = prototype(cfg, "A").utility(c.items), prototype(cfg, "B").utility(c.items)
     for (i, j), d in zip(pairs, disputed):

@@ -66,6 +66,16 @@ class CounterpointConfig(Section):
     data: CounterpointDataConfig = Field(default_factory=CounterpointDataConfig, description="Corpus extraction.")
     eval: CounterpointEvalConfig = Field(default_factory=CounterpointEvalConfig, description="Evaluation.")
 
+    def positions_needed(self) -> int:
+        """Longest token sequence of the task: ``<bos>`` + 32 events + ``<eos>`` (melody); ``<bos>
+        <cf_pos>``, the cantus padded to its slots, ``<sep>``, the notes and ``<eos>`` (first species)."""
+        if self.mode == "melody":
+            return 34
+        from tasks.counterpoint.tokens import DEFAULT_CANTUS_SLOTS
+
+        longest = max(self.data.max_notes, 14)  # Fux's cantus firmi have up to 14 notes
+        return 3 + max(DEFAULT_CANTUS_SLOTS, longest) + longest + 1
+
     @model_validator(mode="after")
     def _known_rules(self) -> "CounterpointConfig":
         from tasks.counterpoint.scoring import rule_names

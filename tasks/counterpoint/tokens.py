@@ -18,8 +18,18 @@ rest), ``on_<midi>`` = note-on of MIDI pitch 48..83 (C3..B5). Event code ``e`` (
 
 Mode ``"first_species"`` -- note against note, the cantus firmus given:
 
-    prompt      <bos> <cf_below>|<cf_above> cf_<m_1> ... cf_<m_N> <sep>
+    prompt      <bos> <cf_below>|<cf_above> cf_<m_1> ... cf_<m_N> <sep> [<sep> x (S - N)]
     completion  iv_<d_1> ... iv_<d_N> <eos>
+
+The cantus is padded with ``<sep>`` to ``S`` slots (``cantus_slots``, 16 by default, stored in
+``tokenizer_config.json`` as ``codec_cantus_slots``), so every prompt of up to S notes has the
+same length and the token that predicts ``d_i`` sits a FIXED distance (S) after ``cf_i``:
+whatever a rule needs from the cantus at note i (its pitch for the mode and the melodic
+motion, whether i is the last note for the cadence) is one fixed-offset attention away. Without
+the padding that offset is N + 1 and varies per cantus; the prior and the policy then had to
+count, and tuning stalled on exactly the rules that need ``cf_i`` (outside_mode,
+unrecovered_leap, parallel_run, bad_end: see README). Tokenizers saved before the padding
+existed load with S = 0 (the old layout). A cantus longer than S is written unpadded.
 
 ``<cf_below>`` means the cantus is the lower voice. ``cf_<m>`` is a cantus note, MIDI 36..84
 (C2..C6). The counterpoint note ``i`` is written as the SIGNED interval ``d_i = cp_i - cf_i``
@@ -104,12 +114,21 @@ def mode_vocab(mode: Mode) -> list[str]:
     raise ValueError(f"unknown codec mode {mode!r}; expected one of {get_args(Mode)}")
 
 
-def build_tokenizer(mode: Mode) -> PreTrainedTokenizerFast:
-    """A WordLevel tokenizer over the whitespace-separated tokens of ``mode``."""
+DEFAULT_CANTUS_SLOTS = 16  # the default corpus's longest piece (task.data.max_notes); Fux's cantus firmi have 9..14 notes
+
+
+def build_tokenizer(mode: Mode, cantus_slots: int | None = None) -> PreTrainedTokenizerFast:
+    """A WordLevel tokenizer over the whitespace-separated tokens of ``mode``; first species
+    records its prompt layout (``cantus_slots``, default 16) in the tokenizer config."""
     vocab = {tok: i for i, tok in enumerate(mode_vocab(mode))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    extra = {"sep_token": SEP} if mode == "first_species" else {}
+    extra: dict = {}
+    if mode == "first_species":
+        slots = DEFAULT_CANTUS_SLOTS if cantus_slots is None else int(cantus_slots)
+        if slots < 0:
+            raise ValueError(f"cantus_slots must be >= 0, got {slots}")
+        extra = {"sep_token": SEP, "codec_cantus_slots": slots}
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS,
@@ -151,6 +170,7 @@ class Codec:
 
     mode: Mode
     tokenizer: PreTrainedTokenizerFast
+    cantus_slots: int = 0  # first species: prompts pad the cantus with <sep> to this many notes (0: no padding)
     completion_token_ids: list[int] = field(init=False)
     _value_of_id: np.ndarray = field(init=False, repr=False)  # [V] event code / interval, or _NA
 
@@ -194,12 +214,14 @@ class Codec:
         )
 
     def encode_prompt(self, item: CantusItem | Melody | None = None) -> list[int]:
-        """``[<bos>]`` for melodies; ``<bos> <cf_pos> cf_... <sep>`` for first species."""
+        """``[<bos>]`` for melodies; ``<bos> <cf_pos> cf_... <sep>`` (+ <sep> padding to
+        ``cantus_slots`` notes) for first species."""
         if self.mode == "melody":
             return [self.bos_id]
         cantus, position = self._cantus_of(item)
         _check_cantus(cantus)
         toks = [BOS, CF_BELOW if position == "below" else CF_ABOVE, *map(cantus_token, cantus), SEP]
+        toks += [SEP] * max(0, self.cantus_slots - len(cantus))
         return [self._ids[t] for t in toks]
 
     def encode_completion(self, item: FirstSpeciesPiece | Melody) -> list[int]:
@@ -243,7 +265,10 @@ class Codec:
         toks = self.tokenizer.convert_ids_to_tokens([int(i) for i in prompt_ids])
         if len(toks) < 4 or toks[0] != BOS or toks[1] not in (CF_BELOW, CF_ABOVE) or toks[-1] != SEP:
             raise ValueError(f"not a first_species prompt (<bos> <cf_below|cf_above> cf_... <sep>): {toks}")
-        body = toks[2:-1]
+        end = len(toks) - 1
+        while end > 2 and toks[end - 1] == SEP:  # the padding after the cantus
+            end -= 1
+        body = toks[2:end]
         if not all(t.startswith("cf_") for t in body):
             raise ValueError(f"first_species prompt has non-cantus tokens between position and <sep>: {toks}")
         return tuple(int(t[3:]) for t in body), ("below" if toks[1] == CF_BELOW else "above")
@@ -302,9 +327,14 @@ class Codec:
                 f"{path}/tokenizer_config.json has codec_mode={mode!r}; expected one of "
                 f"{get_args(Mode)}. Was this tokenizer written by tasks.counterpoint.tokens?"
             )
-        return cls(mode, tok)
+        slots = tok.init_kwargs.get("codec_cantus_slots", 0)  # absent: saved before the padding existed
+        if not isinstance(slots, int) or slots < 0:
+            raise UserError(f"{path}/tokenizer_config.json has codec_cantus_slots={slots!r}; expected an integer >= 0")
+        return cls(mode, tok, slots if mode == "first_species" else 0)
 
 
-def build_codec(mode: Mode) -> Codec:
-    """A fresh codec (and tokenizer) for ``mode``."""
-    return Codec(mode, build_tokenizer(mode))
+def build_codec(mode: Mode, cantus_slots: int | None = None) -> Codec:
+    """A fresh codec (and tokenizer) for ``mode``; first species pads prompts to
+    ``cantus_slots`` cantus notes (default 16, see the module docstring)."""
+    tok = build_tokenizer(mode, cantus_slots)
+    return Codec(mode, tok, int(tok.init_kwargs.get("codec_cantus_slots", 0)))
