@@ -66,15 +66,20 @@ class CounterpointConfig(Section):
     data: CounterpointDataConfig = Field(default_factory=CounterpointDataConfig, description="Corpus extraction.")
     eval: CounterpointEvalConfig = Field(default_factory=CounterpointEvalConfig, description="Evaluation.")
 
+    @property
+    def cantus_slots(self) -> int:
+        """Cantus notes the first-species prompt has room for (tokens.py): the longest training piece, at least 16."""
+        from tasks.counterpoint.tokens import DEFAULT_CANTUS_SLOTS
+
+        return max(DEFAULT_CANTUS_SLOTS, self.data.max_notes)
+
     def positions_needed(self) -> int:
         """Longest token sequence of the task: ``<bos>`` + 32 events + ``<eos>`` (melody); ``<bos>
         <cf_pos>``, the cantus padded to its slots, ``<sep>``, the notes and ``<eos>`` (first species)."""
         if self.mode == "melody":
             return 34
-        from tasks.counterpoint.tokens import DEFAULT_CANTUS_SLOTS
-
         longest = max(self.data.max_notes, 14)  # Fux's cantus firmi have up to 14 notes
-        return 3 + max(DEFAULT_CANTUS_SLOTS, longest) + longest + 1
+        return 3 + max(self.cantus_slots, longest) + longest + 1
 
     @model_validator(mode="after")
     def _known_rules(self) -> "CounterpointConfig":

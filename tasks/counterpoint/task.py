@@ -18,7 +18,7 @@ from tasks.counterpoint import corpus
 from tasks.counterpoint.config import CounterpointConfig
 from tasks.counterpoint.piece import MELODY_STEPS, FirstSpeciesPiece, Melody
 from tasks.counterpoint.scoring import RuleScores, score
-from tasks.counterpoint.tokens import DEFAULT_CANTUS_SLOTS, Codec, build_codec
+from tasks.counterpoint.tokens import Codec, build_codec
 
 log = logging.getLogger("rlhf")
 
@@ -36,8 +36,7 @@ class Prompt:
 class CounterpointTask:
     def __init__(self, cfg: CounterpointConfig, codec: Codec | None = None):
         self.cfg = cfg
-        # room in the prompt for the longest training piece (see tokens.py: cantus slots)
-        self.codec = codec or build_codec(cfg.mode, max(DEFAULT_CANTUS_SLOTS, cfg.data.max_notes))
+        self.codec = codec or build_codec(cfg.mode, cfg.cantus_slots)
         self.allowed = torch.zeros(len(self.codec.tokenizer), dtype=torch.bool)
         self.allowed[self.codec.completion_token_ids] = True
 
