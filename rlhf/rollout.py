@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from rlhf import fast_gpt2
 from rlhf.kl import masked_log_softmax
 
 
@@ -145,6 +146,9 @@ def sequence_forward(
     of the same positions if ``hidden``), for left-padded prompts [B, P] and completions [B, T]."""
     attn = torch.cat([prompt_mask, torch.ones_like(tokens)], dim=1)
     p, t = prompts.shape[1], tokens.shape[1]
+    if fast_gpt2.supports(model):
+        logits, last = fast_gpt2.forward(model, torch.cat([prompts, tokens], 1), position_ids(attn), attn, logits_from=p - 1)
+        return logits[:, :t], (last[:, p - 1 : p + t - 1] if hidden else None)
     # Only the last t + 1 positions need the LM head (forward and backward): with long
     # prompts and a large vocabulary that is most of its cost.
     keep = {"logits_to_keep": t + 1} if _accepts_logits_to_keep(model) else {}
@@ -262,9 +266,11 @@ def decode(
 ) -> Decoded:
     """Sample up to ``n_new`` tokens after left-padded prompts [B, P] with a KV cache.
 
-    Everything the loop needs is allocated once: the KV cache (:func:`preallocated_cache`,
-    written in place instead of re-concatenated at every step), the [B, P + n_new] attention
-    mask and position ids (each step gets views), and the output buffers.
+    Everything the loop needs is allocated once: the KV cache (written in place instead of
+    re-concatenated at every step), the [B, P + n_new] attention mask and position ids (each
+    step gets views), and the output buffers. A plain GPT-2 runs through
+    :mod:`rlhf.fast_gpt2` (same numbers, a fraction of the per-step overhead); any other model
+    through transformers' forward with a :func:`preallocated_cache`.
 
     With ``eos_id``, a row that has sampled EOS is finished: it emits ``pad_id`` (default:
     ``eos_id``) from then on, and the loop stops as soon as every row is finished. Finished
@@ -278,24 +284,21 @@ def decode(
     attn = torch.ones((b, p + n_new), dtype=torch.long, device=device)  # [B, L] 1 on real tokens
     attn[:, :p] = prompt_mask
     pos = position_ids(attn)  # [B, L]
-    cache = preallocated_cache(model, p + n_new)
     blocked = None if allowed is None else ~allowed  # [V]
     fill = eos_id if pad_id is None else pad_id
     tokens = torch.empty((b, n_new), dtype=torch.long, device=device)  # [B, n_new]
     logits_buf = hidden_buf = None
     done = torch.zeros(b, dtype=torch.bool, device=device)  # [B] row has sampled EOS
 
-    # Each step gets views of the preallocated mask and positions (no torch.cat per step).
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}  # no LM head over the prompt
-    out = model(input_ids=prompts, attention_mask=attn[:, :p], position_ids=pos[:, :p], past_key_values=cache,
-                use_cache=True, output_hidden_states=keep_hidden, **extra)
+    step = _fast_step(model, attn, pos, p + n_new) if fast_gpt2.supports(model) else _hf_step(model, attn, pos, p + n_new, keep_hidden)
+    logits, hid = step(prompts, 0)
     steps = n_new
     for t in range(n_new):
-        logits = out.logits[:, -1, :].float()  # [B, V]
+        logits = logits.float()  # [B, V]
         if keep_logits:
             logits_buf = _store(logits_buf, t, logits, n_new)
         if keep_hidden:
-            hidden_buf = _store(hidden_buf, t, out.hidden_states[-1][:, -1, :], n_new)
+            hidden_buf = _store(hidden_buf, t, hid, n_new)
         nxt = next_tokens(logits, probs_fn=probs_fn, blocked=blocked, temperature=temperature, top_k=top_k, top_p=top_p,
                           generator=generator)  # [B, 1]
         if eos_id is not None:
@@ -305,12 +308,39 @@ def decode(
         if t + 1 == n_new or (eos_id is not None and bool(done.all())):
             steps = t + 1
             break
-        i = p + t  # position of the token just sampled
-        out = model(input_ids=nxt, attention_mask=attn[:, : i + 1], position_ids=pos[:, i : i + 1], past_key_values=cache,
-                    use_cache=True, output_hidden_states=keep_hidden)
+        logits, hid = step(nxt, p + t)
     model.train(was_training)
     return Decoded(tokens[:, :steps], None if logits_buf is None else logits_buf[:, :steps],
                    None if hidden_buf is None else hidden_buf[:, :steps])
+
+
+def _hf_step(model: PreTrainedModel, attn: torch.Tensor, pos: torch.Tensor, max_len: int, keep_hidden: bool):
+    """``step(ids [B, n], start) -> (logits [B, V], last hidden [B, H] or None)`` of the last of
+    n new positions starting at ``start``, through transformers' forward and a
+    :func:`preallocated_cache`. Each call gets views of the preallocated mask and positions."""
+    cache = preallocated_cache(model, max_len)
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}  # no LM head over the prompt
+
+    def step(ids: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        end = start + ids.shape[1]
+        out = model(input_ids=ids, attention_mask=attn[:, :end], position_ids=pos[:, start:end], past_key_values=cache,
+                    use_cache=True, output_hidden_states=keep_hidden, **extra)
+        return out.logits[:, -1, :], (out.hidden_states[-1][:, -1, :] if keep_hidden else None)
+
+    return step
+
+
+def _fast_step(model: PreTrainedModel, attn: torch.Tensor, pos: torch.Tensor, max_len: int):
+    """:func:`_hf_step` through :func:`rlhf.fast_gpt2.forward` (same numbers, far less
+    per-call overhead)."""
+    cache = fast_gpt2.KVCache.empty(model, attn.shape[0], max_len)
+
+    def step(ids: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + ids.shape[1]
+        logits, last = fast_gpt2.forward(model, ids, pos[:, start:end], attn[:, :end], cache=cache, logits_from=ids.shape[1] - 1)
+        return logits[:, -1, :], last[:, -1, :]
+
+    return step
 
 
 def sample_padded(

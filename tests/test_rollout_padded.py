@@ -4,6 +4,7 @@ tokens of a plain uncached loop; EOS ends rows (and the loop) early."""
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from rlhf import fast_gpt2
 from rlhf.algorithms.common import make_rollout
 from rlhf.rollout import completion_logits, decode, eos_lengths, left_pad, sample, sample_padded, sequence_forward
 
@@ -110,7 +111,7 @@ def test_eos_ends_rows_with_pad_and_leaves_other_rows_untouched():
         assert eos_lengths(got, EOS).tolist() == lengths
 
 
-def test_loop_stops_once_every_row_has_ended():
+def test_loop_stops_once_every_row_has_ended(monkeypatch):
     # EOS gets half the mass at every step, so all 6 rows end long before 40 tokens.
     def probs_fn(logits):
         probs = 0.5 * torch.softmax(logits.masked_fill(~action_space(eos=False), float("-inf")), -1)
@@ -120,7 +121,9 @@ def test_loop_stops_once_every_row_has_ended():
     for m in models():
         ids, mask = left_pad([[1, 2, 3], [4, 5], [9], [5, 5, 6], [7], [8, 8]], PAD)
         calls = []
-        hook = m.register_forward_hook(lambda *a: calls.append(1))
+        hook = m.register_forward_hook(lambda *a: calls.append(1))  # transformers' forward
+        lean = fast_gpt2.forward
+        monkeypatch.setattr(fast_gpt2, "forward", lambda *a, **kw: calls.append(1) or lean(*a, **kw))  # a GPT-2's sampling steps
         got = sample_padded(m, ids, mask, 40, probs_fn=probs_fn, generator=torch.Generator().manual_seed(0), eos_id=EOS, pad_id=PAD)
         hook.remove()
         free = naive_padded_sample(m, ids, mask, 40, torch.Generator().manual_seed(0), probs_fn=probs_fn)

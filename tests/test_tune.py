@@ -26,8 +26,11 @@ def task_and_prior(quick_run):
 
 
 SETTINGS = {
-    "ppo": {},
+    # lr 1e-4, not the default 3e-4: at 3e-4 PPO on this tiny prior sometimes climbs, then
+    # collapses (seed 0: -21 -> -14 -> -27 within 24 steps), as it does on the full counterpoint task.
+    "ppo": {"lr": 1e-4},
     "rloo": {},
+    "rloo-greedy": {"algorithm": "rloo", "rloo": {"baseline": "greedy"}},
     "q": {"kl_control": {"exploration": "epsilon", "epsilon": 0.05}},
     "psi": {},
     "g": {},
@@ -41,8 +44,10 @@ def test_tuning_raises_the_reward_with_finite_kl(quick_run, tmp_path, algorithm)
     cfg = TuneConfig.model_validate({"algorithm": algorithm, "steps": 24, "batch_size": 32, "checkpoint_every": 100, **SETTINGS[algorithm]})
     run = Run(tmp_path / algorithm)
     final = tune(run, cfg, task, prior, seed=0, progress=False)
-    rows = read_metrics(run.root / "metrics.jsonl", f"tune-{algorithm}")
+    rows = read_metrics(run.root / "metrics.jsonl", f"tune-{cfg.algorithm}")
     assert len(rows) == 24
+    if cfg.algorithm == "rloo" and cfg.rloo.baseline == "greedy":  # the baseline's own reward is logged
+        assert all(math.isfinite(r["reward/greedy"]) for r in rows)
     for key in ["reward/task", "kl/mean", "kl/seq", "kl/coef", "logp/prior"]:
         assert all(math.isfinite(r[key]) for r in rows), key
     first = sum(r["reward/task"] for r in rows[:6]) / 6
