@@ -72,6 +72,18 @@ def gae(
     return adv, torch.where(m, adv + v, zero)
 
 
+def self_critical_advantages(rewards: torch.Tensor, baseline: torch.Tensor, k: int) -> torch.Tensor:
+    """Self-critical baseline: A_i = r_i − b_g, with b_g the return of the policy's own greedy
+    output for sample i's prompt g (Rennie et al. 2017, "Self-critical Sequence Training for
+    Image Captioning"): only samples that beat greedy decoding are reinforced, so the update
+    aims at what greedy decoding will write.  rewards [n_prompts·k] (a prompt's k samples
+    contiguous), baseline [n_prompts] → [n_prompts·k]."""
+    if rewards.ndim != 1 or baseline.ndim != 1 or rewards.shape[0] != baseline.shape[0] * k:
+        raise ValueError(f"self_critical_advantages needs rewards [n_prompts*k] and baseline [n_prompts] with k={k}, "
+                         f"got {tuple(rewards.shape)} and {tuple(baseline.shape)}")
+    return (rewards.view(-1, k) - baseline[:, None]).reshape(-1)
+
+
 @torch.no_grad()
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """Reward-to-go G_t = Σ_{k≥t} γ^{k−t} r_k over the real tokens (Williams 1992, REINFORCE

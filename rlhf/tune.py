@@ -120,7 +120,10 @@ class Tuner:
                               allowed=task.allowed, generator=self.gen, probs_fn=probs_fn, temperature=cfg.temperature,
                               eos_id=getattr(task, "eos_id", None), hidden=cfg.algorithm == "ppo")
         task_reward = task.step_rewards(picked, ro.tokens)  # [B, T]
-        metrics = algo.update(self.loop, ro, task_reward, self.ctl.value)
+        extra = {}
+        if cfg.algorithm == "rloo" and cfg.rloo.baseline == "greedy":
+            extra["greedy"] = self.greedy_rollout(picked[::group])
+        metrics = algo.update(self.loop, ro, task_reward, self.ctl.value, **extra)
         metrics["kl/coef"] = self.ctl.value
         self.ctl.update(metrics["kl/seq"], cfg.batch_size)  # kl/seq is the global batch's mean (rl_metrics)
         self.loop.extra_state["kl_ctl"] = self.ctl.state_dict()
@@ -128,6 +131,17 @@ class Tuner:
             # a callable: evaluated (on every rank) only when a checkpoint is written
             self.loop.extra_state["algo"] = algo.state_dict
         return metrics
+
+
+    def greedy_rollout(self, prompts: list) -> tuple:
+        """(rollout, task reward [n, T]) of the policy's greedy output for each prompt: the
+        self-critical baseline. Greedy decoding draws no random numbers."""
+        task = self.task
+        with distributed.generation(self.loop.model):
+            ro = make_rollout(self.algo.sampler, self.prior, [p.ids for p in prompts], [p.n_new for p in prompts],
+                              pad_id=task.tokenizer.pad_token_id, allowed=task.allowed, generator=None, temperature=0.0,
+                              eos_id=getattr(task, "eos_id", None))
+        return ro, task.step_rewards(prompts, ro.tokens)
 
 
 def tune(run: Run, cfg: TuneConfig, task, prior_dir: Path, *, seed: int, resume: bool = False, progress: bool = True, name: str | None = None) -> Path:

@@ -14,6 +14,7 @@ from rlhf.advantages import (
     masked_sum,
     masked_var,
     rloo_advantages,
+    self_critical_advantages,
     whiten,
 )
 
@@ -178,3 +179,15 @@ def test_rloo_rejects_bad_group_sizes():
         rloo_advantages(torch.zeros(5), 2)
     with pytest.raises(ValueError, match="n_prompts"):
         rloo_advantages(torch.zeros(2, 2), 2)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_self_critical_matches_loop(k: int):
+    g = torch.Generator().manual_seed(9)
+    rewards = torch.randn(4 * k, generator=g, dtype=torch.float64)
+    greedy = torch.randn(4, generator=g, dtype=torch.float64)
+    got = self_critical_advantages(rewards, greedy, k)
+    for i in range(4 * k):
+        assert got[i].item() == pytest.approx(rewards[i].item() - greedy[i // k].item(), abs=1e-12)
+    with pytest.raises(ValueError, match="baseline"):
+        self_critical_advantages(rewards, greedy[:3], k)

@@ -1,13 +1,16 @@
 """REINFORCE with a leave-one-out baseline (RLOO; Kool et al. 2019, Ahmadian et al. 2024),
-on the same KL-shaped reward as PPO: k samples per prompt, A_i = R_i − mean_{j≠i} R_j."""
+on the same KL-shaped reward as PPO: k samples per prompt, A_i = R_i − mean_{j≠i} R_j; or with
+the self-critical baseline A_i = R_i − R(greedy) (Rennie et al. 2017)."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
 
 from rlhf import distributed
-from rlhf.advantages import masked_sum, rloo_advantages
+from rlhf.advantages import masked_sum, rloo_advantages, self_critical_advantages
 from rlhf.algorithms.common import KLConfig, Rollout, gather_logp, rl_metrics
 from rlhf.config import Section
 from rlhf.kl import kl_pathwise_loss, shape_rewards
@@ -18,6 +21,12 @@ from rlhf.rollout import sequence_forward
 class RLOOConfig(Section):
     k: int = Field(4, ge=2, description="Samples per prompt (the leave-one-out group); batch_size must be a multiple.")
     epochs: int = Field(1, ge=1, description="Gradient steps per rollout batch (1 = on-policy REINFORCE).")
+    baseline: Literal["leave_one_out", "greedy"] = Field(
+        "leave_one_out",
+        description="leave_one_out: the mean return of the prompt's other k-1 samples; greedy: the return of the policy's own greedy "
+        "output for the prompt (self-critical, Rennie et al. 2017; one more greedy rollout per prompt), which reinforces only samples "
+        "that beat greedy decoding.",
+    )
 
 
 class RLOO:
@@ -28,10 +37,23 @@ class RLOO:
     def sampler(self):
         return self.model
 
-    def update(self, loop, ro: Rollout, task_reward: torch.Tensor, beta: float) -> dict[str, float]:
+    def returns(self, ro: Rollout, task_reward: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(per-token KL [B, T], KL-shaped reward [B, T], its sum over each sequence [B])."""
         kl = ro.kl(self.kl_cfg.estimator, self.allowed)
         shaped = shape_rewards(task_reward, kl, ro.mask, beta, self.kl_cfg.c)  # [B, T]
-        adv = rloo_advantages(masked_sum(shaped, ro.mask, dim=-1), self.cfg.k)  # [B]
+        return kl, shaped, masked_sum(shaped, ro.mask, dim=-1)
+
+    def update(self, loop, ro: Rollout, task_reward: torch.Tensor, beta: float,
+               greedy: tuple[Rollout, torch.Tensor] | None = None) -> dict[str, float]:
+        """One REINFORCE step; ``greedy`` = (the greedy rollout of each prompt [B/k rows], its
+        task reward) when the baseline is self-critical."""
+        kl, shaped, ret = self.returns(ro, task_reward, beta)
+        if self.cfg.baseline == "greedy":
+            if greedy is None:
+                raise ValueError("rloo.baseline=greedy needs the greedy rollout of every prompt (Tuner passes it)")
+            adv = self_critical_advantages(ret, self.returns(*greedy, beta)[2], self.cfg.k)  # [B]
+        else:
+            adv = rloo_advantages(ret, self.cfg.k)  # [B]
         losses = []
         model = distributed.training_forward(loop, self.model)  # through DDP / DeepSpeed: synchronised gradients
         scale = distributed.token_share(ro.mask)[0] if distributed.world_size() > 1 else None  # global token mean
@@ -46,4 +68,6 @@ class RLOO:
             losses.append(float(loss.detach()))
         out = {"loss/policy": sum(losses) / len(losses)}
         out.update(rl_metrics(ro, task_reward, kl, shaped))
+        if greedy is not None:
+            out["reward/greedy"] = float(distributed.global_row_mean(masked_sum(greedy[1], greedy[0].mask, dim=-1)))
         return out
