@@ -36,7 +36,12 @@ class TuneConfig(Section):
     batch_size: int = Field(64, ge=2, description="Sequences sampled per iteration.")
     lr: float = Field(3e-4, gt=0, le=1, description="Adam learning rate.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts (PPO/RLOO assume 1).")
+    temperature: float = Field(
+        1.0, gt=0,
+        description="Sampling temperature τ of rollouts. RLOO then trains the tempered policy softmax(logits/τ): its log-probs score the "
+        "samples, so the update stays on-policy, and the KL is taken against the prior tempered alike (greedy decoding is the same for "
+        "every τ). PPO needs 1; Q/Ψ/G sample from their own exploration policy.",
+    )
     checkpoint_every: int = Field(50, ge=1, description="Write a resumable checkpoint every this many iterations.")
     rollout_seeds: Literal["auto", "batch", "sequence"] = Field(
         "auto",
@@ -52,6 +57,9 @@ class TuneConfig(Section):
     def _groups(self) -> "TuneConfig":
         if self.algorithm == "rloo" and self.batch_size % self.rloo.k:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of rloo.k ({self.rloo.k})")
+        if self.algorithm == "ppo" and self.temperature != 1.0:
+            raise ValueError(f"temperature={self.temperature}: PPO's probability ratios and value targets assume samples from the policy "
+                             "itself; set tune.temperature: 1, or use tune.algorithm: rloo, which trains the tempered policy")
         return self
 
 
@@ -63,7 +71,7 @@ def build_algorithm(cfg: TuneConfig, prior_dir: Path, allowed: torch.Tensor):
         model = PolicyWithValue(policy, shared_trunk=cfg.ppo.shared_trunk)
         return PPO(cfg.ppo, cfg.kl, model, allowed), model, prior
     if cfg.algorithm == "rloo":
-        return RLOO(cfg.rloo, cfg.kl, policy, allowed), policy, prior
+        return RLOO(cfg.rloo, cfg.kl, policy, allowed, temperature=cfg.temperature), policy, prior
     return KLControl(cfg.algorithm, cfg.kl_control, cfg.kl, policy, prior, allowed), policy, prior
 
 

@@ -31,6 +31,8 @@ SETTINGS = {
     "ppo": {"lr": 1e-4},
     "rloo": {},
     "rloo-greedy": {"algorithm": "rloo", "rloo": {"baseline": "greedy"}},
+    # tempered sampling, scored by the tempered policy, only samples that beat greedy decoding
+    "rloo-filtered": {"algorithm": "rloo", "temperature": 0.7, "rloo": {"baseline": "greedy", "positive_only": True}},
     "q": {"kl_control": {"exploration": "epsilon", "epsilon": 0.05}},
     "psi": {},
     "g": {},
@@ -194,3 +196,28 @@ def test_kl_term_alone_pulls_a_perturbed_policy_back_to_the_prior(quick_run, tmp
     after = exact_kl()
     # k1's restoring force is the score function alone (noisier); exact and k2 also have the pathwise gradient
     assert after < (0.9 if estimator == "k1" else 0.6) * before, (before, after)
+
+
+def test_tempered_rollout_scores_with_the_tempered_policy():
+    """RLOO at τ ≠ 1 scores its samples with softmax(logits/τ) (on-policy); PPO refuses τ ≠ 1."""
+    from rlhf.algorithms.common import Rollout
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 6, generator=g)
+    tokens = torch.randint(0, 5, (3, 4), generator=g)
+    allowed = torch.tensor([True] * 5 + [False])
+    prior = torch.randn(3, 4, 6, generator=g)
+    ro = Rollout(torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1), tokens, torch.ones(3, 4), logits, prior,
+                 torch.zeros(3, 4), torch.zeros(3, 4), [4, 4, 4])
+    t = ro.tempered(0.5, allowed)
+    for b in range(3):
+        for i in range(4):
+            for got, raw in ((t.logp, logits), (t.logp_prior, prior)):
+                z = raw[b, i, :5] / 0.5
+                assert got[b, i].item() == pytest.approx((z[tokens[b, i]] - torch.logsumexp(z, 0)).item(), abs=1e-5)
+    assert torch.allclose(t.logits, logits / 0.5) and torch.allclose(t.logits_prior, prior / 0.5)
+    assert ro.tempered(1.0, allowed) is ro
+    same = Rollout(ro.prompts, ro.prompt_mask, tokens, ro.mask, logits, logits.clone(), ro.logp, ro.logp, ro.lengths).tempered(0.5, allowed)
+    assert torch.allclose(same.kl("k1", allowed), torch.zeros(3, 4))  # tempering alone is no KL
+    with pytest.raises(ValueError, match="PPO"):
+        TuneConfig.model_validate({"algorithm": "ppo", "temperature": 0.5})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -40,6 +40,17 @@ class Rollout:
     logp_prior: torch.Tensor  # [B, T] log p(a_t|s_t)
     lengths: list[int]  # completion lengths: min(n_new[b], first EOS + 1)
     hidden: torch.Tensor | None = None  # [B, T, H] policy's last hidden states at sampling time (make_rollout(hidden=True))
+
+    def tempered(self, temperature: float, allowed: torch.Tensor | None) -> "Rollout":
+        """The same samples seen as drawn from π_τ = softmax(logits / τ), scored against the
+        prior tempered alike, p_τ: KL(π_τ‖p_τ) is 0 at the start and grows only as the policy
+        moves (against the untempered prior, the tempering alone would count as KL).
+        τ = 1: this rollout itself."""
+        if temperature == 1.0:
+            return self
+        logits, logits_prior = self.logits / temperature, self.logits_prior / temperature
+        return replace(self, logits=logits, logits_prior=logits_prior, logp=gather_logp(logits, self.tokens, allowed),
+                       logp_prior=gather_logp(logits_prior, self.tokens, allowed))
 
     def kl(self, estimator: KLEstimator, allowed: torch.Tensor | None) -> torch.Tensor:
         """[B, T] per-token KL(π‖p) estimate, 0 on padding."""
