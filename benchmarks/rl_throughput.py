@@ -61,8 +61,8 @@ What bounds the ratio: per iteration ours runs the sampling pass, one prior forw
 policy forward and its backward; TRL the same plus one more forward. The prior's forward and
 the update are the same arithmetic in any implementation (matrix products on one core), so
 ``ratio_ceiling_free_sampling`` = TRL's time / (ours minus sampling) is the most any sampler
-could reach. On the 2-core machine this was written on it is 2.9 (one thread, one other job
-running), so the 3x target of the issue is above what this model's arithmetic allows.
+could reach. On the 2-core machine this was written on it is 2.7 (one thread, quiet machine;
+ours 1.66x TRL), so the 3x target of the issue is above what this model's arithmetic allows.
 """
 
 from __future__ import annotations
