@@ -6,8 +6,8 @@ and sampling makes one such call per new token. :func:`forward` computes the sam
 from the model's own parameters with a handful of tensor ops per layer: the token and position
 embeddings, pre-LN blocks with fused scaled-dot-product attention, ``F.gelu(approximate=
 "tanh")`` (the same function as GPT-2's ``gelu_new``, as one kernel instead of five), ``ln_f``
-and the tied LM head. It reads and writes a preallocated KV cache (:class:`KVCache`), so the
-rollout loop allocates nothing per step.
+and the tied LM head. It reads and writes a KV cache allocated once per rollout
+(:class:`KVCache`), written in place instead of re-concatenated at every step.
 
 It is an exact re-implementation, not an approximation: ``tests/test_fast_gpt2.py`` checks its
 logits against transformers' on padded batches, with and without the cache, and its gradients.

@@ -140,7 +140,6 @@ class Tuner:
             self.loop.extra_state["algo"] = algo.state_dict
         return metrics
 
-
     def greedy_rollout(self, prompts: list) -> tuple:
         """(rollout, task reward [n, T]) of the policy's greedy output for each prompt: the
         self-critical baseline. Greedy decoding draws no random numbers."""

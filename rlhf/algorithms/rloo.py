@@ -75,7 +75,8 @@ class RLOO:
         scale = distributed.token_share(ro.mask)[0] if distributed.world_size() > 1 else None  # global token mean
         for _ in range(self.cfg.epochs):
             logits, _ = sequence_forward(model, ro.prompts, ro.prompt_mask, ro.tokens)
-            logits = logits / self.temperature  # [B, T, V] of π_τ
+            if self.temperature != 1.0:
+                logits = logits / self.temperature  # [B, T, V] of π_τ
             logp = gather_logp(logits, ro.tokens, self.allowed)
             loss = reinforce_loss(logp, adv, ro.mask) + beta * kl_pathwise_loss(
                 self.kl_cfg.estimator, logp, ro.logp_prior, ro.mask, logits.float(), ro.logits_prior, self.allowed)
