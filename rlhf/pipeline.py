@@ -83,6 +83,12 @@ class TranslationRunConfig(RunConfig):
     @model_validator(mode="after")
     def _fits_model(self) -> "TranslationRunConfig":
         check_positions(self.task, self.model.max_positions)
+        t = self.tune
+        if self.task.reward.level == "corpus" and t is not None and t.algorithm == "rloo" and t.rloo.baseline == "greedy":
+            raise ValueError(
+                "task.reward.level=corpus scores each translation within its rollout batch, but rloo.baseline=greedy would compare it "
+                "with a greedy translation scored within another batch; use rloo.baseline=leave_one_out or task.reward.level=sentence"
+            )
         return self
 
 

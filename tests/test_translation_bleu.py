@@ -9,7 +9,7 @@ import pytest
 import sacrebleu
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-from tasks.translation.bleu import SentenceBLEU, SentenceCHRF, bleu_from_stats, corpus_bleu, tokenize_13a
+from tasks.translation.bleu import SentenceBLEU, SentenceCHRF, bleu_from_stats, corpus_bleu, corpus_contributions, tokenize_13a
 from tasks.translation.data import MULTI30K_ENV, load_split, resolve_data_dir
 
 # Hand-made cases for every branch of the formula: exact match, no match, too short for
@@ -122,6 +122,30 @@ def test_chrf_and_corpus_bleu_match_sacrebleu():
     assert res.score == pytest.approx(direct.score, abs=1e-9)
     assert res.ratio == pytest.approx(direct.sys_len / direct.ref_len)
     assert res.signature.startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+
+
+def test_corpus_contributions_equal_a_loop_of_sacrebleu_corpus_scores():
+    """R_i = B·(BLEU(all) − BLEU(all but i))/100, each BLEU from sacrebleu's corpus_score."""
+    refs = [r for _, r in EDGE if r] * 2 + ["Ein Mann fährt Fahrrad auf der Straße.", "Zwei Kinder spielen im Sand am Strand."]
+    hyps = perturbed(refs, seed=3)
+    got = SentenceBLEU().corpus_rewards(hyps, refs)
+    full = sacrebleu.corpus_bleu(hyps, [refs]).score
+    want = [len(hyps) * (full - sacrebleu.corpus_bleu(hyps[:i] + hyps[i + 1:], [refs[:i] + refs[i + 1:]]).score) / 100 for i in range(len(hyps))]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+    assert got.min() < 0 < got.max()  # a hypothesis below the batch's precision pulls corpus BLEU down
+
+
+def test_corpus_contributions_reward_length_when_the_batch_is_short():
+    """Sentence BLEU charges a short hypothesis only its own brevity penalty; the corpus share
+    sees that the whole batch is short. Prefixes of the reference: sentence BLEU barely cares
+    once past the smoothing, the corpus share keeps rising with every word that closes the
+    batch's length gap."""
+    ref = "Ein kleiner Junge in einem roten Hemd spielt mit einem Ball im Garten ."
+    others = ["Ein Hund läuft .", "Eine Frau liest ein Buch ."]  # short outputs of long references
+    other_refs = ["Ein brauner Hund läuft schnell über eine große Wiese im Park .", "Eine junge Frau liest ein dickes Buch auf einer Bank im Park ."]
+    words = ref.split()
+    shares = [corpus_contributions(SentenceBLEU().stats(others + [" ".join(words[:n])], other_refs + [ref]))[-1] for n in range(6, len(words) + 1)]
+    assert all(b > a for a, b in zip(shares, shares[1:]))
 
 
 def test_mismatched_lengths_are_refused():

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from rlhf.config import apply_overrides, load_config, read_yaml
 from rlhf.errors import UserError
 from rlhf.models import ModelConfig, build_causal_lm, load_causal_lm
+from rlhf.pipeline import load_run_config
 from rlhf.pretrain import PretrainConfig, evaluate_lm, pretrain
 from rlhf.runs import Run
 from rlhf.tune import TuneConfig
@@ -135,6 +136,8 @@ def test_configs_load_and_fit_the_model():
         check_positions(task, model.max_positions)
     with pytest.raises(ValueError, match="model.max_positions"):
         check_positions(TranslationConfig(), 64)
+    with pytest.raises(UserError, match="rloo.baseline=leave_one_out or task.reward.level=sentence"):
+        load_run_config(REPO / "configs" / "translation.yaml", ["task.reward.level=corpus", "tune.rloo.baseline=greedy"])
     with pytest.raises(UserError, match="src_lang and data.tgt_lang are both 'de'"):
         load_config(TranslationConfig, None, ["data.src_lang=de"])
 

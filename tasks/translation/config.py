@@ -44,6 +44,13 @@ class GenerationLengthConfig(Section):
 
 
 class RewardConfig(Section):
+    level: Literal["sentence", "corpus"] = Field(
+        "sentence",
+        description="sentence: each translation's sentence BLEU/100 (Ranzato et al. 2015); corpus: its contribution to the corpus BLEU "
+        "of the rollout batch, B·(BLEU(batch) − BLEU(batch without it))/100, so the brevity penalty and the n-gram precisions act "
+        "at corpus level as in the reported score (tasks/translation/bleu.py corpus_contributions). Needs rloo.baseline: leave_one_out "
+        "(a greedy batch is another corpus).",
+    )
     chrf_weight: float = Field(
         0.0, ge=0, le=1, description="Reward = (1 - w) * sentence BLEU/100 + w * sentence chrF/100; 0 = BLEU alone (Ranzato et al. 2015)."
     )

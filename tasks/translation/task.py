@@ -189,9 +189,11 @@ class TranslationTask:
         return self._train_prompts
 
     def sentence_rewards(self, hyps: Sequence[str], refs: Sequence[str]) -> np.ndarray:
-        """[B] reward of each translation: sentence BLEU/100 (sacrebleu, effective order), mixed
-        with sentence chrF/100 when ``reward.chrf_weight`` > 0."""
-        r = self.bleu.rewards(hyps, refs)
+        """[B] RL reward of each translation: sentence BLEU/100 (sacrebleu, effective order) or, with
+        ``reward.level: corpus``, its contribution to the corpus BLEU of the batch ``hyps``
+        (:func:`~tasks.translation.bleu.corpus_contributions`); mixed with sentence chrF/100 when
+        ``reward.chrf_weight`` > 0."""
+        r = self.bleu.corpus_rewards(hyps, refs) if self.cfg.reward.level == "corpus" else self.bleu.rewards(hyps, refs)
         w = self.cfg.reward.chrf_weight
         if self.chrf is not None and w > 0:
             r = (1 - w) * r + w * self.chrf.scores(hyps, refs) / 100.0
@@ -229,7 +231,7 @@ class TranslationTask:
         """One model's row on one split, and its greedy translations. Keys (docs/translation.md):
         ``bleu`` and ``ratio`` (corpus BLEU and length ratio, greedy), ``bleu/beam`` and
         ``ratio/beam`` (beam search), ``reward/sentence`` (mean sentence BLEU/100 of the greedy
-        output, the RL reward), ``kl/prior`` (exact KL to the prior per token along the greedy
+        output), ``kl/prior`` (exact KL to the prior per token along the greedy
         output, ``<eos>`` included), ``eos`` (share of translations that ended), ``vocab``
         (distinct 13a words in all translations)."""
         from rlhf.rollout import kl_to_reference_many
@@ -237,7 +239,7 @@ class TranslationTask:
         refs = [p.tgt for p in pairs]
         prompts, comps, hyps = self.decode_split(model, pairs, beam=1)
         b = corpus_bleu(hyps, refs, self.cfg.reward.tokenize)
-        row = {"bleu": b.score, "ratio": b.ratio, "reward/sentence": float(self.sentence_rewards(hyps, refs).mean())}
+        row = {"bleu": b.score, "ratio": b.ratio, "reward/sentence": float(self.bleu.rewards(hyps, refs).mean())}
         if self.cfg.eval.beam > 1:
             hb = self.decode_split(model, pairs, beam=self.cfg.eval.beam)[2]
             bb = corpus_bleu(hb, refs, self.cfg.reward.tokenize)
