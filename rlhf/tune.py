@@ -24,6 +24,7 @@ from rlhf.config import Section
 from rlhf.kl import AdaptiveKLController, FixedKLController
 from rlhf.models import load_causal_lm
 from rlhf.policy import PolicyWithValue, frozen
+from rlhf.prompt_sampling import PromptSampler, PromptSampling
 from rlhf.runs import Run
 from rlhf.trainer import TrainLoop, seed_everything
 
@@ -48,6 +49,14 @@ class TuneConfig(Section):
         description="batch: one random stream for the whole rollout batch; sequence: one per sequence, seeded by its index in the "
         "global batch, so N processes sample exactly the sequences one process samples; auto: batch with one process, sequence with several.",
     )
+    prompt_sampling: PromptSampling = Field(
+        "uniform",
+        description="uniform: each iteration's prompts drawn uniformly; prioritized: more often the prompts where the policy's running mean "
+        "task return is lowest (rank-based, Schaul et al. 2016; rlhf/prompt_sampling.py), e.g. the cantus firmi it still gets wrong.",
+    )
+    priority_alpha: float = Field(0.5, gt=0, description="prioritized: P(i) ∝ rank_i^-alpha (rank 1 = lowest mean return); larger = more focused.")
+    priority_uniform: float = Field(0.25, ge=0, le=1, description="prioritized: share of the sampling mass spread uniformly over all prompts.")
+    priority_ema: float = Field(0.1, gt=0, le=1, description="prioritized: weight of a new batch in each prompt's running mean return.")
     kl: KLConfig = Field(default_factory=KLConfig, description="The KL term and reward scale.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO settings.")
     rloo: RLOOConfig = Field(default_factory=RLOOConfig, description="RLOO settings.")
@@ -100,12 +109,15 @@ class Tuner:
         kl = cfg.kl
         self.ctl = AdaptiveKLController(kl.beta, kl.target_kl, kl.horizon) if kl.adaptive else FixedKLController(kl.beta)
         self.prompts = task.train_prompts()
+        self.sampler = PromptSampler(len(self.prompts), cfg.prompt_sampling, cfg.priority_alpha, cfg.priority_uniform, cfg.priority_ema)
         self.gen = torch.Generator()
 
     def resume(self) -> bool:
         if not self.loop.resume():
             return False
         self.ctl.load_state_dict(self.loop.extra_state["kl_ctl"])
+        if "prompts" in self.loop.extra_state:
+            self.sampler.load_state_dict(self.loop.extra_state["prompts"])
         if hasattr(self.algo, "load_state_dict"):
             self.algo.load_state_dict(self.loop.extra_state["algo"])
         return True
@@ -114,7 +126,8 @@ class Tuner:
         cfg, task, algo = self.cfg, self.task, self.algo
         group = cfg.rloo.k if cfg.algorithm == "rloo" else 1
         rng = np.random.default_rng([self.seed, step])
-        batch = [self.prompts[i] for i in rng.integers(0, len(self.prompts), cfg.batch_size // group) for _ in range(group)]
+        index = [int(i) for i in self.sampler.draw(rng, cfg.batch_size // group) for _ in range(group)]
+        batch = [self.prompts[i] for i in index]
         picked = batch[self.start : self.end]  # this process's rows of the global batch
         base_seed = int(rng.integers(2**62))
         self.gen.manual_seed(base_seed)
@@ -128,6 +141,7 @@ class Tuner:
                               allowed=task.allowed, generator=self.gen, probs_fn=probs_fn, temperature=cfg.temperature,
                               eos_id=getattr(task, "eos_id", None), hidden=cfg.algorithm == "ppo")
         task_reward = task.step_rewards(picked, ro.tokens)  # [B, T]
+        self.sampler.update(torch.tensor(index[self.start : self.end]), task_reward.sum(-1).cpu())
         extra = {}
         if cfg.algorithm == "rloo" and cfg.rloo.baseline == "greedy":
             extra["greedy"] = self.greedy_rollout(picked[::group])
@@ -135,6 +149,7 @@ class Tuner:
         metrics["kl/coef"] = self.ctl.value
         self.ctl.update(metrics["kl/seq"], cfg.batch_size)  # kl/seq is the global batch's mean (rl_metrics)
         self.loop.extra_state["kl_ctl"] = self.ctl.state_dict()
+        self.loop.extra_state["prompts"] = self.sampler.state_dict()
         if hasattr(algo, "state_dict"):
             # a callable: evaluated (on every rank) only when a checkpoint is written
             self.loop.extra_state["algo"] = algo.state_dict

@@ -66,10 +66,10 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "psi"])
-def test_tune_resumes_exactly_after_a_crash(quick_run, tmp_path, algorithm, monkeypatch):
+@pytest.mark.parametrize("algorithm,extra", [("ppo", {}), ("psi", {}), ("ppo", {"prompt_sampling": "prioritized"})])
+def test_tune_resumes_exactly_after_a_crash(quick_run, tmp_path, algorithm, extra, monkeypatch):
     task, prior = task_and_prior(quick_run)
-    cfg = TuneConfig.model_validate({"algorithm": algorithm, "steps": 6, "batch_size": 16, "checkpoint_every": 3, "kl": {"adaptive": True}})
+    cfg = TuneConfig.model_validate({"algorithm": algorithm, "steps": 6, "batch_size": 16, "checkpoint_every": 3, "kl": {"adaptive": True}, **extra})
     a = tune(Run(tmp_path / "straight"), cfg, task, prior, seed=1, progress=False)
 
     calls = {"n": 0}
