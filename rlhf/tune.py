@@ -116,7 +116,7 @@ class Tuner:
         if not self.loop.resume():
             return False
         self.ctl.load_state_dict(self.loop.extra_state["kl_ctl"])
-        if "prompts" in self.loop.extra_state:
+        if "prompts" in self.loop.extra_state:  # absent in checkpoints written before prompt sampling existed
             self.sampler.load_state_dict(self.loop.extra_state["prompts"])
         if hasattr(self.algo, "load_state_dict"):
             self.algo.load_state_dict(self.loop.extra_state["algo"])
@@ -149,9 +149,9 @@ class Tuner:
         metrics["kl/coef"] = self.ctl.value
         self.ctl.update(metrics["kl/seq"], cfg.batch_size)  # kl/seq is the global batch's mean (rl_metrics)
         self.loop.extra_state["kl_ctl"] = self.ctl.state_dict()
-        self.loop.extra_state["prompts"] = self.sampler.state_dict()
+        # callables: evaluated (on every rank) only when a checkpoint is written
+        self.loop.extra_state["prompts"] = self.sampler.state_dict
         if hasattr(algo, "state_dict"):
-            # a callable: evaluated (on every rank) only when a checkpoint is written
             self.loop.extra_state["algo"] = algo.state_dict
         return metrics
 
