@@ -136,10 +136,9 @@ def test_corpus_contributions_equal_a_loop_of_sacrebleu_corpus_scores():
 
 
 def test_corpus_contributions_reward_length_when_the_batch_is_short():
-    """Sentence BLEU charges a short hypothesis only its own brevity penalty; the corpus share
-    sees that the whole batch is short. Prefixes of the reference: sentence BLEU barely cares
-    once past the smoothing, the corpus share keeps rising with every word that closes the
-    batch's length gap."""
+    """The other translations of the batch are much shorter than their references, so the
+    corpus brevity penalty is active: each further correct word of the last translation (its
+    reference's prefixes) raises its share of the corpus BLEU."""
     ref = "Ein kleiner Junge in einem roten Hemd spielt mit einem Ball im Garten ."
     others = ["Ein Hund läuft .", "Eine Frau liest ein Buch ."]  # short outputs of long references
     other_refs = ["Ein brauner Hund läuft schnell über eine große Wiese im Park .", "Eine junge Frau liest ein dickes Buch auf einer Bank im Park ."]

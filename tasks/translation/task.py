@@ -188,7 +188,7 @@ class TranslationTask:
             self.bleu.prepare([p.ref for p in self._train_prompts])
         return self._train_prompts
 
-    def sentence_rewards(self, hyps: Sequence[str], refs: Sequence[str]) -> np.ndarray:
+    def rewards(self, hyps: Sequence[str], refs: Sequence[str]) -> np.ndarray:
         """[B] RL reward of each translation: sentence BLEU/100 (sacrebleu, effective order) or, with
         ``reward.level: corpus``, its contribution to the corpus BLEU of the batch ``hyps``
         (:func:`~tasks.translation.bleu.corpus_contributions`); mixed with sentence chrF/100 when
@@ -212,7 +212,7 @@ class TranslationTask:
         """[B, T] reward: each row's sentence reward at its last real token (the first ``<eos>``,
         or the budget's last token), 0 elsewhere. The RewardFn of ``rlhf.tune``."""
         comps = self.completions(prompts, tokens)
-        r = self.sentence_rewards(self.codec.decode_batch(comps), [p.ref for p in prompts])  # [B]
+        r = self.rewards(self.codec.decode_batch(comps), [p.ref for p in prompts])  # [B]
         out = torch.zeros(tokens.shape, dtype=torch.float32)
         last = torch.tensor([len(c) - 1 for c in comps], dtype=torch.long)  # [B]
         out[torch.arange(len(comps)), last] = torch.from_numpy(r).float()
