@@ -15,7 +15,9 @@ T=32), ``ratio_rloo_vs_trl`` (= our RLOO tokens/s / TRL's), ``ratio_ppo_vs_trl_r
 the least disturbed by other processes on a shared machine, which stretch wall time only),
 ``rloo_phase_seconds`` (our RLOO iteration split into ``sample``, ``prior_forward`` and
 ``reward_update``), ``ratio_ceiling_free_sampling`` (TRL's seconds / our prior_forward +
-reward_update: the ratio even a sampler that cost nothing could not pass),
+reward_update: the ratio even a sampler that cost nothing could not pass with our kernels),
+``matmul_floor_seconds`` and ``ratio_ceiling_matmul_only`` (the dense matrix products of one
+iteration alone, see :func:`matmul_floor`, and TRL's seconds over them),
 ``ppo_seconds_by_length`` (T = 16..128 at B=64), ``ppo_seconds_by_batch`` (B = 16..256 at
 T=32), ``load_avg_*`` (1-minute load average: other processes on the machine skew timings),
 or ``trl_error`` if TRL could not run.
@@ -58,11 +60,17 @@ sampling steps, the prior's forward and the update's forward through ``rlhf.fast
 same arithmetic without transformers' per-call overhead); TRL runs transformers' forward.
 
 What bounds the ratio: per iteration ours runs the sampling pass, one prior forward, one
-policy forward and its backward; TRL the same plus one more forward. The prior's forward and
-the update are the same arithmetic in any implementation (matrix products on one core), so
-``ratio_ceiling_free_sampling`` = TRL's time / (ours minus sampling) is the most any sampler
-could reach. On the 2-core machine this was written on it is 2.7 (one thread, quiet machine;
-ours 1.66x TRL), so the 3x target of the issue is above what this model's arithmetic allows.
+policy forward and its backward; TRL the same plus one more forward. Two ceilings are printed.
+``ratio_ceiling_free_sampling`` = TRL's time / (ours minus sampling): what our kernels would
+reach with a sampler that cost nothing. ``ratio_ceiling_matmul_only`` = TRL's time / the dense
+matrix products of the iteration (``matmul_floor``): what an implementation would reach whose
+every elementwise op, attention, layer norm, sampling step and optimizer step cost nothing.
+On the 2-core machine this was written on (one thread, quiet): ours 1.7x TRL, free sampling
+2.7-2.9x, matrix products only 4.6x (0.25 s of TRL's 1.17 s; ours spent 0.44 s on the rest). The 3x target needs nearly all the non-matrix work gone:
+on this CPU torch's eager kernels for the tiny tensors here are slow per element (tanh-GELU
+3-5 ns per element, about 75 ms of an iteration forward and backward; layer norm, softmax and
+copies add as much), and ``torch.compile`` (inductor) shortened a forward + backward by only
+4% (275 -> 264 ms) after 50 s of compilation. Hand-fused CPU kernels would be the way there.
 """
 
 from __future__ import annotations
@@ -294,6 +302,41 @@ def time_head_to_head(
     return times, cpu, error
 
 
+def matmul_floor(batch: int, prompt_len: int, n_new: int, reps: int = 20) -> dict[str, float]:
+    """Seconds of only the dense matrix products of one RLOO iteration of ``MODEL`` (no
+    attention, GELU, layer norm, softmax, sampling or optimizer), timed on random fp32 tensors
+    of the same shapes: the sampling steps ([batch, H] rows), the prior's forward and the
+    update's forward and backward ([batch·L, H] rows, L = prompt_len + n_new; the backward is
+    two products per layer: dX = dY·Wᵀ and dW = Xᵀ·dY). No implementation can do the model's
+    arithmetic in less, whatever it fuses; TRL's time over this is the most any RLOO could lead by."""
+    h, v = MODEL.n_embd, len(build_codec("melody").tokenizer)
+    weights = [torch.randn(i, o) for i, o in ((h, 3 * h), (h, h), (h, 4 * h), (4 * h, h))] * MODEL.n_layer + [torch.randn(h, v)]
+
+    def products(rows: int, backward: bool):
+        xs = {w.shape[0]: torch.randn(rows, w.shape[0]) for w in weights}
+        gs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+
+        def run() -> None:
+            for w in weights:
+                torch.mm(xs[w.shape[0]], w)
+                if backward:
+                    torch.mm(gs[w.shape[1]], w.t())
+                    torch.mm(xs[w.shape[0]].t(), gs[w.shape[1]])
+        return run
+
+    def seconds(fn) -> float:
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps
+
+    step, full, full_bwd = products(batch, False), products(batch * (prompt_len + n_new), False), products(batch * (prompt_len + n_new), True)
+    out = {"sample": n_new * seconds(step), "prior_forward": seconds(full), "update": seconds(full_bwd)}
+    out["total"] = sum(out.values())
+    return out
+
+
 def summary(seconds: list[float], warmup: int, batch: int, n_new: int) -> dict:
     """Mean and median seconds of the timed iterations and throughput = B * T / mean."""
     timed = seconds[warmup:]
@@ -341,6 +384,9 @@ def main(argv: list[str] | None = None) -> dict:
             # The ratio ours would reach if sampling cost nothing: the prior's forward and the
             # update are the same model arithmetic in any implementation.
             result["ratio_ceiling_free_sampling"] = result["trl_rloo_seconds"] / (split["prior_forward"] + split["reward_update"])
+            floor = matmul_floor(BATCH, 1, MELODY_STEPS)
+            result["matmul_floor_seconds"] = {k: round(x, 4) for k, x in floor.items()}
+            result["ratio_ceiling_matmul_only"] = result["trl_rloo_seconds"] / floor["total"]
         elif trl_error is not None:
             result["trl_error"] = trl_error
         if not a.no_sweep:

@@ -28,14 +28,19 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each dotted key path of a YAML document to its 1-based line number."""
+def _key_lines(text: str, source: str = "config") -> dict[tuple[str, ...], int]:
+    """Map each dotted key path of a YAML document to its 1-based line number. A key given
+    twice in one mapping is a UserError: YAML loaders silently keep the last one, which would
+    drop a whole section without a word."""
     lines: dict[tuple[str, ...], int] = {}
 
     def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 key = (*path, str(k.value))
+                if key in lines:
+                    raise UserError(f"{source}:{k.start_mark.line + 1}: {'.'.join(key)}: given twice (first at line {lines[key]}); "
+                                    "YAML would keep only the last. Merge the two into one.")
                 lines[key] = k.start_mark.line + 1
                 walk(v, key)
         elif isinstance(node, yaml.SequenceNode):
@@ -57,7 +62,7 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], i
     text = p.read_text(encoding="utf-8")
     try:
         data = yaml.safe_load(text)
-        lines = _key_lines(text)
+        lines = _key_lines(text, str(p))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""

@@ -1,8 +1,10 @@
 """Config loading: YAML + overrides, and errors that name the file, line, key and the fix."""
 
+from pathlib import Path
+
 import pytest
 
-from rlhf.config import describe, load_config
+from rlhf.config import describe, load_config, read_yaml
 from rlhf.errors import UserError
 from rlhf.pipeline import QUICK_OVERRIDES, RunConfig
 
@@ -88,3 +90,17 @@ def test_task_name_picks_the_run_config(tmp_path):
         load_run_config(bad)
     with pytest.raises(UserError, match="command-line override: task.data.max_train_pairs: unknown key"):
         load_run_config("configs/counterpoint.yaml", ["task.data.max_train_pairs=5"])
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    """YAML keeps the last of two equal keys: a second `tune:` block would silently drop the first."""
+    bad = tmp_path / "dup.yaml"
+    bad.write_text("tune:\n  steps: 3\npretrain:\n  steps: 5\ntune:\n  lr: 0.1\n")
+    with pytest.raises(UserError, match=r"dup.yaml:5: tune: given twice \(first at line 1\).*Merge the two"):
+        load_config(RunConfig, bad)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("tune:\n  steps: 3\n  steps: 4\n")
+    with pytest.raises(UserError, match=r"nested.yaml:3: tune.steps: given twice \(first at line 2\)"):
+        load_config(RunConfig, nested)
+    for path in Path("configs").glob("*.yaml"):  # the shipped presets are free of repeats
+        read_yaml(path)

@@ -63,8 +63,8 @@ def training_sections(root: Path) -> list[str]:
     for stage in sorted({r["stage"] for r in rows if str(r.get("stage", "")).startswith("tune-")}):
         rl = [r for r in rows if r["stage"] == stage]
         alg = stage.removeprefix("tune-")
-        md += [f"## Fine-tuning: {alg}", "", f"{len(rl)} iterations. Sentence-BLEU reward and KL to the prior per sentence (batch means), β.", ""]
-        for key, name, ylabel in (("reward/task", "reward", "sentence BLEU / 100"), ("kl/seq", "kl", "KL(π‖prior) / sentence (nats)"), ("kl/coef", "beta", "β")):
+        md += [f"## Fine-tuning: {alg}", "", f"{len(rl)} iterations. Task reward (`task.reward` in config.yaml: sentence BLEU/100, or its mix with chrF/100) and KL to the prior per sentence (batch means), β.", ""]
+        for key, name, ylabel in (("reward/task", "reward", "task reward (BLEU / chrF mix, /100)"), ("kl/seq", "kl", "KL(π‖prior) / sentence (nats)"), ("kl/coef", "beta", "β")):
             p = plot_curves(rl, [key], plots / f"{stage}_{name}.png", f"{alg}: {key}", ylabel)
             if p:
                 md += [f"![{alg} {name}]({_rel(p, root)})", ""]
