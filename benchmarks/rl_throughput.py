@@ -66,11 +66,12 @@ reach with a sampler that cost nothing. ``ratio_ceiling_matmul_only`` = TRL's ti
 matrix products of the iteration (``matmul_floor``): what an implementation would reach whose
 every elementwise op, attention, layer norm, sampling step and optimizer step cost nothing.
 On the 2-core machine this was written on (one thread, quiet): ours 1.7x TRL, free sampling
-2.7-2.9x, matrix products only 4.6x (0.25 s of TRL's 1.17 s; ours spent 0.44 s on the rest). The 3x target needs nearly all the non-matrix work gone:
-on this CPU torch's eager kernels for the tiny tensors here are slow per element (tanh-GELU
-3-5 ns per element, about 75 ms of an iteration forward and backward; layer norm, softmax and
-copies add as much), and ``torch.compile`` (inductor) shortened a forward + backward by only
-4% (275 -> 264 ms) after 50 s of compilation. Hand-fused CPU kernels would be the way there.
+2.7-2.9x, matrix products only 4.6x (0.25 s of TRL's 1.17 s; ours spent 0.44 s on the rest).
+The 3x target needs nearly all the non-matrix work gone: on this CPU torch's eager kernels for
+the tiny tensors here are slow per element (tanh-GELU 3-5 ns per element, about 75 ms of an
+iteration forward and backward; layer norm, softmax and copies add as much), and
+``torch.compile`` (inductor) shortened a forward + backward by only 4% (275 -> 264 ms) after
+50 s of compilation. Hand-fused CPU kernels would be the way there.
 """
 
 from __future__ import annotations
@@ -302,15 +303,15 @@ def time_head_to_head(
     return times, cpu, error
 
 
-def matmul_floor(batch: int, prompt_len: int, n_new: int, reps: int = 20) -> dict[str, float]:
+def matmul_floor(batch: int, prompt_len: int, n_new: int, vocab: int, reps: int = 20) -> dict[str, float]:
     """Seconds of only the dense matrix products of one RLOO iteration of ``MODEL`` (no
     attention, GELU, layer norm, softmax, sampling or optimizer), timed on random fp32 tensors
     of the same shapes: the sampling steps ([batch, H] rows), the prior's forward and the
     update's forward and backward ([batch·L, H] rows, L = prompt_len + n_new; the backward is
     two products per layer: dX = dY·Wᵀ and dW = Xᵀ·dY). No implementation can do the model's
     arithmetic in less, whatever it fuses; TRL's time over this is the most any RLOO could lead by."""
-    h, v = MODEL.n_embd, len(build_codec("melody").tokenizer)
-    weights = [torch.randn(i, o) for i, o in ((h, 3 * h), (h, h), (h, 4 * h), (4 * h, h))] * MODEL.n_layer + [torch.randn(h, v)]
+    h = MODEL.n_embd
+    weights = [torch.randn(i, o) for i, o in ((h, 3 * h), (h, h), (h, 4 * h), (4 * h, h))] * MODEL.n_layer + [torch.randn(h, vocab)]
 
     def products(rows: int, backward: bool):
         xs = {w.shape[0]: torch.randn(rows, w.shape[0]) for w in weights}
@@ -381,10 +382,10 @@ def main(argv: list[str] | None = None) -> dict:
             result["ratio_ppo_vs_trl_rloo"] = result["ppo_tokens_per_s"] / result["trl_rloo_tokens_per_s"]
             result["ratio_rloo_vs_trl_median"] = result["trl_rloo_median_seconds"] / result["rloo_median_seconds"]
             result["ratio_rloo_vs_trl_cpu"] = result["trl_rloo_cpu_seconds"] / result["rloo_cpu_seconds"]
-            # The ratio ours would reach if sampling cost nothing: the prior's forward and the
-            # update are the same model arithmetic in any implementation.
+            # The ratio ours would reach if sampling cost nothing (with our kernels for the rest),
+            # and the one no implementation could pass (the matrix products alone).
             result["ratio_ceiling_free_sampling"] = result["trl_rloo_seconds"] / (split["prior_forward"] + split["reward_update"])
-            floor = matmul_floor(BATCH, 1, MELODY_STEPS)
+            floor = matmul_floor(BATCH, 1, MELODY_STEPS, len(codec.tokenizer))
             result["matmul_floor_seconds"] = {k: round(x, 4) for k, x in floor.items()}
             result["ratio_ceiling_matmul_only"] = result["trl_rloo_seconds"] / floor["total"]
         elif trl_error is not None:
