@@ -21,5 +21,6 @@ bench: setup
 	$(VENV)/bin/python benchmarks/rule_rewards.py
 	$(VENV)/bin/python benchmarks/rl_throughput.py
 	$(VENV)/bin/python benchmarks/bleu_reward.py
+	$(VENV)/bin/python benchmarks/pretrain_step.py
 	$(VENV)/bin/python benchmarks/reward_training.py
 	$(VENV)/bin/python benchmarks/scaling.py

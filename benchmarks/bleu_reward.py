@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import sacrebleu  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rlhf.errors import UserError  # noqa: E402
 from tasks.translation.bleu import SentenceBLEU  # noqa: E402
 from tasks.translation.data import load_split, resolve_data_dir  # noqa: E402
 
@@ -102,4 +103,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # e.g. no Multi30k: say where to get it, no traceback
+        sys.exit(f"error: {e}")

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from pydantic import Field
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+from transformers import GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from rlhf import distributed
 from rlhf.config import Section
@@ -37,6 +37,12 @@ class PretrainConfig(Section):
     eval_every: int = Field(250, ge=1, description="Held-out loss every this many steps.")
     checkpoint_every: int = Field(500, ge=1, description="Write a resumable checkpoint every this many steps.")
     keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+    length_chunks: int = Field(
+        1, ge=1,
+        description="Sort each batch by length and run it as this many chunks, each padded only to its own "
+        "longest sequence. The loss and gradient are the whole batch's (one token mean, one backward), "
+        "so this only saves the arithmetic spent on padding: worth it when lengths vary (translation).",
+    )
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -65,14 +71,39 @@ def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> np.
     return np.asarray(idx)
 
 
+def length_chunks(examples: Sequence[Example], n_chunks: int) -> list[list[Example]]:
+    """``examples`` sorted by total length and cut into ``n_chunks`` near-equal runs, so that
+    each chunk pads to a length close to that of its own members (fewer if there are fewer
+    examples)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]) + len(examples[i][1]))
+    return [[examples[i] for i in part] for part in np.array_split(order, min(n_chunks, len(examples))) if len(part)]
+
+
 def token_stats(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed NLL, correct next-token predictions, number of predicted tokens) of a batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    """(summed NLL, correct next-token predictions, number of predicted tokens) of a batch.
+
+    A plain GPT-2 (not wrapped for DDP, whose gradient hooks need its own forward) gets the LM
+    head only at labelled positions: in translation half the positions are the source or
+    padding, and the [positions, vocabulary] logits are the largest tensor of the step."""
     labels = batch["labels"][:, 1:]
-    valid = labels != -100
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
-    correct = ((logits.argmax(-1) == labels) & valid).sum()
+    valid = labels != -100  # [B, T-1]
+    target = labels[valid]  # [N]
+    if type(model) is GPT2LMHeadModel:
+        hidden = model.transformer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = model.lm_head(hidden[:, :-1][valid])  # [N, V]
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][valid]
+    nll = torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum")
+    correct = (logits.argmax(-1) == target).sum()
     return nll, correct, valid.sum()
+
+
+def chunked_token_stats(model: PreTrainedModel, examples: Sequence[Example], pad_id: int, device: torch.device, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`token_stats` of ``examples`` summed over :func:`length_chunks`: the same sums as
+    one padded batch, with less padding."""
+    stats = [token_stats(model, {k: v.to(device) for k, v in collate(c, pad_id).items()}) for c in length_chunks(examples, n_chunks)]
+    nll, correct, count = (sum(x) for x in zip(*stats))
+    return nll, correct, count
 
 
 @torch.no_grad()
@@ -80,11 +111,8 @@ def evaluate_lm(model: PreTrainedModel, examples: Sequence[Example], pad_id: int
     """Held-out loss (mean NLL per completion token), perplexity and next-token accuracy."""
     was_training = model.training
     model.eval()
-    nll = correct = count = 0.0
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-        s, c, n = token_stats(model, batch)
-        nll, correct, count = nll + float(s), correct + float(c), count + float(n)
+    s, c, n = chunked_token_stats(model, examples, pad_id, device, -(-len(examples) // batch_size)) if examples else (0, 0, 0)
+    nll, correct, count = float(s), float(c), float(n)
     model.train(was_training)
     loss = nll / max(count, 1.0)
     return {"loss/val": loss, "ppl/val": math.exp(min(loss, 50.0)), "acc/val": correct / max(count, 1.0)}
@@ -122,9 +150,7 @@ def pretrain(
     loop.model.train()
     for step in loop.steps():
         idx = batch_indices(len(train), cfg.batch_size, step, seed)
-        mine = idx[shard]
-        batch = {k: v.to(loop.device) for k, v in collate([train[i] for i in mine], pad_id).items()}
-        nll, correct, count = token_stats(loop.model, batch)
+        nll, correct, count = chunked_token_stats(loop.model, [train[i] for i in idx[shard]], pad_id, loop.device, cfg.length_chunks)
         if acc.num_processes == 1:
             loss = nll / count.clamp(min=1)
             metrics = loop.update(loss)

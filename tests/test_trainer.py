@@ -100,3 +100,48 @@ def test_collate_masks_prompt_and_padding():
     batch = collate([([1, 2], [3, 4, 5]), ([1], [6])], pad_id=0)
     assert batch["labels"].tolist() == [[-100, -100, 3, 4, 5], [-100, 6, -100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+
+
+def naive_completion_nll(model, examples):
+    """Reference: one unpadded forward per example and a loop over its completion tokens."""
+    total = torch.zeros(())
+    for prompt, completion in examples:
+        ids = torch.tensor([list(prompt) + list(completion)])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        for t, tok in enumerate(completion):
+            total = total - logp[len(prompt) + t - 1, tok]
+    return total
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("n_chunks", [1, 3])
+def test_chunked_token_stats_equal_a_per_example_loop(arch, n_chunks):
+    """Length chunks and the completion-only LM head (GPT-2) change neither the summed NLL nor
+    its gradient; the Llama model takes the generic full-logits path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.pretrain import chunked_token_stats, length_chunks
+
+    codec = build_codec("melody")
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = build_causal_lm(ModelConfig(n_layer=2, n_embd=32, n_head=2, max_positions=40, dropout=0.0), codec.tokenizer)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(codec.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, max_position_embeddings=40, pad_token_id=codec.pad_id))
+    ids = codec.completion_token_ids
+    g = torch.Generator().manual_seed(1)
+    examples = [([codec.bos_id] + ids[:int(torch.randint(0, 4, (1,), generator=g))],
+                 [ids[int(i)] for i in torch.randint(0, len(ids), (int(torch.randint(1, 20, (1,), generator=g)),), generator=g)])
+                for _ in range(7)]
+    chunks = length_chunks(examples, n_chunks)
+    assert sorted(map(id, sum(chunks, []))) == sorted(map(id, examples)) and len(chunks) == n_chunks
+    nll, correct, count = chunked_token_stats(model, examples, codec.pad_id, torch.device("cpu"), n_chunks)
+    grad = torch.autograd.grad(nll, list(model.parameters()))
+    ref = naive_completion_nll(model, examples)
+    ref_grad = torch.autograd.grad(ref, list(model.parameters()))
+    assert int(count) == sum(len(c) for _, c in examples)
+    assert 0 <= int(correct) <= int(count)
+    assert torch.allclose(nll, ref, rtol=1e-5), (float(nll), float(ref))
+    for a, b in zip(grad, ref_grad):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -160,7 +160,7 @@ def tiny_prior(tmp_path_factory):
     val_ex = task.examples(val)
     before = evaluate_lm(model, val_ex, task.codec.pad_id, torch.device("cpu"))["loss/val"]
     run = Run(root / "run")
-    pcfg = PretrainConfig(steps=80, batch_size=32, lr=3e-3, warmup_steps=8, eval_every=40, checkpoint_every=100)
+    pcfg = PretrainConfig(steps=80, batch_size=32, lr=3e-3, warmup_steps=8, eval_every=40, checkpoint_every=100, length_chunks=4)
     final = pretrain(run, pcfg, model, task.tokenizer, task.examples(train), val_ex, seed=0, progress=False)
     task.codec.save(final)
     after = evaluate_lm(load_causal_lm(final), val_ex, task.codec.pad_id, torch.device("cpu"))["loss/val"]
