@@ -102,7 +102,7 @@ def chunked_token_stats(model: PreTrainedModel, examples: Sequence[Example], pad
     """:func:`token_stats` of ``examples`` summed over :func:`length_chunks`: the same sums as
     one padded batch, with less padding."""
     stats = [token_stats(model, {k: v.to(device) for k, v in collate(c, pad_id).items()}) for c in length_chunks(examples, n_chunks)]
-    nll, correct, count = (sum(x) for x in zip(*stats))
+    nll, correct, count = (sum(x) for x in zip(*stats))  # each summed over the chunks
     return nll, correct, count
 
 

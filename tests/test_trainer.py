@@ -103,14 +103,16 @@ def test_collate_masks_prompt_and_padding():
 
 
 def naive_completion_nll(model, examples):
-    """Reference: one unpadded forward per example and a loop over its completion tokens."""
-    total = torch.zeros(())
+    """Reference (summed NLL, correct argmax predictions): one unpadded forward per example
+    and a loop over its completion tokens."""
+    total, correct = torch.zeros(()), 0
     for prompt, completion in examples:
         ids = torch.tensor([list(prompt) + list(completion)])
         logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
         for t, tok in enumerate(completion):
             total = total - logp[len(prompt) + t - 1, tok]
-    return total
+            correct += int(logp[len(prompt) + t - 1].argmax()) == tok
+    return total, correct
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -138,10 +140,10 @@ def test_chunked_token_stats_equal_a_per_example_loop(arch, n_chunks):
     assert sorted(map(id, sum(chunks, []))) == sorted(map(id, examples)) and len(chunks) == n_chunks
     nll, correct, count = chunked_token_stats(model, examples, codec.pad_id, torch.device("cpu"), n_chunks)
     grad = torch.autograd.grad(nll, list(model.parameters()))
-    ref = naive_completion_nll(model, examples)
+    ref, ref_correct = naive_completion_nll(model, examples)
     ref_grad = torch.autograd.grad(ref, list(model.parameters()))
     assert int(count) == sum(len(c) for _, c in examples)
-    assert 0 <= int(correct) <= int(count)
+    assert int(correct) == ref_correct
     assert torch.allclose(nll, ref, rtol=1e-5), (float(nll), float(ref))
     for a, b in zip(grad, ref_grad):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
