@@ -113,3 +113,15 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     r = rewards.view(-1, k)  # [n_prompts, k]
     baseline = (r.sum(dim=1, keepdim=True) - r) / (k - 1)
     return (r - baseline).reshape(-1)
+
+
+@torch.no_grad()
+def first_in_group(tokens: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """[B] bool: True unless row i repeats an earlier row of its group of k (same real tokens,
+    padding ignored). tokens, mask [B, T] with B = n_prompts·k, a prompt's rows contiguous."""
+    if tokens.shape[0] % k:
+        raise ValueError(f"first_in_group needs rows [n_prompts*k] with k={k}, got {tokens.shape[0]}")
+    t = torch.where(mask.bool(), tokens, torch.full_like(tokens, -1)).view(-1, k, tokens.shape[1])  # [G, k, T]
+    same = (t[:, :, None, :] == t[:, None, :, :]).all(-1)  # [G, k, k]: row i equals row j
+    earlier = torch.ones(k, k, dtype=torch.bool, device=tokens.device).tril(-1)  # j < i
+    return ~(same & earlier).any(-1).reshape(-1)

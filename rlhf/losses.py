@@ -61,6 +61,22 @@ def reinforce_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Ten
     return masked_mean(-advantages * logp, mask)
 
 
+def risk_loss(seq_logp: torch.Tensor, returns: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Minimum risk training (Shen et al. 2016, "Minimum Risk Training for Neural Machine
+    Translation", eq. 11–13), as a loss: the expected return under the model's distribution
+    renormalised over each source's candidate set S(x),
+
+        Q(y|x) = π(y|x)^α / Σ_{y'∈S(x)} π(y'|x)^α,   L = −mean_x Σ_{y∈S(x)} Q(y|x)·R(y),
+
+    whose gradient α·Σ_y Q(y)(R(y) − E_Q[R])·∇log π(y) weights each candidate by its
+    renormalised probability: the update moves mass among the likely candidates, the ones
+    greedy and beam search pick from. α < 1 flattens Q. seq_logp [G, K] log π(y|x) of K
+    candidates of G sources (with gradient), returns [G, K] (constants), keep [G, K] bool:
+    False for a repeat of an earlier candidate (S(x) is a set) → scalar."""
+    scores = (alpha * seq_logp).masked_fill(~keep, float("-inf"))  # [G, K]
+    return -(torch.softmax(scores, dim=-1) * returns.detach()).sum(-1).mean()
+
+
 def entropy_from_logits(logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Entropy H = −Σ_a π(a) log π(a) of softmax(logits) renormalised over ``allowed`` [V]:
     logits [B, T, V] → [B, T]; excluded actions contribute 0 (0·log 0 = 0)."""

@@ -16,8 +16,9 @@ import torch
 from pydantic import Field, model_validator
 
 from rlhf import distributed
-from rlhf.algorithms.common import Algorithm, KLConfig, make_rollout
+from rlhf.algorithms.common import Algorithm, KLConfig, beam_rollout, make_rollout
 from rlhf.algorithms.kl_control import KLControl, KLControlConfig
+from rlhf.algorithms.mrt import MRT, MRTConfig
 from rlhf.algorithms.ppo import PPO, PPOConfig
 from rlhf.algorithms.rloo import RLOO, RLOOConfig
 from rlhf.config import Section
@@ -32,7 +33,7 @@ log = logging.getLogger("rlhf")
 
 
 class TuneConfig(Section):
-    algorithm: Algorithm = Field("ppo", description="ppo, rloo (REINFORCE with leave-one-out baseline), or Sequence Tutor's q, psi, g.")
+    algorithm: Algorithm = Field("ppo", description="ppo, rloo (REINFORCE with leave-one-out baseline), mrt (minimum risk training over k candidates per prompt), or Sequence Tutor's q, psi, g.")
     steps: int = Field(150, ge=1, description="Iterations (rollout + update).")
     batch_size: int = Field(64, ge=2, description="Sequences sampled per iteration.")
     lr: float = Field(3e-4, gt=0, le=1, description="Adam learning rate.")
@@ -60,16 +61,25 @@ class TuneConfig(Section):
     kl: KLConfig = Field(default_factory=KLConfig, description="The KL term and reward scale.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO settings.")
     rloo: RLOOConfig = Field(default_factory=RLOOConfig, description="RLOO settings.")
+    mrt: MRTConfig = Field(default_factory=MRTConfig, description="Minimum risk training settings.")
     kl_control: KLControlConfig = Field(default_factory=KLControlConfig, description="Q/Ψ/G-learning settings.")
 
     @model_validator(mode="after")
     def _groups(self) -> "TuneConfig":
-        if self.algorithm == "rloo" and self.batch_size % self.rloo.k:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of rloo.k ({self.rloo.k})")
+        if self.batch_size % self.group:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of {self.algorithm}.k ({self.group})")
         if self.algorithm == "ppo" and self.temperature != 1.0:
             raise ValueError(f"temperature={self.temperature}: PPO's probability ratios and value targets assume samples from the policy "
                              "itself; set tune.temperature: 1, or use tune.algorithm: rloo, which trains the tempered policy")
+        if self.algorithm == "mrt" and self.mrt.candidates == "beam" and self.temperature != 1.0:
+            raise ValueError(f"temperature={self.temperature} with mrt.candidates=beam: beam candidates are not samples, so there is no "
+                             "sampling temperature; set tune.temperature: 1 (mrt.alpha sets how sharply the loss weighs them)")
         return self
+
+    @property
+    def group(self) -> int:
+        """Samples drawn per prompt in one iteration: RLOO's and MRT's k, else 1."""
+        return {"rloo": self.rloo.k, "mrt": self.mrt.k}.get(self.algorithm, 1)
 
 
 def build_algorithm(cfg: TuneConfig, prior_dir: Path, allowed: torch.Tensor):
@@ -81,6 +91,8 @@ def build_algorithm(cfg: TuneConfig, prior_dir: Path, allowed: torch.Tensor):
         return PPO(cfg.ppo, cfg.kl, model, allowed), model, prior
     if cfg.algorithm == "rloo":
         return RLOO(cfg.rloo, cfg.kl, policy, allowed, temperature=cfg.temperature), policy, prior
+    if cfg.algorithm == "mrt":
+        return MRT(cfg.mrt, cfg.kl, policy, allowed, temperature=cfg.temperature), policy, prior
     return KLControl(cfg.algorithm, cfg.kl_control, cfg.kl, policy, prior, allowed), policy, prior
 
 
@@ -102,8 +114,9 @@ class Tuner:
                               grad_clip=cfg.grad_clip, tokenizer=task.tokenizer, progress=progress)
         # Each process samples and trains on its contiguous share of the global batch (RLOO: whole groups).
         self.start, self.end = distributed.shard_bounds(cfg.batch_size, "tune.batch_size")
-        if cfg.algorithm == "rloo" and (self.end - self.start) % cfg.rloo.k:
-            raise ValueError(f"tune.batch_size / processes ({self.end - self.start}) must be a multiple of rloo.k ({cfg.rloo.k}): a leave-one-out group must stay on one process")
+        if (self.end - self.start) % cfg.group:
+            raise ValueError(f"tune.batch_size / processes ({self.end - self.start}) must be a multiple of {cfg.algorithm}.k ({cfg.group}): "
+                             "a prompt's group of samples must stay on one process")
         seeds = cfg.rollout_seeds if cfg.rollout_seeds != "auto" else ("batch" if distributed.world_size() == 1 else "sequence")
         self.per_sequence = seeds == "sequence"
         kl = cfg.kl
@@ -124,7 +137,7 @@ class Tuner:
 
     def iteration(self, step: int) -> dict[str, float]:
         cfg, task, algo = self.cfg, self.task, self.algo
-        group = cfg.rloo.k if cfg.algorithm == "rloo" else 1
+        group = cfg.group
         rng = np.random.default_rng([self.seed, step])
         index = [int(i) for i in self.sampler.draw(rng, cfg.batch_size // group) for _ in range(group)]
         batch = [self.prompts[i] for i in index]
@@ -137,9 +150,13 @@ class Tuner:
             probs_fn = distributed.RowSampler(distributed.row_seeds(base_seed, step, range(self.start, self.end)), max(p.n_new for p in batch),
                                               allowed=task.allowed, temperature=cfg.temperature, base=probs_fn)
         with distributed.generation(self.loop.model):
-            ro = make_rollout(algo.sampler, self.prior, [p.ids for p in picked], [p.n_new for p in picked], pad_id=task.tokenizer.pad_token_id,
-                              allowed=task.allowed, generator=self.gen, probs_fn=probs_fn, temperature=cfg.temperature,
-                              eos_id=getattr(task, "eos_id", None), hidden=cfg.algorithm == "ppo")
+            if cfg.algorithm == "mrt" and cfg.mrt.candidates == "beam":
+                ro = beam_rollout(algo.sampler, self.prior, [p.ids for p in picked[::group]], [p.n_new for p in picked[::group]], group,
+                                  pad_id=task.tokenizer.pad_token_id, allowed=task.allowed, eos_id=getattr(task, "eos_id", None))
+            else:
+                ro = make_rollout(algo.sampler, self.prior, [p.ids for p in picked], [p.n_new for p in picked], pad_id=task.tokenizer.pad_token_id,
+                                  allowed=task.allowed, generator=self.gen, probs_fn=probs_fn, temperature=cfg.temperature,
+                                  eos_id=getattr(task, "eos_id", None), hidden=cfg.algorithm == "ppo")
         task_reward = task.step_rewards(picked, ro.tokens)  # [B, T]
         self.sampler.update(torch.tensor(index[self.start : self.end]), task_reward.sum(-1).cpu())
         extra = {}

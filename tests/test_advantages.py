@@ -9,6 +9,7 @@ import torch
 
 from rlhf.advantages import (
     discounted_returns,
+    first_in_group,
     gae,
     masked_mean,
     masked_sum,
@@ -191,3 +192,22 @@ def test_self_critical_matches_loop(k: int):
         assert got[i].item() == pytest.approx(rewards[i].item() - greedy[i // k].item(), abs=1e-12)
     with pytest.raises(ValueError, match="baseline"):
         self_critical_advantages(rewards, greedy[:3], k)
+
+
+def test_first_in_group_marks_repeats_within_a_group_only():
+    eos, pad = 9, 0
+    rows = [[1, 2, eos, pad], [1, 2, eos, 7], [1, 3, eos, pad], [1, 2, eos, pad],  # group 0: row 1 equals row 0 up to its length
+            [1, 2, eos, pad], [4, eos, pad, pad], [4, eos, 5, 5], [4, 6, eos, pad]]  # group 1: its first row is new here
+    lengths = [3, 3, 3, 3, 3, 2, 2, 3]
+    tokens = torch.tensor(rows)
+    mask = torch.arange(4)[None, :] < torch.tensor(lengths)[:, None]
+    want = []
+    for g in range(2):  # naive: a row is kept unless an earlier row of its group has the same real tokens
+        seen = []
+        for i in range(4 * g, 4 * g + 4):
+            real = tuple(rows[i][: lengths[i]])
+            want.append(real not in seen)
+            seen.append(real)
+    assert first_in_group(tokens, mask, 4).tolist() == want == [True, False, True, False, True, True, False, True]
+    with pytest.raises(ValueError, match="k=3"):
+        first_in_group(tokens, mask, 3)

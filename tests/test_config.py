@@ -58,6 +58,10 @@ def test_unknown_rule_weight_lists_rules(tmp_path):
 def test_cross_field_validation(tmp_path):
     msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["model.n_embd=100", "model.n_head=3"]).value)
     assert "divisible" in msg and "command-line override" in msg
+    msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["tune.algorithm=mrt", "tune.mrt.candidates=beam", "tune.temperature=0.6"]).value)
+    assert "mrt.candidates=beam" in msg and "tune.temperature: 1" in msg
+    msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["tune.algorithm=mrt", "tune.mrt.k=3", "tune.batch_size=64"]).value)
+    assert "multiple of mrt.k (3)" in msg
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf.losses import entropy_from_logits, ppo_policy_loss, reinforce_loss, value_loss
+from rlhf.losses import entropy_from_logits, ppo_policy_loss, reinforce_loss, risk_loss, value_loss
 
 B, T, V = 5, 8, 6
 
@@ -111,6 +111,29 @@ def test_reinforce_loss_matches_loop_for_token_and_sequence_advantages():
     got_seq.backward()
     want = torch.where(mask, -adv_seq[:, None].expand(B, T) / len(real), 0.0)
     assert torch.allclose(logp.grad, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.2, 1.0])
+def test_risk_loss_matches_loop_and_its_gradient_is_the_q_weighted_advantage(alpha: float):
+    g = torch.Generator().manual_seed(5)
+    G, K = 3, 4
+    seq_logp = (-torch.rand(G, K, generator=g, dtype=torch.float64) * 20).requires_grad_(True)
+    returns = torch.rand(G, K, generator=g, dtype=torch.float64)
+    keep = torch.tensor([[True] * 4, [True, False, True, False], [True, True, True, False]])
+    total, want_grad = 0.0, torch.zeros(G, K, dtype=torch.float64)
+    for x in range(G):  # naive: Q over the kept candidates, L = −mean_x Σ Q R
+        kept = [i for i in range(K) if keep[x, i]]
+        w = [math.exp(alpha * seq_logp[x, i].item()) for i in kept]
+        q = [wi / sum(w) for wi in w]
+        expected = sum(qi * returns[x, i].item() for qi, i in zip(q, kept))
+        total += -expected / G
+        for qi, i in zip(q, kept):  # dL/dlog π(y_i) = −α·Q_i·(R_i − E_Q[R]) / G
+            want_grad[x, i] = -alpha * qi * (returns[x, i].item() - expected) / G
+    loss = risk_loss(seq_logp, returns, keep, alpha)
+    assert loss.item() == pytest.approx(total, abs=1e-12)
+    loss.backward()
+    assert torch.allclose(seq_logp.grad, want_grad, atol=1e-12)
+    assert (seq_logp.grad[~keep] == 0).all()
 
 
 @pytest.mark.parametrize("with_mask", [False, True])

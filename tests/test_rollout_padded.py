@@ -197,3 +197,41 @@ def test_kl_to_reference_matches_a_per_row_loop():
         lb = completion_logits(b, torch.tensor([p]), torch.tensor([c]))[0]
         ref = sum(float(kl_exact(la[t], lb[t], allowed)) for t in range(len(c))) / len(c)
         assert abs(g - ref) < 1e-5
+
+
+@torch.no_grad()
+def naive_beam(model, prompt, n_new, k, allowed):
+    """Width-k beam search over one unpadded prompt, no cache, fixed length: at every step
+    extend each beam by every allowed token and keep the k best cumulative log-probs."""
+    beams = [([], 0.0)]
+    for _ in range(n_new):
+        grown = []
+        for toks, score in beams:
+            logits = model(input_ids=torch.tensor([prompt + toks])).logits[0, -1].float()
+            logp = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+            grown += [(toks + [a], score + float(logp[a])) for a in allowed.nonzero().flatten().tolist()]
+        beams = sorted(grown, key=lambda b: -b[1])[:k]
+    return beams
+
+
+def test_beam_rollout_returns_each_prompts_k_best_beams_scored_like_a_rollout():
+    from rlhf.algorithms.common import beam_rollout
+    from rlhf.rollout import completion_logprobs
+
+    prompts, n_new, k = [[1, 5, 6], [7], [3, 4, 8, 9]], 4, 3
+    allowed = action_space(eos=False)
+    for model in models():
+        torch.manual_seed(1)
+        prior = type(model)(model.config).eval()
+        ro = beam_rollout(model, prior, prompts, [n_new] * 3, k, pad_id=PAD, allowed=allowed)
+        assert ro.tokens.shape == (9, n_new) and ro.lengths == [n_new] * 9 and bool(ro.mask.all())
+        for g, prompt in enumerate(prompts):
+            want = naive_beam(model, prompt, n_new, k, allowed)
+            rows = range(k * g, k * g + k)
+            assert [ro.tokens[r].tolist() for r in rows] == [toks for toks, _ in want]
+            assert torch.equal(ro.prompts[k * g][-len(prompt):], torch.tensor(prompt))
+            for r, (toks, score) in zip(rows, want):
+                alone = torch.tensor([prompt]), torch.tensor([toks])
+                assert torch.allclose(ro.logp[r], completion_logprobs(model, *alone, allowed)[0], atol=1e-5)
+                assert torch.allclose(ro.logp_prior[r], completion_logprobs(prior, *alone, allowed)[0], atol=1e-5)
+                assert abs(float(ro.logp[r].sum()) - score) < 1e-4

@@ -33,6 +33,7 @@ SETTINGS = {
     "rloo-greedy": {"algorithm": "rloo", "rloo": {"baseline": "greedy"}},
     # tempered sampling, scored by the tempered policy, only samples that beat greedy decoding
     "rloo-filtered": {"algorithm": "rloo", "temperature": 0.7, "rloo": {"baseline": "greedy", "positive_only": True}},
+    "mrt": {"mrt": {"k": 4, "alpha": 0.5}},
     "q": {"kl_control": {"exploration": "epsilon", "epsilon": 0.05}},
     "psi": {},
     "g": {},

@@ -88,6 +88,39 @@ def make_rollout(
                    gather_logp(logits_prior, d.tokens, allowed), lengths, d.hidden)
 
 
+@torch.no_grad()
+def beam_rollout(
+    policy, prior, prompts: list[list[int]], n_new: list[int], k: int, *, pad_id: int, allowed: torch.Tensor | None,
+    eos_id: int | None = None,
+) -> Rollout:
+    """The k best beam-search completions of each prompt (width k, transformers' ``generate``),
+    scored like :func:`make_rollout`: rows k·g … k·g + k − 1 are prompt g's. Candidates for
+    sequence-level risk (Edunov et al. 2018, "Classical Structured Prediction Losses for
+    Sequence to Sequence Learning": beam candidates beat sampled ones), not samples of π."""
+    device = next(policy.parameters()).device
+    ids, pmask = left_pad(prompts, pad_id, device)
+    # renormalize_logits: rank beams by log π over the action space (as the rollout scores them),
+    # not by log softmax over the whole vocabulary with the excluded tokens cut afterwards
+    suppress = None if allowed is None else (~allowed).nonzero().flatten().tolist()
+    was_training = policy.training
+    policy.eval()
+    gen = policy.generate(input_ids=ids, attention_mask=pmask, max_new_tokens=max(n_new), do_sample=False, num_beams=k,
+                          num_return_sequences=k, early_stopping=True, eos_token_id=eos_id, pad_token_id=pad_id,  # None: no EOS (not the config's)
+                          suppress_tokens=suppress or None, renormalize_logits=True)  # [G·k, P + T']
+    policy.train(was_training)
+    ids, pmask = ids.repeat_interleave(k, 0), pmask.repeat_interleave(k, 0)  # [G·k, P]
+    limits = torch.tensor(n_new, device=device).repeat_interleave(k)
+    tokens = gen[:, ids.shape[1]:]
+    lengths = eos_lengths(tokens, eos_id, limits)  # [G·k]
+    tokens = tokens[:, : int(lengths.max())]
+    mask = length_mask(lengths.tolist(), tokens.shape[1], device)  # [G·k, T]
+    tokens = torch.where(mask.bool(), tokens, torch.full_like(tokens, pad_id))
+    logits = sequence_forward(policy, ids, pmask, tokens)[0].float()
+    logits_prior = sequence_forward(prior, ids, pmask, tokens)[0].float()
+    return Rollout(ids, pmask, tokens, mask, logits, logits_prior, gather_logp(logits, tokens, allowed),
+                   gather_logp(logits_prior, tokens, allowed), lengths.tolist())
+
+
 def rl_metrics(ro: Rollout, task_reward: torch.Tensor, kl: torch.Tensor, shaped: torch.Tensor) -> dict[str, float]:
     """The metrics every algorithm logs about its rollout batch (see docs/metrics.md), over
     the global batch: under a launcher each rank holds a shard, and ``kl/seq`` feeds the
@@ -118,4 +151,4 @@ def _global_rl_metrics(ro: Rollout, task_reward: torch.Tensor, kl: torch.Tensor,
             "kl/mean": float(s[3] / toks), "logp/prior": float(s[4] / toks), "logp/policy": float(s[5] / toks)}
 
 
-Algorithm = Literal["ppo", "rloo", "q", "psi", "g"]
+Algorithm = Literal["ppo", "rloo", "mrt", "q", "psi", "g"]
