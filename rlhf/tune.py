@@ -112,7 +112,7 @@ class Tuner:
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, fused=True)
         self.loop = TrainLoop(run, f"tune-{name or cfg.algorithm}", model, optimizer, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
                               grad_clip=cfg.grad_clip, tokenizer=task.tokenizer, progress=progress)
-        # Each process samples and trains on its contiguous share of the global batch (RLOO: whole groups).
+        # Each process samples and trains on its contiguous share of the global batch (RLOO, MRT: whole groups).
         self.start, self.end = distributed.shard_bounds(cfg.batch_size, "tune.batch_size")
         if (self.end - self.start) % cfg.group:
             raise ValueError(f"tune.batch_size / processes ({self.end - self.start}) must be a multiple of {cfg.algorithm}.k ({cfg.group}): "

@@ -99,11 +99,11 @@ def beam_rollout(
     Sequence to Sequence Learning": beam candidates beat sampled ones), not samples of π."""
     device = next(policy.parameters()).device
     ids, pmask = left_pad(prompts, pad_id, device)
-    # renormalize_logits: rank beams by log π over the action space (as the rollout scores them),
-    # not by log softmax over the whole vocabulary with the excluded tokens cut afterwards
     suppress = None if allowed is None else (~allowed).nonzero().flatten().tolist()
     was_training = policy.training
     policy.eval()
+    # renormalize_logits: rank beams by log π over the action space (as the rollout scores them),
+    # not by log softmax over the whole vocabulary with the excluded tokens cut afterwards
     gen = policy.generate(input_ids=ids, attention_mask=pmask, max_new_tokens=max(n_new), do_sample=False, num_beams=k,
                           num_return_sequences=k, early_stopping=True, eos_token_id=eos_id, pad_token_id=pad_id,  # None: no EOS (not the config's)
                           suppress_tokens=suppress or None, renormalize_logits=True)  # [G·k, P + T']

@@ -55,6 +55,17 @@ class RLOO:
         shaped = shape_rewards(task_reward, kl, ro.mask, beta, self.kl_cfg.c)  # [B, T]
         return kl, shaped, masked_sum(shaped, ro.mask, dim=-1)
 
+    def fresh_logp(self, model, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, T, V], log-probs [B, T]) of π_τ for the rollout's tokens, with gradient."""
+        logits, _ = sequence_forward(model, ro.prompts, ro.prompt_mask, ro.tokens)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return logits, gather_logp(logits, ro.tokens, self.allowed)
+
+    def kl_loss(self, logits: torch.Tensor, logp: torch.Tensor, ro: Rollout) -> torch.Tensor:
+        """The pathwise part of the KL gradient (0 for k1; rlhf/kl.py: kl_pathwise_loss)."""
+        return kl_pathwise_loss(self.kl_cfg.estimator, logp, ro.logp_prior, ro.mask, logits.float(), ro.logits_prior, self.allowed)
+
     def update(self, loop, ro: Rollout, task_reward: torch.Tensor, beta: float,
                greedy: tuple[Rollout, torch.Tensor] | None = None) -> dict[str, float]:
         """One REINFORCE step; ``greedy`` = (the greedy rollout of each prompt [B/k rows], its
@@ -74,12 +85,8 @@ class RLOO:
         model = distributed.training_forward(loop, self.model)  # through DDP / DeepSpeed: synchronised gradients
         scale = distributed.token_share(ro.mask)[0] if distributed.world_size() > 1 else None  # global token mean
         for _ in range(self.cfg.epochs):
-            logits, _ = sequence_forward(model, ro.prompts, ro.prompt_mask, ro.tokens)
-            if self.temperature != 1.0:
-                logits = logits / self.temperature  # [B, T, V] of π_τ
-            logp = gather_logp(logits, ro.tokens, self.allowed)
-            loss = reinforce_loss(logp, adv, ro.mask) + beta * kl_pathwise_loss(
-                self.kl_cfg.estimator, logp, ro.logp_prior, ro.mask, logits.float(), ro.logits_prior, self.allowed)
+            logits, logp = self.fresh_logp(model, ro)
+            loss = reinforce_loss(logp, adv, ro.mask) + beta * self.kl_loss(logits, logp, ro)
             if scale is not None:
                 loss = loss * scale
             loop.optimizer_step(loss)
