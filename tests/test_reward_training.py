@@ -130,7 +130,11 @@ def test_vpl_beats_bt_on_divergent_raters(pets_run):
     bt, vpl = ev["methods"]["bt"], ev["methods"]["vpl"]["by_context"]
     ceiling = ev["ceilings"]["bt_ceiling_disputed"]
     assert bt["by_kind"]["disputed"] <= ceiling + 0.05  # BT cannot serve both groups
-    assert vpl["8"]["by_kind"]["disputed"] >= 0.85 and vpl["8"]["by_kind"]["disputed"] >= bt["by_kind"]["disputed"] + 0.15, (bt, vpl["8"])
+    # BT's disputed accuracy is set by the held-out raters' group mix (its ceiling: 0.7 at 70/30,
+    # 0.91 when one group holds 91% of the disputed targets), so a fixed margin over BT can be out
+    # of reach of a perfect model. VPL must win back at least half of the disputed pairs BT gets wrong.
+    wrong = 1.0 - bt["by_kind"]["disputed"]
+    assert vpl["8"]["by_kind"]["disputed"] >= 0.85 and vpl["8"]["by_kind"]["disputed"] - bt["by_kind"]["disputed"] >= 0.5 * wrong, (bt, vpl["8"])
     assert vpl["8"]["by_kind"]["agreed"] >= 0.95 and bt["by_kind"]["agreed"] >= 0.95
     assert vpl["8"]["active_units"] >= 1 and vpl["0"]["active_units"] == 0
     report = (run_dir / "report.md").read_text()
