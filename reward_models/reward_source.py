@@ -175,6 +175,11 @@ class LearnedRewardTask:
             raise AttributeError(name)
         return getattr(self._task, name)
 
+    def action_rewards(self, prompts: Sequence[Any], tokens: torch.Tensor) -> torch.Tensor:
+        """Not the wrapped task's: a learned reward model scores whole sequences, not each action."""
+        raise UserError("tune.rloo.credit=all_actions needs per-action task rewards, which a learned reward model does not give; "
+                        "use tune.rloo.credit: token or sequence with reward.model")
+
     def step_rewards(self, prompts: Sequence[Any], tokens: torch.Tensor) -> torch.Tensor:
         return self.source.step_rewards(prompts, tokens)
 

@@ -105,14 +105,17 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free!"; Ahmadian et al.
     2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
     Feedback in LLMs").  rewards [B] with B = n_prompts·k, a prompt's k samples contiguous → [B].
+    Per token, rewards [B, T] (e.g. each sample's reward-to-go G_t): the baseline of step t is
+    the other samples' mean G_t, independent of sample i's actions, so the estimate stays
+    unbiased while a step is no longer credited with what happened before it.
     """
     if k < 2:
         raise ValueError(f"rloo_advantages needs k >= 2 samples per prompt for a leave-one-out baseline, got k={k}")
-    if rewards.ndim != 1 or rewards.shape[0] % k:
-        raise ValueError(f"rloo_advantages needs rewards of shape [n_prompts*k] with k={k}, got {tuple(rewards.shape)}")
-    r = rewards.view(-1, k)  # [n_prompts, k]
+    if rewards.ndim not in (1, 2) or rewards.shape[0] % k:
+        raise ValueError(f"rloo_advantages needs rewards of shape [n_prompts*k] or [n_prompts*k, T] with k={k}, got {tuple(rewards.shape)}")
+    r = rewards.view(-1, k, *rewards.shape[1:])  # [n_prompts, k(, T)]
     baseline = (r.sum(dim=1, keepdim=True) - r) / (k - 1)
-    return (r - baseline).reshape(-1)
+    return (r - baseline).reshape(rewards.shape)
 
 
 @torch.no_grad()

@@ -244,7 +244,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from tasks.counterpoint import cantus as cantus_mod
     from tasks.counterpoint.config import CounterpointConfig
     from tasks.counterpoint.export import write_midi, write_musicxml
-    from tasks.counterpoint.task import CounterpointTask, Prompt
+    from tasks.counterpoint.task import CounterpointTask
 
     model_dir = Path(args.model)
     codec = _load_codec(model_dir)
@@ -265,17 +265,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
         prompts = []
         for i, pitches in enumerate(cantus):
             try:
-                ids = codec.encode_prompt((pitches, args.position))
+                prompts += task.prompts_for([(f"cantus{i + 1}", pitches)], [args.position], skip_invalid=False)
             except ValueError as e:
                 raise UserError(f"cantus {i + 1}: {e}") from None
-            prompts.append(Prompt(f"cantus{i + 1}", ids, len(pitches), pitches[-1] % 12))
     rep, comps = task.sample(model, prompts, args.num, temperature=args.temperature, seed=args.seed)
     items = task.decode(rep, comps)
     scores = task.score(items)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, (it, p) in enumerate(zip(items, rep)):
-        base = out / f"{i:02d}_{p.name}"
+        base = out / f"{i:02d}_{p.name.replace('/', '_')}"
         write_musicxml(it, base.with_suffix(".musicxml"))
         write_midi(it, base.with_suffix(".mid"))
         bad = {k: int(v[i].sum()) for k, v in scores.violations.items() if v[i].any()}

@@ -61,6 +61,18 @@ def reinforce_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Ten
     return masked_mean(-advantages * logp, mask)
 
 
+def expected_reward_loss(logp_all: torch.Tensor, action_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """−mean_t Σ_a π(a|s_t)·r_t(a): each step's immediate reward averaged exactly over the actions
+    instead of sampled (the all-action / expected policy gradient, Sutton et al. 2000; Ciosek &
+    Whiteson 2018, "Expected Policy Gradients"). Its gradient Σ_a ∇π(a|s_t)·r_t(a) is the
+    score-function estimate of that reward's share of the return with zero variance, and it is 0
+    among actions of equal reward, so it sharpens the policy only where the reward tells actions
+    apart.  logp_all [B, T, V] log π over the action space (−inf outside it), action_rewards
+    [B, T, V], mask [B, T]."""
+    expected = (logp_all.exp() * action_rewards.detach()).sum(-1)  # [B, T]
+    return -masked_mean(expected, mask)
+
+
 def risk_loss(seq_logp: torch.Tensor, returns: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:
     """Minimum risk training (Shen et al. 2016, "Minimum Risk Training for Neural Machine
     Translation", eq. 11–13), as a loss: the expected return under the model's distribution

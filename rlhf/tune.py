@@ -22,6 +22,7 @@ from rlhf.algorithms.mrt import MRT, MRTConfig
 from rlhf.algorithms.ppo import PPO, PPOConfig
 from rlhf.algorithms.rloo import RLOO, RLOOConfig
 from rlhf.config import Section
+from rlhf.errors import UserError
 from rlhf.kl import AdaptiveKLController, FixedKLController
 from rlhf.models import load_causal_lm
 from rlhf.policy import PolicyWithValue, frozen
@@ -101,11 +102,16 @@ class Tuner:
     :meth:`iteration` is one rollout → score → update → adapt-β step.
 
     ``task`` needs: ``allowed`` ([V] bool action mask), ``tokenizer``, ``train_prompts()``
-    (objects with ``ids`` and ``n_new``) and ``step_rewards(prompts, tokens [B, T]) -> [B, T]``.
+    (objects with ``ids`` and ``n_new``) and ``step_rewards(prompts, tokens [B, T]) -> [B, T]``;
+    with ``rloo.credit: all_actions`` also ``action_rewards(prompts, tokens) -> [B, T, V]``, the
+    reward every action would get at every step (equal to step_rewards at the sampled tokens).
     """
 
     def __init__(self, run: Run, cfg: TuneConfig, task, prior_dir: Path, *, seed: int, progress: bool = True, name: str | None = None):
         self.cfg, self.task, self.seed = cfg, task, seed
+        if cfg.algorithm == "rloo" and cfg.rloo.credit == "all_actions" and not callable(getattr(task, "action_rewards", None)):
+            raise UserError(f"tune.rloo.credit=all_actions needs per-action rewards, which the {type(task).__name__} task does not give; "
+                            "use tune.rloo.credit: token")
         seed_everything(seed)  # minibatch order, replay sampling: reproducible from the seed alone
         self.algo, model, self.prior = build_algorithm(cfg, prior_dir, task.allowed)
         # fused: one kernel for all parameter tensors instead of one op chain per tensor (5x faster step on CPU)
@@ -162,6 +168,8 @@ class Tuner:
         extra = {}
         if cfg.algorithm == "rloo" and cfg.rloo.baseline == "greedy":
             extra["greedy"] = self.greedy_rollout(picked[::group])
+        if cfg.algorithm == "rloo" and cfg.rloo.credit == "all_actions":
+            extra["action_rewards"] = task.action_rewards(picked, ro.tokens)  # [B, T, V]
         metrics = algo.update(self.loop, ro, task_reward, self.ctl.value, **extra)
         metrics["kl/coef"] = self.ctl.value
         self.ctl.update(metrics["kl/seq"], cfg.batch_size)  # kl/seq is the global batch's mean (rl_metrics)

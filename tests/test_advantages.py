@@ -179,7 +179,27 @@ def test_rloo_rejects_bad_group_sizes():
     with pytest.raises(ValueError, match="n_prompts"):
         rloo_advantages(torch.zeros(5), 2)
     with pytest.raises(ValueError, match="n_prompts"):
-        rloo_advantages(torch.zeros(2, 2), 2)
+        rloo_advantages(torch.zeros(2, 2, 2), 2)
+    with pytest.raises(ValueError, match="n_prompts"):
+        rloo_advantages(torch.zeros(3, 4), 2)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_token_rloo_matches_reward_to_go_loop(k: int):
+    """Per-token RLOO on reward-to-go: A[i, t] = G[i, t] - mean_{j != i in i's group} G[j, t],
+    with G the undiscounted sum of the rewards from t to the sample's end (naive loops)."""
+    g = torch.Generator().manual_seed(3)
+    B, T = 3 * k, 6
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).double()
+    got = rloo_advantages(discounted_returns(rewards, mask, 1.0), k) * mask
+    togo = [[sum(rewards[i, s].item() for s in range(t, int(lengths[i]))) if t < lengths[i] else 0.0 for t in range(T)] for i in range(B)]
+    for i in range(B):
+        others = [j for j in range(i - i % k, i - i % k + k) if j != i]
+        for t in range(T):
+            want = togo[i][t] - sum(togo[j][t] for j in others) / len(others) if t < lengths[i] else 0.0
+            assert got[i, t].item() == pytest.approx(want, abs=1e-10)
 
 
 @pytest.mark.parametrize("k", [1, 3])

@@ -62,6 +62,12 @@ def test_cross_field_validation(tmp_path):
     assert "mrt.candidates=beam" in msg and "tune.temperature: 1" in msg
     msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["tune.algorithm=mrt", "tune.mrt.k=3", "tune.batch_size=64"]).value)
     assert "multiple of mrt.k (3)" in msg
+    msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["tune.algorithm=rloo", "tune.rloo.credit=token", "tune.rloo.baseline=greedy"]).value)
+    assert "credit=token needs baseline=leave_one_out" in msg and "rloo.credit: sequence" in msg
+    msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["tune.algorithm=rloo", "tune.rloo.gamma=0.5"]).value)
+    assert "credit=sequence" in msg and "rloo.gamma at 1" in msg
+    msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["task.pool.min_notes=12", "task.pool.max_notes=9"]).value)
+    assert "min_notes (12) must not exceed max_notes (9)" in msg
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -7,10 +7,10 @@ import torch
 from tasks.counterpoint.report import FALLBACK_KL_BOUND, kl_bound, targets_section
 
 
-def _rows(per_note: float, clean: float, kl: float) -> dict:
+def _rows(per_note: float, clean: float, kl: float, distinct: float = 70.0) -> dict:
     return {
         "prior": {"rules/per_note": 1.0, "rules/clean": 0.0, "logp/prior": -1.9},
-        "ppo": {"rules/per_note": per_note, "rules/clean": clean, "kl/prior": kl, "logp/prior": -2.5},
+        "ppo": {"rules/per_note": per_note, "rules/clean": clean, "kl/prior": kl, "logp/prior": -2.5, "distinct/100": distinct},
         "Fux solutions": {"rules/per_note": 0.1, "rules/clean": 0.3, "logp/prior": -2.75},
     }
 
@@ -23,10 +23,10 @@ def test_kl_bound_is_fux_cross_entropy_under_prior():
 
 
 def test_targets_table_marks_each_target():
-    good = "\n".join(targets_section(_rows(0.2, 0.85, 2.0), "first_species"))
-    assert "| ppo | 0.200 ✓ | 0.850 ✓ | 2.000 ✓ |" in good
-    bad = "\n".join(targets_section(_rows(0.3, 0.5, 3.0), "first_species"))
-    assert "| ppo | 0.300 ✗ | 0.500 ✗ | 3.000 ✗ |" in bad
+    good = "\n".join(targets_section(_rows(0.1, 0.85, 2.0), "first_species"))
+    assert "| ppo | 0.100 ✓ | 0.850 ✓ | 70.0 ✓ | 2.000 ✓ |" in good
+    bad = "\n".join(targets_section(_rows(0.2, 0.5, 3.0, 55.0), "first_species"))
+    assert "| ppo | 0.200 ✗ | 0.500 ✗ | 55.0 ✗ | 3.000 ✗ |" in bad
 
 
 def test_melody_targets_use_sequence_tutor_q_column():

@@ -160,3 +160,36 @@ def test_entropy_of_uniform_and_finite_gradients_with_excluded_actions():
     logits.requires_grad_(True)
     entropy_from_logits(logits, allowed).sum().backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_expected_reward_loss_matches_loop_and_its_gradient_is_sum_of_grad_pi_times_reward():
+    """Value: −mean over real steps of Σ_a π(a|s)·r(a) (loop); gradient w.r.t. the logits:
+    −(1/n) π(a)(r(a) − Σ_b π(b) r(b)) at each real step, the softmax Jacobian applied to r;
+    0 where every allowed action has the same reward (no sharpening among equals)."""
+    from rlhf.kl import masked_log_softmax
+    from rlhf.losses import expected_reward_loss
+
+    g = torch.Generator().manual_seed(5)
+    B, T, V = 3, 4, 6
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    allowed = torch.tensor([True, True, False, True, True, False])
+    rewards = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    rewards[0, 1, allowed] = -2.0  # equal rewards at one step
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float64)
+    loss = expected_reward_loss(masked_log_softmax(logits, allowed), rewards, mask)
+    loss.backward()
+    n = int(mask.sum())
+    want, grad = 0.0, torch.zeros(B, T, V, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            z = sum(math.exp(logits[b, t, a].item()) for a in range(V) if allowed[a])
+            pi = [math.exp(logits[b, t, a].item()) / z if allowed[a] else 0.0 for a in range(V)]
+            mean_r = sum(pi[a] * rewards[b, t, a].item() for a in range(V))
+            want -= mean_r / n
+            for a in range(V):
+                grad[b, t, a] = -pi[a] * (rewards[b, t, a].item() - mean_r) / n
+    assert loss.item() == pytest.approx(want, abs=1e-12)
+    assert torch.allclose(logits.grad, grad, atol=1e-12)
+    assert logits.grad[0, 1].abs().max() < 1e-15 and logits.grad[2, 1:].abs().max() == 0.0

@@ -42,6 +42,8 @@ FUX_LICENCES: dict[tuple[int, str, int], str] = {
     (12, "unrecovered_leap", 7): "F3-C4 (fifth up) is followed by a repeated C4",
     (13, "unrecovered_leap", 4): "C4-F4 (fourth up) is followed by a repeated F4",
     (13, "unrecovered_leap", 9): "G4-C4 (fifth down) is answered by a fourth up (F4)",
+    (14, "voice_range", 7): "the bass F2 under the cantus's climax C4 is a twelfth apart, two "
+    "semitones past the tenth Fux otherwise keeps",
     (15, "unrecovered_leap", 4): "D4-G4 (fourth up) is followed by a repeated G4",
     (15, "unrecovered_leap", 10): "G4-C5 (fourth up) turns back by a third (A4)",
     (21, "voice_overlap", 1): "leaving the opening unison G3, the lower voice steps to A3, above "
@@ -274,7 +276,7 @@ HAND_MADE: list[tuple[str, FirstSpeciesPiece, set[tuple[str, int]]]] = [
     ("major second over F4", _piece(CF_D, "A4 G4 G4 A4 B4 C5 C5 B4 D5 C#5 D5"), {("dissonance", 1)}),
     ("fourth over G4", _piece(CF_D, "A4 A4 G4 A4 C5 C5 C5 B4 D5 C#5 D5"), {("dissonance", 4)}),
     ("P5 D4/A4 -> P5 F4/C5, both up", _piece(CF_D, "A4 C5 G4 A4 B4 C5 C5 B4 D5 C#5 D5"), {("parallel_fifths", 1)}),
-    ("P8 F3/F2 -> P8 G3/G2, both up", _piece(CF_F, "F2 G2 F2 A2 B-2 G2 A2 E2 F2 D2 E2 F2", "above"),
+    ("P8 F3/F2 -> P8 G3/G2, both up", _piece(CF_F, "F2 G2 F2 A2 B-2 G2 D3 C3 D3 D2 E2 F2", "above"),
      {("parallel_octaves", 1)}),
     # Unisons moving in parallel are always also a middle unison and an overlap.
     ("unison D4 -> unison E4, both up", _piece("D4 E4 C4 D4", "D4 E4 E4 D4"),
@@ -293,8 +295,10 @@ HAND_MADE: list[tuple[str, FirstSpeciesPiece, set[tuple[str, int]]]] = [
     ("final octave reached in similar motion", _piece("D4 F4 A3 D4", "A4 A4 C5 D5"),
      {("bad_cadence", 3), ("hidden_octaves", 3)}),
     ("tritone leap B-4 to E5", _piece(CF_E, "B4 C5 F4 G4 A4 C5 B-4 E5 D5 E5"), {("forbidden_leap", 7)}),
-    ("minor seventh leap F5 down to G4", _piece(CF_D, "A5 F5 G4 A4 B4 C5 C5 B4 D5 C#5 D5"), {("forbidden_leap", 2)}),
-    ("major seventh leap F2 up to E3", _piece(CF_F, "F2 E3 D3 A2 B-2 G2 A2 E2 F2 D2 E2 F2", "above"),
+    # A5 over D4 is a twelfth: no m7 leap fits this cantus without breaking a second rule.
+    ("minor seventh leap F5 down to G4", _piece(CF_D, "A5 F5 G4 A4 B4 C5 C5 B4 D5 C#5 D5"),
+     {("forbidden_leap", 2), ("voice_range", 0)}),
+    ("major seventh leap F2 up to E3", _piece(CF_F, "F2 E3 D3 A2 B-2 G2 D3 C3 D3 D2 E2 F2", "above"),
      {("forbidden_leap", 1)}),
     ("fourth down D5-A4 continued down to G4", _piece(CF_D, "D5 A4 G4 A4 B4 C5 C5 B4 D5 C#5 D5"),
      {("unrecovered_leap", 2)}),
@@ -302,6 +306,7 @@ HAND_MADE: list[tuple[str, FirstSpeciesPiece, set[tuple[str, int]]]] = [
     ("four thirds in a row", _piece(CF_D, "A4 A4 G4 A4 B4 A4 C5 B4 D5 C#5 D5"), {("parallel_run", 7)}),
     ("raised leading tone before the cadence", _piece(CF_D, "A4 A4 G4 A4 B4 C5 C5 B4 C#5 C#5 D5"),
      {("outside_mode", 8)}),
+    ("opens a twelfth apart, A4 over D3", _piece("D3 F3 E3 D3", "A4 F4 C#4 D4"), {("voice_range", 0)}),
     ("E-flat in dorian", _piece(CF_D, "A4 A4 G4 A4 B4 C5 C5 E-5 D5 C#5 D5"), {("outside_mode", 7)}),
 ]
 
@@ -388,6 +393,8 @@ def _reference(p: FirstSpeciesPiece) -> set[tuple[str, int]]:
             out.add(("dissonance", i))
         if up[i] < lo[i]:
             out.add(("voice_crossing", i))
+        if d > 16:
+            out.add(("voice_range", i))
         if 0 < i < n - 1 and d == 0:
             out.add(("middle_unison", i))
         if 0 < i < n - 1 and d % 12 in (0, 7):
@@ -523,3 +530,30 @@ def test_rule_table_is_documented():
     assert len(R.FIRST_SPECIES_RULES) == len(R.RULES_BY_NAME)
     for rule in R.FIRST_SPECIES_RULES:
         assert re.fullmatch(r"[a-z][a-z_]*", rule.name) and rule.doc and rule.weight > 0
+
+
+def test_counterfactual_rewards_match_scoring_each_changed_piece(random_pieces):
+    """r[b, i, a] against the naive reference: piece b with note i set to cantus[i] + values[a],
+    scored from the rule texts at note i; plus the bonus at the last note when the changed
+    piece breaks no hard rule. At the piece's own interval it is step_rewards."""
+    pieces = [p for p in random_pieces if len(p.cantus) >= 2 and 36 <= min(p.cantus) and max(p.cantus) <= 84][:40]  # the cantus tokens' range
+    values = np.arange(-24, 25)
+    batch = FirstSpeciesBatch.from_pieces(pieces)
+    weights = {r.name: r.weight for r in R.FIRST_SPECIES_RULES}
+    got = R.counterfactual_step_rewards(batch, values, clean_bonus=0.5)
+    own = R.step_rewards(batch)
+    for b, p in enumerate(pieces):
+        n = len(p.cantus)
+        for i in range(n):
+            for a in range(0, len(values), 3):
+                cp = p.counterpoint[:i] + (p.cantus[i] + int(values[a]),) + p.counterpoint[i + 1 :]
+                found = _reference(FirstSpeciesPiece(p.cantus, cp, p.cantus_position, p.final))
+                want = -sum(weights[name] for name, j in found if j == i)
+                later = cp[: i + 1] + tuple(c + 7 for c in p.cantus[i + 1 :])  # other notes after i: note i's rules do not look ahead
+                assert {v for v in _reference(FirstSpeciesPiece(p.cantus, later, p.cantus_position, p.final)) if v[1] == i} == {v for v in found if v[1] == i}
+                if i == n - 1 and not any(name in HARD_RULES for name, _ in found):
+                    want += 0.5
+                assert got[b, i, a] == pytest.approx(want), (p, i, values[a])
+            assert got[b, i, int(np.flatnonzero(values == p.counterpoint[i] - p.cantus[i])[0])] == pytest.approx(
+                own[b, i] + (0.5 if i == n - 1 and not any(name in HARD_RULES for name, _ in _reference(p)) else 0.0))
+        assert (got[b, n:] == 0).all()

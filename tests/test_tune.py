@@ -31,6 +31,9 @@ SETTINGS = {
     "ppo": {"lr": 1e-4},
     "rloo": {},
     "rloo-greedy": {"algorithm": "rloo", "rloo": {"baseline": "greedy"}},
+    "rloo-token": {"algorithm": "rloo", "rloo": {"credit": "token"}},
+    # the counterpoint default's credit: each note's rule reward averaged over every note it could have been
+    "rloo-all-actions": {"algorithm": "rloo", "rloo": {"credit": "all_actions"}, "kl": {"estimator": "exact"}},
     # tempered sampling, scored by the tempered policy, only samples that beat greedy decoding
     "rloo-filtered": {"algorithm": "rloo", "temperature": 0.7, "rloo": {"baseline": "greedy", "positive_only": True}},
     "mrt": {"mrt": {"k": 4, "alpha": 0.5}},

@@ -206,7 +206,7 @@ def tune_with_reward(prior: str | Path, reward_model: str | Path, run_dir: str |
     from tasks.counterpoint.task import CounterpointTask
     from tasks.counterpoint.tokens import Codec
 
-    task = CounterpointTask(CounterpointConfig(train_cantus_transpositions=[0]), Codec.load(prior))
+    task = CounterpointTask(CounterpointConfig(rl_prompts="fux", train_cantus_transpositions=[0]), Codec.load(prior))
     source = RewardSource.from_pretrained(reward_model)
     cfg = TuneConfig.model_validate({"algorithm": "ppo", "steps": steps, "batch_size": batch_size, "checkpoint_every": steps,
                                      "kl": {"beta": beta}})
@@ -222,7 +222,7 @@ def win_rate_vs_prior(rater: Rater, tuned: str | Path, prior: str | Path, per_pr
     from tasks.counterpoint.task import CounterpointTask
     from tasks.counterpoint.tokens import Codec
 
-    task = CounterpointTask(CounterpointConfig(train_cantus_transpositions=[0]), Codec.load(prior))
+    task = CounterpointTask(CounterpointConfig(rl_prompts="fux", train_cantus_transpositions=[0]), Codec.load(prior))
     prompts = task.train_prompts()
     items = {}
     for name, path in (("tuned", tuned), ("prior", prior)):

@@ -7,14 +7,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhf import distributed
-from rlhf.advantages import masked_sum, rloo_advantages, self_critical_advantages
+from rlhf.advantages import discounted_returns, masked_sum, rloo_advantages, self_critical_advantages
 from rlhf.algorithms.common import KLConfig, Rollout, gather_logp, rl_metrics
 from rlhf.config import Section
-from rlhf.kl import kl_pathwise_loss, shape_rewards
-from rlhf.losses import reinforce_loss
+from rlhf.kl import kl_pathwise_loss, masked_log_softmax, shape_rewards
+from rlhf.losses import expected_reward_loss, reinforce_loss
 from rlhf.rollout import sequence_forward
 
 
@@ -27,12 +27,36 @@ class RLOOConfig(Section):
         "output for the prompt (self-critical, Rennie et al. 2017; one more greedy rollout per prompt), which reinforces only samples "
         "that beat greedy decoding.",
     )
+    credit: Literal["sequence", "token", "all_actions"] = Field(
+        "sequence",
+        description="sequence: every token of a sample gets its sequence's advantage; token: token t gets its reward-to-go minus the "
+        "other samples' mean reward-to-go at t (rlhf/advantages.py: rloo_advantages on discounted_returns), so a per-step reward such as "
+        "a rule broken at one note is not credited to the notes before it; all_actions: as token, but each step's own task reward is "
+        "averaged exactly over every action (rlhf/losses.py: expected_reward_loss) from the task's per-action rewards "
+        "(task.action_rewards, e.g. the counterpoint rules), so what decides a note's rule reward is learned at every step without "
+        "sampling noise and equally good notes keep their prior odds. Both need the leave-one-out baseline.",
+    )
+    gamma: float = Field(
+        1.0, ge=0, le=1,
+        description="Discount of the reward-to-go with credit token or all_actions: γ < 1 weighs a step's later consequences less "
+        "(biased toward near-term rewards, with less variance); 1 = the undiscounted return.",
+    )
     positive_only: bool = Field(
         False,
         description="Use only samples with a positive advantage (A <- max(A, 0)). With the greedy baseline the update then imitates the "
         "samples that beat greedy decoding and nothing else (filtered self-imitation, cf. ReST, Gulcehre et al. 2023): a biased "
         "policy gradient with far less variance, since most samples of a weak model are worse than its greedy output.",
     )
+
+    @model_validator(mode="after")
+    def _credit(self) -> "RLOOConfig":
+        if self.credit != "sequence" and self.baseline == "greedy":
+            raise ValueError(f"credit={self.credit} needs baseline=leave_one_out (the greedy baseline is one return per prompt, not one per step); "
+                             "set rloo.credit: sequence or rloo.baseline: leave_one_out")
+        if self.credit == "sequence" and self.gamma != 1.0:
+            raise ValueError(f"gamma={self.gamma} discounts the reward-to-go of credit=token or all_actions; credit=sequence has one "
+                             "return per sample: set rloo.credit: token (or all_actions), or leave rloo.gamma at 1")
+        return self
 
 
 class RLOO:
@@ -67,9 +91,10 @@ class RLOO:
         return kl_pathwise_loss(self.kl_cfg.estimator, logp, ro.logp_prior, ro.mask, logits.float(), ro.logits_prior, self.allowed)
 
     def update(self, loop, ro: Rollout, task_reward: torch.Tensor, beta: float,
-               greedy: tuple[Rollout, torch.Tensor] | None = None) -> dict[str, float]:
+               greedy: tuple[Rollout, torch.Tensor] | None = None, action_rewards: torch.Tensor | None = None) -> dict[str, float]:
         """One REINFORCE step; ``greedy`` = (the greedy rollout of each prompt [B/k rows], its
-        task reward) when the baseline is self-critical."""
+        task reward) when the baseline is self-critical; ``action_rewards`` [B, T, V] = the task
+        reward of every action at every step, for ``credit: all_actions``."""
         ro = ro.tempered(self.temperature, self.allowed)
         kl, shaped, ret = self.returns(ro, task_reward, beta)
         if self.cfg.baseline == "greedy":
@@ -77,6 +102,13 @@ class RLOO:
                 raise ValueError("rloo.baseline=greedy needs the greedy rollout of every prompt (Tuner passes it)")
             adv = self_critical_advantages(ret, self.returns(greedy[0].tempered(self.temperature, self.allowed), greedy[1], beta)[2],
                                            self.cfg.k)  # [B]
+        elif self.cfg.credit == "token":
+            adv = rloo_advantages(discounted_returns(shaped, ro.mask, self.cfg.gamma), self.cfg.k) * ro.mask  # [B, T]
+        elif self.cfg.credit == "all_actions":  # the sampled step's own task reward leaves the return; expected_reward_loss takes its expectation
+            if action_rewards is None:
+                raise ValueError("rloo.credit=all_actions needs the task's per-action rewards (Tuner passes task.action_rewards)")
+            rest = discounted_returns(shaped, ro.mask, self.cfg.gamma) - task_reward / self.kl_cfg.c  # [B, T]: −β·KL_t + γ·G_{t+1}
+            adv = rloo_advantages(rest, self.cfg.k) * ro.mask
         else:
             adv = rloo_advantages(ret, self.cfg.k)  # [B]
         if self.cfg.positive_only:
@@ -87,6 +119,8 @@ class RLOO:
         for _ in range(self.cfg.epochs):
             logits, logp = self.fresh_logp(model, ro)
             loss = reinforce_loss(logp, adv, ro.mask) + beta * self.kl_loss(logits, logp, ro)
+            if action_rewards is not None:
+                loss = loss + expected_reward_loss(masked_log_softmax(logits.float(), self.allowed), action_rewards / self.kl_cfg.c, ro.mask)
             if scale is not None:
                 loss = loss * scale
             loop.optimizer_step(loss)

@@ -29,10 +29,34 @@ class CounterpointDataConfig(Section):
         return self
 
 
+class CantusPoolConfig(Section):
+    size: int = Field(4000, ge=20, description="Distinct generated cantus firmi (tasks/counterpoint/cantus_gen.py) before the held-out split.")
+    heldout_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of the pool's melodies kept out of RL for evaluation; split by melody, so no transposition of a held-out melody is trained on."
+    )
+    seed: int = Field(
+        0, ge=0, description="Seed of the pool and its split; separate from the run seed so that every seed is judged on the same held-out melodies."
+    )
+    min_notes: int = Field(8, ge=8, le=16, description="Shortest generated cantus firmus.")
+    max_notes: int = Field(16, ge=8, le=16, description="Longest generated cantus firmus (at most the prompt's 16 cantus slots).")
+
+    @model_validator(mode="after")
+    def _range(self) -> "CantusPoolConfig":
+        if self.min_notes > self.max_notes:
+            raise ValueError(f"min_notes ({self.min_notes}) must not exceed max_notes ({self.max_notes})")
+        return self
+
+
 class CounterpointEvalConfig(Section):
     cantus_transpositions: list[int] = Field(
         default_factory=lambda: [0, -2, 3],
         description="Semitone shifts of the Fux cantus firmi used for evaluation (first species).",
+    )
+    heldout_pool: int = Field(32, ge=0, description="Held-out pool melodies evaluated (first species; at their home register, both positions).")
+    train_pool: int = Field(16, ge=0, description="Training-pool melodies evaluated beside them, to show the gap between trained-on and unseen cantus firmi.")
+    distinct_samples: int = Field(
+        100, ge=0, description="Samples per Fux cantus (untransposed, both positions) for distinct/100, the distinct pieces per 100 samples "
+        "of one cantus; 0 = count within the samples_per_cantus samples instead."
     )
     positions: list[Literal["below", "above"]] = Field(
         default_factory=lambda: ["below", "above"], description="Cantus positions evaluated (first species)."
@@ -52,9 +76,19 @@ class CounterpointConfig(Section):
         None,
         description="Folder of the Fux species data (reference scores); null = $RLHF_FUX_DIR or ../shared/data/fux-species if present.",
     )
+    rl_prompts: Literal["pool", "fux"] = Field(
+        "pool", description="RL training prompts (first species). pool: the training split of the generated cantus firmi, never an "
+        "evaluation cantus; fux: Fux's own cantus firmi, which are also the evaluation prompts (measures memorisation, not generalisation)."
+    )
+    canonical_key: bool = Field(
+        True, description="Show the model every cantus moved (by at most 6 semitones) into the white-key collection, and move its "
+        "counterpoint back: the rules are transposition-invariant, and in one key the pitch of a cantus note alone says which thirds and "
+        "sixths against it are in the mode (task.py: canonical_shift). false = the cantus as given."
+    )
+    pool: CantusPoolConfig = Field(default_factory=CantusPoolConfig, description="The generated cantus firmi for RL and held-out evaluation.")
     train_cantus_transpositions: list[int] = Field(
         default_factory=lambda: list(range(-5, 7)),
-        description="Semitone shifts of the Fux cantus firmi used as RL training prompts (first species).",
+        description="Semitone shifts of each RL training cantus firmus (pool or Fux; first species); shifts leaving the token range are skipped.",
     )
     rule_weights: dict[str, float] = Field(
         default_factory=dict, description="Override the default weight of named rules, e.g. {parallel_fifths: 5.0}."

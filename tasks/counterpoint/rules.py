@@ -57,6 +57,7 @@ MOTION_NAMES: dict[int, str] = {
 CONSONANT_CLASSES = frozenset({0, 3, 4, 7, 8, 9})  # P1/P8, m3, M3, P5, m6, M6 (mod 12)
 PERFECT_CLASSES = frozenset({0, 7})
 LEAP_THRESHOLD = 4  # semitones; a melodic move larger than this is a leap
+MAX_VOICE_DISTANCE = 16  # semitones, a major tenth: the widest space between the voices (voice_range)
 MAJOR_SCALE = (0, 2, 4, 5, 7, 9, 11)
 MAX_PITCH = 127  # MIDI
 
@@ -154,6 +155,7 @@ class _Context:
     inner: np.ndarray  # bool, positions 1..L-2
     cp: np.ndarray  # int16, counterpoint pitches (0 on padding)
     cf: np.ndarray  # int16, cantus pitches (0 on padding)
+    dist: np.ndarray  # int16, the vertical distance |upper - lower| (0 on padding)
     feat: np.ndarray  # int16, _FEATURES of the vertical distance |upper - lower|
     prev_feat: np.ndarray  # int16, feat of the previous note (own value at i = 0)
     crossed: np.ndarray  # bool, upper < lower
@@ -204,7 +206,8 @@ def _context(batch: FirstSpeciesBatch) -> _Context:
     lo = np.where(below[:, None], cf, cp)
     up_prev, lo_prev = _previous(up), _previous(lo)
     d = up - lo  # [B, N] signed vertical interval
-    feat = _FEATURES.take(np.abs(d))
+    dist = np.abs(d)
+    feat = _FEATURES.take(dist)
     prev_feat = _previous(feat)
 
     su, sl = np.sign(up - up_prev), np.sign(lo - lo_prev)
@@ -232,6 +235,7 @@ def _context(batch: FirstSpeciesBatch) -> _Context:
         inner=moved & (pos < lengths - 1),
         cp=cp,
         cf=cf,
+        dist=dist,
         feat=feat,
         prev_feat=prev_feat,
         crossed=mask & (up < lo),
@@ -354,6 +358,12 @@ def _parallel_run(c: _Context) -> np.ndarray:
     return same & _previous(same) & _previous(_previous(same))
 
 
+def _voice_range(c: _Context) -> np.ndarray:
+    """Fux keeps the two voices within about a tenth: no vertical distance larger than a major
+    tenth (16 semitones); a wider space leaves the voices unrelated and one of them out of its range."""
+    return c.mask & (c.dist > MAX_VOICE_DISTANCE)
+
+
 def _similar_motion(c: _Context) -> np.ndarray:
     """Soft (Fux: contrary motion is best): penalise similar and parallel motion."""
     return c.similar
@@ -405,6 +415,7 @@ FIRST_SPECIES_RULES: tuple[Rule, ...] = (
     _rule("middle_unison", 1.0, _middle_unison),
     _rule("parallel_run", 0.5, _parallel_run),
     _rule("outside_mode", 1.0, _outside_mode),
+    _rule("voice_range", 1.0, _voice_range),
     _rule("similar_motion", 0.1, _similar_motion),
     _rule("middle_perfect", 0.1, _middle_perfect),
 )
@@ -470,6 +481,44 @@ def step_rewards(
     """
     w = resolve_weights(weights, rules)
     return _step_rewards(violations(batch, rules), w, batch.cantus.shape)
+
+
+def counterfactual_step_rewards(
+    batch: FirstSpeciesBatch,
+    values: np.ndarray,
+    weights: Mapping[str, float] | None = None,
+    clean_bonus: float = 0.0,
+    rules: Sequence[Rule] = FIRST_SPECIES_RULES,
+) -> np.ndarray:
+    """[B, N, A] float: ``r[b, i, a]``, the step reward note i of piece b would get if the
+    counterpoint there were ``cantus[b, i] + values[a]`` (a signed interval), after the piece's
+    own notes 0..i-1; plus ``clean_bonus`` at the last note when the piece would then break no
+    hard rule. 0 on padding.
+
+    Every rule flags a note from that note and the ones before it (a motion at its second note,
+    a leap at the note after it, the cadence at the last note), never from later notes, so
+    ``r[b, i, a]`` is the immediate reward of action a in the state after i sampled notes: at the
+    piece's own interval it equals :func:`step_rewards` (plus the bonus where it applies).
+    """
+    B, N = np.shape(batch.cantus)
+    values = np.asarray(values, dtype=np.int64)
+    A = len(values)
+    cf = np.asarray(batch.cantus, dtype=np.int64)
+    var = np.repeat(np.asarray(batch.counterpoint, dtype=np.int64)[:, None, None, :], N * A, axis=1).reshape(B, N, A, N)
+    for i in range(N):  # variant (i, a) of piece b: its notes with note i replaced by cantus[b, i] + values[a]
+        var[:, i, :, i] = cf[:, i, None] + values[None, :]
+    rep = lambda x: np.repeat(np.asarray(x), N * A, axis=0)  # noqa: E731  [B, ...] -> [B*N*A, ...]
+    flat = FirstSpeciesBatch(rep(cf), var.reshape(B * N * A, N), rep(batch.cantus_below), rep(batch.final), rep(batch.lengths))
+    viol = violations(flat, rules)
+    r = _step_rewards(viol, resolve_weights(weights, rules), (B * N * A, N)).reshape(B, N, A, N)
+    own = np.arange(N)
+    out = r[:, own, :, own].transpose(1, 0, 2).copy()  # [B, N, A]: each variant's reward at the note it changed
+    if clean_bonus:
+        hard = [v for name, v in viol.items() if name not in SOFT_RULES]
+        clean = ~np.logical_or.reduce(hard).any(axis=1).reshape(B, N, A) if hard else np.ones((B, N, A), dtype=bool)
+        last = own[None, :] == np.asarray(batch.lengths)[:, None] - 1  # [B, N]
+        out += clean_bonus * (clean & last[:, :, None])
+    return out
 
 
 def total_rewards(

@@ -6,19 +6,22 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from rlhf.errors import UserError
 from rlhf.rollout import kl_to_reference_many, logprobs_many, sample_many
 from tasks.counterpoint import cantus as cantus_mod
+from tasks.counterpoint import cantus_gen
 from tasks.counterpoint import corpus
 from tasks.counterpoint.config import CounterpointConfig
-from tasks.counterpoint.piece import MELODY_STEPS, FirstSpeciesPiece, Melody
+from tasks.counterpoint import rules
+from tasks.counterpoint.piece import MELODY_STEPS, FirstSpeciesBatch, FirstSpeciesPiece, Melody
 from tasks.counterpoint.scoring import RuleScores, score
-from tasks.counterpoint.tokens import Codec, build_codec
+from tasks.counterpoint.tokens import CANTUS_HIGH, CANTUS_LOW, Codec, build_codec
 
 log = logging.getLogger("rlhf")
 
@@ -28,9 +31,29 @@ Item = FirstSpeciesPiece | Melody
 @dataclass(frozen=True)
 class Prompt:
     name: str  # e.g. "fux-d+0/below"
-    ids: list[int]
+    ids: list[int]  # the model's input: the cantus moved by ``shift`` semitones
     n_new: int  # completion length in tokens (without eos)
-    final: int | None  # pitch class of the mode's final (first species)
+    final: int | None  # pitch class of the mode's final, in the key of ``ids`` (first species)
+    shift: int = 0  # semitones the cantus was moved for the model (canonical_key); decode moves the piece back
+
+
+WHITE_KEYS = frozenset({0, 2, 4, 5, 7, 9, 11})  # the pitch classes of the C-major collection
+
+
+def canonical_shift(pitches: Sequence[int]) -> int:
+    """The smallest move (by size, then upward first) in -6..+5 semitones that puts every pitch
+    class of ``pitches`` in the white-key collection; 0 when none does (a chromatic line).
+
+    Every first-species rule is transposition-invariant, so a cantus and its transposition have
+    the same correct counterpoints, written as the same interval tokens. Moved to the white
+    keys, the pitch of a cantus note alone says which third or sixth above or below it lies in
+    the mode (over D: F and B, not F-sharp and B-flat); in its own key that depends on the key,
+    which the policy would first have to infer from the whole cantus."""
+    pcs = {p % 12 for p in pitches}
+    for s in sorted(range(-6, 6), key=lambda k: (abs(k), -k)):
+        if {(p + s) % 12 for p in pcs} <= WHITE_KEYS:
+            return s
+    return 0
 
 
 class CounterpointTask:
@@ -39,6 +62,7 @@ class CounterpointTask:
         self.codec = codec or build_codec(cfg.mode, cfg.cantus_slots)
         self.allowed = torch.zeros(len(self.codec.tokenizer), dtype=torch.bool)
         self.allowed[self.codec.completion_token_ids] = True
+        self._pool: tuple[list[cantus_gen.Cantus], list[cantus_gen.Cantus]] | None = None
 
     @property
     def tokenizer(self):
@@ -73,30 +97,73 @@ class CounterpointTask:
         return [self.codec.encode(it) for it in items]
 
     # ----- prompts ------------------------------------------------------------------------
-    def eval_prompts(self) -> list[Prompt]:
-        if self.cfg.mode == "melody":
-            ids = self.codec.encode_prompt(None)
-            return [Prompt("melody", ids, MELODY_STEPS, None)]
+    def prompts_for(self, cantus: Iterable[tuple[str, Sequence[int]]], positions: Sequence[str] | None = None, *, skip_invalid: bool = True) -> list[Prompt]:
+        """One prompt per cantus firmus and position (default: the evaluated ones), with the cantus
+        moved to its :func:`canonical_shift` when ``canonical_key`` is on. A cantus outside the token
+        range is skipped (``skip_invalid``) or raises ValueError."""
         prompts = []
-        for name, pitches, final in cantus_mod.default_eval_cantus(self.cfg.eval.cantus_transpositions):
-            for pos in self.cfg.eval.positions:
-                ids = self.codec.encode_prompt((pitches, pos))
-                prompts.append(Prompt(f"{name}/{pos}", ids, len(pitches), final))
+        for name, pitches in cantus:
+            shift = canonical_shift(pitches) if self.cfg.canonical_key else 0
+            moved = [p + shift for p in pitches]
+            if shift and not all(CANTUS_LOW <= p <= CANTUS_HIGH for p in moved):
+                shift, moved = 0, list(pitches)  # the move would leave the token range: keep the key
+            for pos in positions or self.cfg.eval.positions:
+                try:
+                    ids = self.codec.encode_prompt((moved, pos))
+                except ValueError:  # a transposition outside the token range
+                    if skip_invalid:
+                        continue
+                    raise
+                prompts.append(Prompt(f"{name}/{pos}", ids, len(pitches), moved[-1] % 12, shift))
         return prompts
 
+    def _prompts(self, cantus: Iterable[tuple[str, Sequence[int]]]) -> list[Prompt]:
+        return self.prompts_for(cantus)
+
+    def pool(self) -> tuple[list[cantus_gen.Cantus], list[cantus_gen.Cantus]]:
+        """(train, held-out) generated cantus firmi, split by melody; the same for every run seed."""
+        if self._pool is None:
+            p = self.cfg.pool
+            try:
+                melodies = cantus_gen.generate_melodies(p.size, p.seed, min_notes=p.min_notes, max_notes=p.max_notes)
+            except ValueError as e:
+                raise UserError(f"task.pool: {e} (task.pool.size, task.pool.min_notes, task.pool.max_notes)") from None
+            self._pool = cantus_gen.split_melodies(melodies, p.heldout_fraction, p.seed)
+        return self._pool
+
+    def eval_sets(self) -> dict[str, list[Prompt]]:
+        """Evaluation prompts by set. First species: ``fux`` (Fux's cantus firmi in the evaluation
+        transpositions), ``pool-heldout`` (held-out generated melodies), both never trained on with
+        ``rl_prompts: pool``, and ``pool-train`` (melodies RL trained on), all in both positions."""
+        if self.cfg.mode == "melody":
+            return {"melody": [Prompt("melody", self.codec.encode_prompt(None), MELODY_STEPS, None)]}
+        e = self.cfg.eval
+        train, heldout = self.pool()
+        fux = [(name, pitches) for name, pitches, _ in cantus_mod.default_eval_cantus(e.cantus_transpositions)]
+        sets = {"fux": self._prompts(fux), "pool-heldout": self._prompts((c.name, c.pitches) for c in heldout[: e.heldout_pool]),
+                "pool-train": self._prompts((c.name, c.pitches) for c in train[: e.train_pool])}
+        return {k: v for k, v in sets.items() if v}
+
+    def heldout_prompts(self) -> list[Prompt]:
+        """The prompts of the headline evaluation: every set RL did not train on."""
+        trained = {"pool-train"} if self.cfg.rl_prompts == "pool" else {"fux"}
+        return [p for name, ps in self.eval_sets().items() if name not in trained for p in ps]
+
+    def eval_prompts(self) -> list[Prompt]:
+        """Every evaluation prompt, held-out sets first."""
+        return [p for ps in self.eval_sets().values() for p in ps]
+
     def train_prompts(self) -> list[Prompt]:
-        """Prompts for RL: the Fux cantus firmi in every training transposition and position."""
+        """Prompts for RL: the pool's training melodies (or Fux's cantus firmi, ``rl_prompts: fux``)
+        in every training transposition and position."""
         if self.cfg.mode == "melody":
             return self.eval_prompts()
-        prompts = []
-        for name, pitches, final in cantus_mod.default_eval_cantus(self.cfg.train_cantus_transpositions):
-            for pos in self.cfg.eval.positions:
-                try:
-                    ids = self.codec.encode_prompt((pitches, pos))
-                except ValueError:  # a transposition outside the token range
-                    continue
-                prompts.append(Prompt(f"{name}/{pos}", ids, len(pitches), final))
-        return prompts
+        shifts = self.cfg.train_cantus_transpositions
+        if self.cfg.rl_prompts == "fux":
+            return self._prompts((name, pitches) for name, pitches, _ in cantus_mod.default_eval_cantus(shifts))
+        prompts = self._prompts((t.name, t.pitches) for c in self.pool()[0] for t in (cantus_gen.transpose(c, k) for k in shifts))
+        # with canonical_key the transpositions of a melody mostly meet in one prompt: keep each once
+        return list({tuple(p.ids): p for p in prompts}.values())
 
     def step_rewards(self, prompts: Sequence[Prompt], tokens: torch.Tensor) -> torch.Tensor:
         """The rule reward of each generated note, [B, T] (0 past a piece's end): the RewardFn.
@@ -112,6 +179,22 @@ class CounterpointTask:
         out[:, : r.shape[1]] = torch.from_numpy(r[:, : tokens.shape[1]]).float()
         return out.to(tokens.device)
 
+    def action_rewards(self, prompts: Sequence[Prompt], tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T, V] the step reward each action would get at each step after the sampled notes
+        before it (rules.counterfactual_step_rewards; 0 for tokens outside the action space and
+        past a piece's end): at the sampled token it equals :meth:`step_rewards`. First species."""
+        if self.cfg.mode != "first_species":
+            raise UserError("per-action rewards exist for first species only; use tune.rloo.credit: token for melodies")
+        B, T = tokens.shape
+        items = self.decode(prompts, [t[: p.n_new] for p, t in zip(prompts, tokens.tolist())])
+        ids = np.asarray(self.codec.completion_token_ids)
+        bonus = self.cfg.clean_bonus
+        r = rules.counterfactual_step_rewards(FirstSpeciesBatch.from_pieces(items), self.codec.completion_values(ids), self.cfg.rule_weights, bonus)
+        out = torch.zeros(B, T, len(self.allowed), dtype=torch.float32)
+        n = min(T, r.shape[1])
+        out[:, :n, torch.from_numpy(ids)] = torch.from_numpy(r[:, :n]).float()
+        return out.to(tokens.device)
+
     # ----- sampling and scoring -----------------------------------------------------------
     def sample(self, model: PreTrainedModel, prompts: Sequence[Prompt], per_prompt: int, *, temperature: float, seed: int) -> tuple[list[Prompt], list[list[int]]]:
         """``per_prompt`` completions for each prompt; returns the repeated prompts and completions."""
@@ -121,7 +204,9 @@ class CounterpointTask:
         return rep, comps
 
     def decode(self, prompts: Sequence[Prompt], completions: Sequence[Sequence[int]]) -> list[Item]:
-        return [self.codec.decode(p.ids, c, final=p.final, source=p.name) for p, c in zip(prompts, completions)]
+        """The pieces, in the key of the prompts' own cantus (moved back by ``shift``)."""
+        items = [self.codec.decode(p.ids, c, final=p.final, source=p.name) for p, c in zip(prompts, completions)]
+        return [_moved(it, -p.shift) if p.shift else it for it, p in zip(items, prompts)]
 
     def score(self, items: Sequence[Item]) -> RuleScores:
         return score(self.cfg.mode, items, self.cfg.rule_weights)
@@ -165,26 +250,49 @@ class CounterpointTask:
         return refs
 
     def evaluate(self, models: dict[str, PreTrainedModel], prior: PreTrainedModel, *, seed: int, val: Sequence[Item] | None = None) -> dict[str, Any]:
-        """Sample from each model and score; also score the reference sets. JSON-serialisable."""
+        """Sample from each model for every evaluation set and score; also score the reference sets.
+
+        ``rows`` holds the headline: each model on the held-out prompts pooled (every set RL did not
+        train on) and the reference sets; ``rows_by_set`` each model on each set. JSON-serialisable."""
         e = self.cfg.eval
-        prompts = self.eval_prompts()
+        sets = self.eval_sets()
+        heldout = {p.name for p in self.heldout_prompts()}
+        prompts = [p for ps in sets.values() for p in ps]
+        set_of = np.array([name for name, ps in sets.items() for _ in ps])
         per = e.melodies if self.cfg.mode == "melody" else e.samples_per_cantus
         rows: dict[str, dict[str, float]] = {}
+        by_set: dict[str, dict[str, dict[str, float]]] = {name: {} for name in sets}
         samples: dict[str, list[dict[str, Any]]] = {}
         for name, model in models.items():
             rep, comps = self.sample(model, prompts, per, temperature=e.temperature, seed=seed)
             items = self.decode(rep, comps)
             ll = self.loglik(prior, [p.ids for p in rep], comps)
-            rows[name] = self.summarize(items, ll, [p.name for p in rep])
-            kl = kl_to_reference_many(model, prior, [p.ids for p in rep], comps, pad_id=self.tokenizer.pad_token_id, allowed=self.allowed)
-            rows[name]["kl/prior"] = float(np.mean(kl))
-            s = self.score(items)
-            samples[name] = [_to_json(it, float(r)) for it, r in zip(items, s.totals)]
+            kl = np.asarray(kl_to_reference_many(model, prior, [p.ids for p in rep], comps, pad_id=self.tokenizer.pad_token_id, allowed=self.allowed))
+            which = np.repeat(set_of, per)  # [B] the set of each sample (prompts repeat ``per`` times in a row)
+            groups = [p.name for p in rep]
+            for set_name in sets:
+                idx = np.flatnonzero(which == set_name)
+                by_set[set_name][name] = self._row([items[i] for i in idx], ll[idx], kl[idx], [groups[i] for i in idx])
+            idx = np.array([i for i, p in enumerate(rep) if p.name in heldout], dtype=np.int64)
+            rows[name] = self._row([items[i] for i in idx], ll[idx], kl[idx], [groups[i] for i in idx])
+            if self.cfg.mode == "first_species" and e.distinct_samples:
+                # distinct pieces per 100 samples of one cantus, measured on 100 (or more) samples, not scaled up from a few
+                fux = self._prompts((n, pitches) for n, pitches, _ in cantus_mod.default_eval_cantus((0,)))
+                drep, dcomps = self.sample(model, fux, e.distinct_samples, temperature=e.temperature, seed=seed + 1)
+                rows[name]["distinct/100"] = distinct_per_100(self.decode(drep, dcomps), [p.name for p in drep])
+            totals = self.score(items).totals
+            samples[name] = [{**_to_json(it, float(r)), "set": str(w)} for it, r, w in zip(items, totals, which)]
         for name, items in self.references(val).items():
             pairs = [self.codec.encode(it) for it in items]
             ll = self.loglik(prior, [p for p, _ in pairs], [c[: len(c) - 1] for _, c in pairs])  # drop eos
             rows[name] = self.summarize(items, ll)
-        return {"mode": self.cfg.mode, "prompts": len(prompts), "per_prompt": per, "rows": rows, "samples": samples}
+        return {"mode": self.cfg.mode, "prompts": len(heldout), "per_prompt": per, "sets": {k: len(v) for k, v in sets.items()},
+                "heldout_sets": [k for k, v in sets.items() if v and v[0].name in heldout], "rows": rows, "rows_by_set": by_set, "samples": samples}
+
+    def _row(self, items: list[Item], ll: np.ndarray, kl: np.ndarray, groups: list[str]) -> dict[str, float]:
+        row = self.summarize(items, ll, groups)
+        row["kl/prior"] = float(np.mean(kl)) if len(kl) else float("nan")
+        return row
 
 
 def distinct_per_100(items: Sequence[Item], groups: Sequence[str]) -> float:
@@ -195,6 +303,12 @@ def distinct_per_100(items: Sequence[Item], groups: Sequence[str]) -> float:
         by_group.setdefault(g, []).append(it)
     rates = [100.0 * len({_key(x) for x in chunk}) / len(chunk) for xs in by_group.values() for chunk in (xs[i : i + 100] for i in range(0, len(xs), 100))]
     return float(np.mean(rates)) if rates else float("nan")
+
+
+def _moved(it: Item, semitones: int) -> Item:
+    assert isinstance(it, FirstSpeciesPiece)
+    return FirstSpeciesPiece(tuple(p + semitones for p in it.cantus), tuple(p + semitones for p in it.counterpoint), it.cantus_position,
+                             (it.final + semitones) % 12, it.source)
 
 
 def _key(it: Item) -> tuple:
