@@ -44,10 +44,11 @@ How the comparison is kept fair (all in this process):
   notes per cantus. TRL: a logits processor added to the policy's ``generate`` allows only the
   note tokens until the row has as many notes as its prompt has cantus notes, then only
   ``<eos>`` (TRL needs it to end a row); max_completion_length = longest cantus + 1.
-* batch and updates: our ``tune.batch_size`` completions per rollout. Our default is PPO with
-  ``ppo.epochs`` passes of ``ppo.minibatches`` minibatches; TRL runs the same structure:
-  generation_batch_size = batch, per_device_train_batch_size = batch / minibatches,
-  steps_per_generation = minibatches, num_iterations = epochs, clip ε = ``ppo.clip``.
+* batch and updates: our ``tune.batch_size`` completions per rollout. Our default is RLOO with
+  ``rloo.k`` samples per prompt and one gradient step per rollout; TRL runs the same structure:
+  num_generations = k, generation_batch_size = per_device_train_batch_size = batch,
+  num_iterations = 1 (with PPO: per_device_train_batch_size = batch / minibatches,
+  steps_per_generation = minibatches, num_iterations = epochs, clip ε = ``ppo.clip``).
   Same lr (Adam(W), no weight decay, constant), grad-norm clip, β (TRL ``beta``).
 * clock: each system's clock runs only during its own training (TRL: from one ``on_step_end``
   to the next, so its batching, generation, scoring and update all count; ours:
@@ -57,15 +58,15 @@ How the comparison is kept fair (all in this process):
 * evaluation: ``task.sample`` (our sampler, the same for both) with the same seed at every
   point, so both see the same random numbers and minute 0 gives both the same share.
 
-Differences that remain: the algorithms. Ours (default ``tune.algorithm: ppo``) samples ONE
-completion per prompt and learns a value head (GAE), KL enters the reward as k1 per token
-(β·log π/p) and it stops an iteration's epochs early at ``ppo.target_kl``; GRPO needs
-``num_generations`` ≥ 2 samples per prompt (``--trl-group``, default 4: 16 prompts x 4 per
-rollout instead of our 64 distinct prompts) and uses the group-normalised reward as advantage,
-no value function, KL as k3 in the loss (TRL's ``loss_type`` default ``dapo``; group-std
-scaling makes the 1/c reward scale irrelevant to it). TRL's log-probs are over the whole
-vocabulary while it samples from the note tokens (ours masks both to the action space), and it
-also trains on the forced ``<eos>``. TRL samples with ``model.generate`` and re-scores the
+Differences that remain: the algorithms. Ours (the default ``rloo`` with ``credit: all_actions``)
+averages each note's rule reward exactly over every note it could have been and samples only
+the later consequences, with a leave-one-out baseline per step, and takes the exact per-note
+KL over the action space with its pathwise gradient; GRPO uses the group-normalised sequence
+reward as every token's advantage, KL as k3 in the loss (TRL's ``loss_type`` default ``dapo``;
+group-std scaling makes the 1/c reward scale irrelevant to it). With ``tune.algorithm: ppo``
+ours samples one completion per prompt and GRPO ``--trl-group`` (default 4). TRL's log-probs
+are over the whole vocabulary while it samples from the note tokens (ours masks both to the
+action space), and it also trains on the forced ``<eos>``. TRL samples with ``model.generate`` and re-scores the
 sample with one more forward pass; ours samples through ``rlhf.rollout`` / ``rlhf.fast_gpt2``.
 """
 

@@ -66,6 +66,14 @@ class RunConfig(Section):
     reward: LearnedRewardConfig | None = Field(None, description="Tune against a trained reward model (BT or VPL with a rater's context) instead of the task's reward; null = the task's reward.")
 
     @model_validator(mode="after")
+    def _learned_reward_scores_sequences(self) -> "RunConfig":
+        t = self.tune
+        if self.reward is not None and t is not None and t.algorithm == "rloo" and t.rloo.credit == "all_actions":
+            raise ValueError("reward.model scores whole sequences, but tune.rloo.credit=all_actions needs the task's reward of every "
+                             "action at every step; set tune.rloo.credit: token (or tune.algorithm: ppo)")
+        return self
+
+    @model_validator(mode="after")
     def _fits_counterpoint(self) -> "RunConfig":
         if isinstance(self.task, CounterpointConfig) and self.model.path is None:
             need = self.task.positions_needed()

@@ -66,6 +66,8 @@ def test_cross_field_validation(tmp_path):
     assert "credit=token needs baseline=leave_one_out" in msg and "rloo.credit: sequence" in msg
     msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["tune.algorithm=rloo", "tune.rloo.gamma=0.5"]).value)
     assert "credit=sequence" in msg and "rloo.gamma at 1" in msg
+    msg = str(pytest.raises(UserError, load_config, RunConfig, "configs/counterpoint.yaml", ["reward.model=runs/reward"]).value)
+    assert "tune.rloo.credit=all_actions needs the task's reward of every action" in msg and "tune.rloo.credit: token" in msg
     msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["task.pool.min_notes=12", "task.pool.max_notes=9"]).value)
     assert "min_notes (12) must not exceed max_notes (9)" in msg
 
