@@ -117,9 +117,6 @@ class CounterpointTask:
                 prompts.append(Prompt(f"{name}/{pos}", ids, len(pitches), moved[-1] % 12, shift))
         return prompts
 
-    def _prompts(self, cantus: Iterable[tuple[str, Sequence[int]]]) -> list[Prompt]:
-        return self.prompts_for(cantus)
-
     def pool(self) -> tuple[list[cantus_gen.Cantus], list[cantus_gen.Cantus]]:
         """(train, held-out) generated cantus firmi, split by melody; the same for every run seed."""
         if self._pool is None:
@@ -140,8 +137,8 @@ class CounterpointTask:
         e = self.cfg.eval
         train, heldout = self.pool()
         fux = [(name, pitches) for name, pitches, _ in cantus_mod.default_eval_cantus(e.cantus_transpositions)]
-        sets = {"fux": self._prompts(fux), "pool-heldout": self._prompts((c.name, c.pitches) for c in heldout[: e.heldout_pool]),
-                "pool-train": self._prompts((c.name, c.pitches) for c in train[: e.train_pool])}
+        sets = {"fux": self.prompts_for(fux), "pool-heldout": self.prompts_for((c.name, c.pitches) for c in heldout[: e.heldout_pool]),
+                "pool-train": self.prompts_for((c.name, c.pitches) for c in train[: e.train_pool])}
         return {k: v for k, v in sets.items() if v}
 
     def heldout_prompts(self) -> list[Prompt]:
@@ -160,8 +157,8 @@ class CounterpointTask:
             return self.eval_prompts()
         shifts = self.cfg.train_cantus_transpositions
         if self.cfg.rl_prompts == "fux":
-            return self._prompts((name, pitches) for name, pitches, _ in cantus_mod.default_eval_cantus(shifts))
-        prompts = self._prompts((t.name, t.pitches) for c in self.pool()[0] for t in (cantus_gen.transpose(c, k) for k in shifts))
+            return self.prompts_for((name, pitches) for name, pitches, _ in cantus_mod.default_eval_cantus(shifts))
+        prompts = self.prompts_for((t.name, t.pitches) for c in self.pool()[0] for t in (cantus_gen.transpose(c, k) for k in shifts))
         # with canonical_key the transpositions of a melody mostly meet in one prompt: keep each once
         return list({tuple(p.ids): p for p in prompts}.values())
 
@@ -277,7 +274,7 @@ class CounterpointTask:
             rows[name] = self._row([items[i] for i in idx], ll[idx], kl[idx], [groups[i] for i in idx])
             if self.cfg.mode == "first_species" and e.distinct_samples:
                 # distinct pieces per 100 samples of one cantus, measured on 100 (or more) samples, not scaled up from a few
-                fux = self._prompts((n, pitches) for n, pitches, _ in cantus_mod.default_eval_cantus((0,)))
+                fux = self.prompts_for((n, pitches) for n, pitches, _ in cantus_mod.default_eval_cantus((0,)))
                 drep, dcomps = self.sample(model, fux, e.distinct_samples, temperature=e.temperature, seed=seed + 1)
                 rows[name]["distinct/100"] = distinct_per_100(self.decode(drep, dcomps), [p.name for p in drep])
             totals = self.score(items).totals
