@@ -211,8 +211,9 @@ def write_report(root: Path, evaluation: dict[str, Any], data_stats: dict[str, A
     held = evaluation.get("heldout_sets", [])
     md += ["## Evaluation", "",
            f"Headline: the {evaluation['prompts']} held-out prompts ({', '.join(f'`{h}`' for h in held) or 'all'}: cantus firmi RL never saw) × "
-           f"{evaluation['per_prompt']} samples per model; `distinct per 100 samples` from 100 samples of each untransposed Fux cantus. "
-           "Reference rows score real music with the same rules; `logp/prior` is the mean log-likelihood per note under the prior.", ""]
+           f"{evaluation['per_prompt']} samples per model"
+           + (f"; `distinct per 100 samples` from {evaluation['distinct_samples']} samples of each untransposed Fux cantus. " if evaluation.get("distinct_samples") else ". ")
+           + "Reference rows score real music with the same rules; `logp/prior` is the mean log-likelihood per note under the prior.", ""]
     summary_cols = [("rules/per_note", "hard-rule violations / note"), ("rules/clean", "pieces with no hard-rule violation"), ("reward/note", "mean reward / note"), ("reward/piece", "mean reward / piece"),
                     ("logp/prior", "log-lik. / note (prior)"), ("kl/prior", "KL to prior / note"), ("distinct/100", "distinct per 100 samples")]
     md += [markdown_table(["set"] + [c[1] for c in summary_cols], [[n] + [rows[n].get(k, float("nan")) for k, _ in summary_cols] for n in names]), ""]

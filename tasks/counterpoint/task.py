@@ -284,6 +284,7 @@ class CounterpointTask:
             ll = self.loglik(prior, [p for p, _ in pairs], [c[: len(c) - 1] for _, c in pairs])  # drop eos
             rows[name] = self.summarize(items, ll)
         return {"mode": self.cfg.mode, "prompts": len(heldout), "per_prompt": per, "sets": {k: len(v) for k, v in sets.items()},
+                "distinct_samples": e.distinct_samples if self.cfg.mode == "first_species" else 0,
                 "heldout_sets": [k for k, v in sets.items() if v and v[0].name in heldout], "rows": rows, "rows_by_set": by_set, "samples": samples}
 
     def _row(self, items: list[Item], ll: np.ndarray, kl: np.ndarray, groups: list[str]) -> dict[str, float]:
