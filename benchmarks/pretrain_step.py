@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rlhf.errors import UserError  # noqa: E402
 from rlhf.models import build_causal_lm  # noqa: E402
-from rlhf.pipeline import load_run_config, make_task  # noqa: E402
+from apps.pipeline import load_run_config, make_task  # noqa: E402
 from rlhf.pretrain import batch_indices, chunked_token_stats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -65,11 +65,12 @@ def main() -> None:
     from transformers import TrainerCallback
     from transformers.utils import logging as hf_logging
 
-    from reward_models.backbone import build_backbone, build_reward_model, load_reward_model
+    from reward_models.backbone import build_backbone, build_reward_model
+    from reward_models.reward_source import load_reward_model
     from reward_models.bradley_terry import BTConfig, BTTrainer, pair_tensors
-    from reward_models.cli import RewardRunConfig, load_tokenizer
+    from apps.reward_cli import RewardRunConfig, load_tokenizer
     from reward_models.data import to_hf_dataset
-    from reward_models.simulate import simulate
+    from apps.simulate import simulate
     from reward_models.vpl import VPLTrainConfig, VPLTrainer, build_vpl, rater_index, sample_rater_batch
     from rlhf.config import load_config
     from rlhf.models import ModelConfig

@@ -89,7 +89,7 @@ from typing import Callable
 
 import torch
 
-from rlhf.pipeline import load_run_config, make_task, stage_data, stage_prior
+from apps.pipeline import load_run_config, make_task, stage_data, stage_prior
 from rlhf.runs import Run
 from rlhf.tune import TuneConfig, Tuner
 from tasks.counterpoint.task import CounterpointTask, Prompt

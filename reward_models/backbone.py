@@ -85,25 +85,6 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
             m.p = p
 
 
-def model_type_of(path: str | Path) -> str:
-    p = Path(path) / "config.json"
-    if not p.is_file():
-        raise UserError(f"{path}: not a reward model folder (no config.json); train one with `rlhf train-reward <config>`.")
-    return str(json.loads(p.read_text()).get("model_type", ""))
-
-
-def load_reward_model(path: str | Path) -> PreTrainedModel:
-    """A trained BT (sequence classification) or VPL reward model from its folder, in eval mode."""
-    if model_type_of(path) == "vpl_reward":
-        from reward_models.vpl import VPLRewardModel
-
-        return VPLRewardModel.from_pretrained(str(path)).eval()
-    model = AutoModelForSequenceClassification.from_pretrained(str(path))
-    if model.config.num_labels != 1:
-        raise UserError(f"{path}: a reward model needs num_labels=1, this one has {model.config.num_labels}.")
-    return model.eval()
-
-
 # --------------------------------------------------------------------------- tensors
 
 

@@ -23,21 +23,40 @@ tunes against the learned reward.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from reward_models.backbone import PairTensors, load_reward_model, pad_sequences
+from reward_models.backbone import PairTensors, pad_sequences
 from reward_models.data import Preference, comparable, encode_pairs
 from reward_models.vpl import VPLRewardModel, win_probability
 from rlhf.config import Section
 from rlhf.errors import UserError
 
 Scale = Literal["raw", "win_prob"]
+
+
+def model_type_of(path: str | Path) -> str:
+    p = Path(path) / "config.json"
+    if not p.is_file():
+        raise UserError(f"{path}: not a reward model folder (no config.json); train one with `rlhf train-reward <config>`.")
+    return str(json.loads(p.read_text()).get("model_type", ""))
+
+
+def load_reward_model(path: str | Path) -> PreTrainedModel:
+    """A trained BT (sequence classification) or VPL reward model from its folder, in eval mode."""
+    if model_type_of(path) == "vpl_reward":
+        return VPLRewardModel.from_pretrained(str(path)).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(str(path))
+    if model.config.num_labels != 1:
+        raise UserError(f"{path}: a reward model needs num_labels=1, this one has {model.config.num_labels}.")
+    return model.eval()
+
 
 
 def context_records(records: Sequence[Preference], *, rater_id: str | None = None, group: str | None = None,
@@ -220,20 +239,3 @@ def learned_reward_task(cfg: LearnedRewardConfig, task: Any, prior: PreTrainedMo
     reference = prior_reference(task, prior, cfg.reference_per_prompt, seed=cfg.seed) if cfg.scale == "win_prob" else None
     source = RewardSource.from_pretrained(cfg.model, context=context, scale=cfg.scale, reference=reference)
     return LearnedRewardTask(task, source)
-
-
-def preference_win_rates(evaluation: dict[str, Any], meta: dict[str, Any], baseline: str = "prior") -> dict[str, dict[str, float]]:
-    """model -> group -> share of evaluation samples that the group's prototype rater prefers
-    to the ``baseline`` model's sample of the same prompt and index (ties count ½): the
-    personalisation check of a tuned policy. ``evaluation`` is ``CounterpointTask.evaluate``'s
-    output, ``meta`` the simulation sidecar of the preference data."""
-    from reward_models.simulate import prototype_from_sidecar, win_rate
-    from tasks.counterpoint.task import from_json
-
-    samples = evaluation["samples"]
-    if baseline not in samples:
-        return {}
-    base = [from_json(s) for s in samples[baseline]]
-    groups = [g["name"] for g in meta["config"]["groups"]]
-    return {name: {g: win_rate(prototype_from_sidecar(meta, g), [from_json(s) for s in items], base) for g in groups}
-            for name, items in samples.items() if name != baseline}

@@ -16,7 +16,7 @@ def quick_run(tmp_path_factory):
     run_dir = root / "run"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     r = subprocess.run(
-        [sys.executable, "-m", "rlhf.cli", "run", "configs/counterpoint-quick.yaml", f"run_dir={run_dir}", f"task.data.cache_dir={root / 'cache'}", "progress=false"],
+        [sys.executable, "-m", "apps.cli", "run", "configs/counterpoint-quick.yaml", f"run_dir={run_dir}", f"task.data.cache_dir={root / 'cache'}", "progress=false"],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=900,
     )
     assert r.returncode == 0, r.stderr

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from music21 import converter
 
-from rlhf.cli import main
+from apps.cli import main
 from rlhf.models import build_causal_lm, load_causal_lm
-from rlhf.pipeline import RunConfig
+from apps.pipeline import RunConfig
 from rlhf.config import load_config
 from tasks.counterpoint.cantus import parse_note_names
 from tasks.counterpoint.task import CounterpointTask
@@ -27,11 +27,11 @@ CF = "D4 F4 E4 D4 G4 F4 A4 G4 F4 E4 D4"
 def rlhf_process(*args):
     """The real console entry point in a separate process (exit codes, no traceback)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "rlhf.cli", *map(str, args)], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-m", "apps.cli", *map(str, args)], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
 
 
 def rlhf(*args, check=True):
-    """``rlhf.cli.main`` in this process (the same code path, without paying imports per call)."""
+    """``apps.cli.main`` in this process (the same code path, without paying imports per call)."""
     out, err = io.StringIO(), io.StringIO()
     cwd = os.getcwd()
     os.chdir(REPO)

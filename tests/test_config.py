@@ -6,7 +6,7 @@ import pytest
 
 from rlhf.config import describe, load_config, read_yaml
 from rlhf.errors import UserError
-from rlhf.pipeline import QUICK_OVERRIDES, RunConfig
+from apps.pipeline import QUICK_OVERRIDES, RunConfig
 
 
 def write(tmp_path, text):
@@ -90,7 +90,7 @@ def test_every_field_is_documented():
 
 
 def test_task_name_picks_the_run_config(tmp_path):
-    from rlhf.pipeline import RunConfig, TranslationRunConfig, load_run_config, quick_overrides
+    from apps.pipeline import RunConfig, TranslationRunConfig, load_run_config, quick_overrides
 
     assert type(load_run_config("configs/translation.yaml")) is TranslationRunConfig
     assert type(load_run_config("configs/counterpoint.yaml")) is RunConfig

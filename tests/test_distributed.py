@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import load_file
 
 from dist_scripts import toy
-from rlhf.launch import build_command, launch_main
+from apps.cli import COMMANDS, DELEGATED
+from apps.launch import build_command, launch_main
 from rlhf.runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +124,7 @@ def test_ranks_hold_identical_parameters_after_every_step(two_processes):
 def test_zero2_checkpoint_loads_in_one_process(one_process, prior, tmp_path, monkeypatch, capfd):
     if importlib.util.find_spec("deepspeed") is None:  # not imported here: it would stay loaded for the rest of the session
         pytest.skip("DeepSpeed is not installed")
-    from reward_models.backbone import load_reward_model
+    from reward_models.reward_source import load_reward_model
     from reward_models.bradley_terry import rewards
 
     monkeypatch.chdir(REPO)  # the accelerate config names configs/deepspeed/zero2.json relative to the repository
@@ -168,18 +169,18 @@ def test_a_killed_rank_ends_the_job(prior, tmp_path):
 def test_launch_builds_the_launcher_commands(tmp_path):
     cmd, _ = build_command(["--nproc", "2", "pretrain", "configs/melody.yaml", "pretrain.steps=10", "--quick"])
     assert cmd.argv[1:] == ["launch", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "2",
-                            "--num_machines", "1", "-m", "rlhf.cli", "pretrain", "configs/melody.yaml", "pretrain.steps=10", "--quick"]
+                            "--num_machines", "1", "-m", "apps.cli", "pretrain", "configs/melody.yaml", "pretrain.steps=10", "--quick"]
     cmd, _ = build_command(["--nproc", "4", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "6000",
                             "--config-file", str(REPO / "configs/accelerate/deepspeed_zero3.yaml"), "tune", "c.yaml"])
     assert cmd.argv[1:] == ["launch", "--config_file", str(REPO / "configs/accelerate/deepspeed_zero3.yaml"), "--num_processes", "8",
                             "--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.1", "--main_process_port", "6000",
-                            "-m", "rlhf.cli", "tune", "c.yaml"]
+                            "-m", "apps.cli", "tune", "c.yaml"]
     hosts = tmp_path / "hostfile"
     hosts.write_text("node1 slots=4\nnode2 slots=4\n")
     cmd, _ = build_command(["--launcher", "deepspeed", "--nproc", "4", "--nnodes", "2", "--hostfile", str(hosts), "--master-addr", "node1",
                             "--config-file", str(REPO / "configs/deepspeed/zero3.json"), "run", "c.yaml"])
     assert cmd.argv[1:] == ["--hostfile", str(hosts), "--num_nodes", "2", "--num_gpus", "4", "--master_addr", "node1", "--no_local_rank",
-                            "--module", "rlhf.cli", "run", "c.yaml"]
+                            "--module", "apps.cli", "run", "c.yaml"]
     assert cmd.env == {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "configs/deepspeed/zero3.json")}
     assert "ACCELERATE_USE_DEEPSPEED=true" in cmd.shell()
     # every shipped config is a file the launchers can read
@@ -187,5 +188,5 @@ def test_launch_builds_the_launcher_commands(tmp_path):
         assert f.stat().st_size > 0
     for bad in (["--nproc", "2"], ["--nproc", "2", "nonsense"], ["--nproc", "2", "--nnodes", "2", "pretrain", "c.yaml"],
                 ["--nproc", "2", "--launcher", "deepspeed", "--config-file", str(REPO / "configs/accelerate/ddp.yaml"), "run", "c.yaml"]):
-        assert launch_main(bad) == 2, bad
+        assert launch_main(bad, commands=[*COMMANDS, *DELEGATED]) == 2, bad
     assert launch_main(["--nproc", "2", "--dry-run", "pretrain", "configs/melody.yaml"]) == 0

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from reward_models.data import load_preferences
-from reward_models.labelling.cli import export_pairs_main, label_main
-from reward_models.labelling.loop import serving, tiny_prior
-from reward_models.labelling.pairs import read_pairs
+from apps.labelling.cli import export_pairs_main, label_main
+from apps.labelling.loop import serving, tiny_prior
+from apps.labelling.pairs import read_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")

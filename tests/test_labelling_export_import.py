@@ -11,9 +11,9 @@ import pytest
 
 from reward_models.data import load_preferences
 from rlhf.errors import UserError
-from reward_models.labelling.cli import export_pairs_main, import_labels_main
-from reward_models.labelling.loop import pair_pieces, tiny_prior
-from reward_models.labelling.pairs import make_pair_id, read_pairs
+from apps.labelling.cli import export_pairs_main, import_labels_main
+from apps.labelling.loop import pair_pieces, tiny_prior
+from apps.labelling.pairs import make_pair_id, read_pairs
 from tasks.counterpoint.export import read_back
 
 CANTUS = ["D4 F4 E4 D4 G4 F4 A4 G4 F4 E4 D4", "C4 E4 F4 G4 E4 A4 G4 E4 F4 E4 D4 C4"]
@@ -272,7 +272,7 @@ def test_conflicts_duplicates_and_atomic_output(export, tmp_path, capsys):
 
 
 def test_translation_pairs_are_text(tmp_path):
-    from reward_models.labelling.server import pair_view
+    from apps.labelling.server import pair_view
     from rlhf.models import ModelConfig, build_causal_lm
     from tasks.translation.tokenizer import TranslationCodec, train_tokenizer
 
@@ -308,8 +308,8 @@ def test_export_pairs_user_errors(tmp_path, capsys, prior):
 def test_two_models_head_to_head(prior, tmp_path, capsys):
     """Pairs of prior vs another model (one sample each, random sides); labels through the web
     API; `label export` reports each model's win rate."""
-    from reward_models.labelling.cli import label_main
-    from reward_models.labelling.loop import post_json, serving
+    from apps.labelling.cli import label_main
+    from apps.labelling.loop import post_json, serving
 
     other = tiny_prior(tmp_path / "other", steps=0, seed=1)
     out = tmp_path / "h2h"

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from reward_models.data import load_preferences
-from reward_models.labelling.loop import closed_loop
-from reward_models.labelling.pairs import read_pairs
-from reward_models.labelling.store import LabelStore
+from apps.labelling.loop import closed_loop
+from apps.labelling.pairs import read_pairs
+from apps.labelling.store import LabelStore
 
 
 def test_closed_loop_tuned_model_is_preferred_by_the_rater(tmp_path):

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from reward_models.data import load_preferences
-from reward_models.labelling.cli import label_main
-from reward_models.labelling.loop import serving
-from reward_models.labelling.pairs import CandidatePair, make_pair_id, midi_name, pairs_jsonl
-from reward_models.labelling.store import LabelStore
+from apps.labelling.cli import label_main
+from apps.labelling.loop import serving
+from apps.labelling.pairs import CandidatePair, make_pair_id, midi_name, pairs_jsonl
+from apps.labelling.store import LabelStore
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token-for-tests"
@@ -221,7 +221,7 @@ def test_hostile_input_gets_4xx_and_changes_nothing(pairs_file, tmp_path):
 def test_killed_server_loses_no_acknowledged_label(pairs_file, tmp_path):
     path, pairs = pairs_file
     db = tmp_path / "labels.sqlite"
-    proc = subprocess.Popen([sys.executable, "-m", "reward_models.labelling.cli", "label", "serve", "--pairs", str(path), "--db", str(db),
+    proc = subprocess.Popen([sys.executable, "-m", "apps.labelling.cli", "label", "serve", "--pairs", str(path), "--db", str(db),
                              "--port", "0", "--token", TOKEN], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = None

@@ -17,7 +17,7 @@ from reward_models.data import (
     split_preferences,
     to_hf_dataset,
 )
-from reward_models.simulate import (
+from apps.simulate import (
     Rater,
     SimulateConfig,
     classify_pairs,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from reward_models.backbone import PairTensors, build_backbone, build_reward_model, load_reward_model
+from reward_models.backbone import PairTensors, build_backbone, build_reward_model
+from reward_models.reward_source import load_reward_model
 from reward_models.bradley_terry import BTConfig, bt_loss, pair_rewards, pair_tensors, score_pairs, train_bt
 from reward_models.data import Preference, build_word_tokenizer, to_hf_dataset
 from reward_models.reward_source import LearnedRewardTask, RewardSource, context_records
@@ -105,7 +106,7 @@ def test_bt_learns_a_known_reward(tmp_path):
 @pytest.fixture(scope="module")
 def pets_run(tmp_path_factory):
     """simulate_main + train_reward_main on the Pets config, small: BT then VPL (from BT's backbone)."""
-    from reward_models.cli import simulate_main, train_reward_main
+    from apps.reward_cli import simulate_main, train_reward_main
 
     root = tmp_path_factory.mktemp("pets")
     data = root / "pets.jsonl"
@@ -150,7 +151,7 @@ def test_vpl_beats_bt_on_divergent_raters(pets_run):
 
 
 def test_train_reward_run_folder_resume_and_errors(pets_run, tmp_path):
-    from reward_models.cli import simulate_main, train_reward_main
+    from apps.reward_cli import simulate_main, train_reward_main
 
     run_dir, over = pets_run
     with pytest.raises(UserError, match="already exists"):
@@ -240,7 +241,7 @@ def test_vpl_save_load_roundtrip(tmp_path):
 
 def test_learned_reward_config_is_checked_at_load():
     from rlhf.config import load_config
-    from rlhf.pipeline import RunConfig
+    from apps.pipeline import RunConfig
 
     with pytest.raises(UserError, match="reward.context"):
         load_config(RunConfig, None, ["reward.model=some/reward-vpl", "reward.rater_group=A"])
@@ -253,7 +254,7 @@ def test_tune_against_a_learned_reward(quick_run, tmp_path):
     """`reward.model` swaps the rule reward for a reward model's: with win_prob scaling every
     sequence's reward is a probability in (0, 1), which no rule reward (≤ 0) can produce."""
     from rlhf.config import load_config
-    from rlhf.pipeline import RunConfig, stage_tune
+    from apps.pipeline import RunConfig, stage_tune
     from tasks.counterpoint.tokens import Codec
 
     prior = quick_run / "models" / "prior"
@@ -273,8 +274,8 @@ def test_tune_against_a_learned_reward(quick_run, tmp_path):
 
 
 def test_preference_win_rates_pair_each_sample_with_the_priors():
-    from reward_models.reward_source import preference_win_rates
-    from reward_models.simulate import prototype_from_sidecar, type_weights
+    from apps.simulate import preference_win_rates
+    from apps.simulate import prototype_from_sidecar, type_weights
     from tasks.counterpoint.cantus import fux_data_dir, load_fux_first_species
     from tasks.counterpoint.task import _to_json
 
@@ -299,7 +300,7 @@ def test_personalised_tuning_pleases_each_group(pets_run, tmp_path):
     """`rlhf personalise` at small scale: one VPL reward model, a policy per group tuned with z
     from that group's held-out pairs; each group's prototype prefers its own policy's answers to
     the prior's, and the animals named shift toward that group's favourite."""
-    from reward_models.personal import PersonalConfig, personalise
+    from apps.personal import PersonalConfig, personalise
     from rlhf.config import load_config
     from rlhf.runs import open_run
 

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from rlhf.config import apply_overrides, load_config, read_yaml
 from rlhf.errors import UserError
 from rlhf.models import ModelConfig, build_causal_lm, load_causal_lm
-from rlhf.pipeline import load_run_config
+from apps.pipeline import load_run_config
 from rlhf.pretrain import PretrainConfig, evaluate_lm, pretrain
 from rlhf.runs import Run
 from rlhf.tune import TuneConfig

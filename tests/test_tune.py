@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from rlhf.config import load_config
 from rlhf.models import load_causal_lm
-from rlhf.pipeline import RunConfig
+from apps.pipeline import RunConfig
 from rlhf.rollout import left_pad, sample_padded, sequence_forward
 from rlhf.runs import Run, latest_checkpoint, read_metrics
 from rlhf.tune import TuneConfig, tune
@@ -140,7 +140,7 @@ def test_run_with_a_sweep_reports_the_tradeoff(quick_run, tmp_path):
     and the report carries the trade-off plot and the β = 0 ablation."""
     import shutil
 
-    from rlhf.cli import main
+    from apps.cli import main
 
     run_dir = tmp_path / "sweep"
     shutil.copytree(quick_run, run_dir)

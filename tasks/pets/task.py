@@ -5,7 +5,7 @@ prompts, the action space, MLE examples for the prior, and sampling + decoding f
 
 The tokenizer is the word-level tokenizer the reward model was trained with (loaded from its
 folder), so the policy and the reward model read the same ids; the texts are the simulator's
-candidate answers (``reward_models.simulate.text_candidates``), prompt + answer + ``<eos>``,
+candidate answers of the Pets rater simulator, prompt + answer + ``<eos>``,
 exactly as the preference pairs were tokenized.
 """
 
@@ -82,15 +82,6 @@ class PetsTask:
         comps = sample_many(model, [p.ids for p in rep], [p.n_new for p in rep], allowed=self.allowed, temperature=temperature, generator=gen)
         return [self.tokenizer.decode(self.cut(c)) for c in comps]
 
-    @staticmethod
-    def animal_shares(texts: Sequence[str]) -> dict[str, float]:
-        """Share of answers naming each animal first (and ``none``)."""
-        from reward_models.simulate import ANIMALS, text_features
-
-        f = text_features(texts)
-        out = {a: float(f[:, i].mean()) for i, a in enumerate(ANIMALS)}
-        out["none"] = float((f.sum(1) == 0).mean())
-        return out
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -114,4 +114,4 @@ QUICK_OVERRIDES = (
     "tune.batch_size=16",
 )
 """What ``--quick`` should set for a translation config (the counterpoint keys of
-``rlhf.pipeline.QUICK_OVERRIDES`` do not exist here): configs/translation-quick.yaml's sizes."""
+``apps.pipeline.QUICK_OVERRIDES`` do not exist here): configs/translation-quick.yaml's sizes."""

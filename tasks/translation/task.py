@@ -1,6 +1,6 @@
 """The translation task behind one object: corpus, tokenizer, prompts, BLEU reward, evaluation.
 
-It mirrors the counterpoint task's protocol used by ``rlhf.pipeline`` and ``rlhf.tune.Tuner``:
+It mirrors the counterpoint task's protocol used by ``apps.pipeline`` and ``rlhf.tune.Tuner``:
 ``corpus(seed)``, ``examples(items)``, ``codec.save(dir)``, ``tokenizer``, ``allowed``,
 ``eos_id``, ``train_prompts()`` and ``step_rewards(prompts, tokens)``, ``evaluate(...)``.
 

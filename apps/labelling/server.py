@@ -33,8 +33,8 @@ from fastapi import FastAPI, HTTPException, Path as PathParam, Query
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from reward_models.labelling.pairs import PAIR_ID_PATTERN, RATER_PATTERN, CandidatePair
-from reward_models.labelling.store import Label, LabelStore
+from apps.labelling.pairs import PAIR_ID_PATTERN, RATER_PATTERN, CandidatePair
+from apps.labelling.store import Label, LabelStore
 
 log = logging.getLogger("rlhf")
 

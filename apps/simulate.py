@@ -63,6 +63,7 @@ from rlhf.config import Section
 from rlhf.errors import UserError
 from tasks.counterpoint.config import CounterpointDataConfig
 from tasks.counterpoint.piece import FirstSpeciesBatch, FirstSpeciesPiece
+from tasks.counterpoint.task import from_json
 
 MUSIC_FEATURES = ("steps", "contrary", "leaps", "register", "rules")
 ANIMALS = ("dog", "cat", "rabbit", "bird", "fish")
@@ -475,3 +476,17 @@ def prototype_from_sidecar(meta: dict[str, Any], group: str) -> Rater:
     if group not in groups:
         raise UserError(f"no rater group {group!r} in the simulation; groups: {sorted(groups)}")
     return Rater(f"prototype-{group}", group, groups[group]["type"], cfg["domain"], tuple(meta["prototypes"][group]), cfg["temperature"])
+
+
+def preference_win_rates(evaluation: dict[str, Any], meta: dict[str, Any], baseline: str = "prior") -> dict[str, dict[str, float]]:
+    """model -> group -> share of evaluation samples that the group's prototype rater prefers
+    to the ``baseline`` model's sample of the same prompt and index (ties count ½): the
+    personalisation check of a tuned policy. ``evaluation`` is ``CounterpointTask.evaluate``'s
+    output, ``meta`` the simulation sidecar of the preference data."""
+    samples = evaluation["samples"]
+    if baseline not in samples:
+        return {}
+    base = [from_json(s) for s in samples[baseline]]
+    groups = [g["name"] for g in meta["config"]["groups"]]
+    return {name: {g: win_rate(prototype_from_sidecar(meta, g), [from_json(s) for s in items], base) for g in groups}
+            for name, items in samples.items() if name != baseline}

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from reward_models.bradley_terry import BTConfig
 from reward_models.data import SplitKey
-from reward_models.simulate import SimulateConfig
+from apps.simulate import SimulateConfig
 from reward_models.vpl import VPLTrainConfig
 from rlhf.config import Section, load_config
 from rlhf.errors import UserError
@@ -111,7 +111,7 @@ def load_tokenizer(spec: str, texts: Sequence[str] = ()):
 def simulate_main(config_path: str | None, overrides: Sequence[str] = (), progress: bool | None = None) -> Path:
     """``rlhf simulate-preferences``: simulate raters per ``simulate`` and write ``data.path``
     (+ ``.sim.json`` sidecar). Returns the data path. Raises UserError on bad input."""
-    from reward_models.simulate import simulate, write_simulation
+    from apps.simulate import simulate, write_simulation
 
     cfg = load_config(RewardRunConfig, config_path, overrides)
     if cfg.simulate is None:
@@ -128,12 +128,13 @@ def simulate_main(config_path: str | None, overrides: Sequence[str] = (), progre
 def train_reward_main(config_path: str | None, overrides: Sequence[str] = (), resume: bool = False, overwrite: bool = False) -> Path:
     """``rlhf train-reward``: split, train every method in ``methods``, evaluate on held-out
     raters, write eval.json and report.md. Returns the run folder. Raises UserError on bad input."""
-    from reward_models.backbone import build_backbone, build_reward_model, load_reward_model
+    from reward_models.backbone import build_backbone, build_reward_model
+    from reward_models.reward_source import load_reward_model
     from reward_models.bradley_terry import train_bt
     from reward_models.data import load_preferences, save_preferences, split_preferences
     from reward_models.evaluate import evaluate_reward_models
     from reward_models.report import write_report
-    from reward_models.simulate import load_sidecar
+    from apps.simulate import load_sidecar
     from reward_models.vpl import build_vpl, train_vpl
     from rlhf.runs import atomic_write_text
     from rlhf.trainer import seed_everything

@@ -204,8 +204,8 @@ def stage_evaluate(cfg: RunConfig, run: Run, task, models: dict[str, Path], prio
         log.info("report: %s", write_translation_report(run.root, evaluation, stats))
         return evaluation
     if cfg.reward is not None and cfg.reward.context is not None and cfg.task.mode == "first_species":
-        from reward_models.reward_source import preference_win_rates
-        from reward_models.simulate import load_sidecar
+        from apps.simulate import preference_win_rates
+        from apps.simulate import load_sidecar
 
         meta = load_sidecar(cfg.reward.context)
         if meta is not None:  # simulated raters: judge the tuned models by each group's taste

@@ -2,10 +2,10 @@
 API) → import → train BT and VPL → tune with the learned reward → does the rater prefer the tuned model?
 
 Each step is a plain function that the test (``tests/test_labelling_loop.py``) and the
-walk-through in ``docs/labelling.md`` share; ``python -m reward_models.labelling.loop --out DIR``
+walk-through in ``docs/labelling.md`` share; ``python -m apps.labelling.loop --out DIR``
 runs them all (about a minute on two CPU cores) and prints the rater's win rate.
 
-The raters are the rater simulator's (``reward_models/simulate.py``): linear utilities over music
+The raters are the rater simulator's (``apps/simulate.py``): linear utilities over music
 features and a noisy Bradley-Terry choice. They judge exactly what a person would: the two
 pieces the page shows (decoded from the pair's token strings), and post ``A`` or ``B``.
 """
@@ -25,8 +25,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from reward_models.labelling.pairs import CandidatePair
-from reward_models.simulate import Rater
+from apps.labelling.pairs import CandidatePair
+from apps.simulate import Rater
 
 log = logging.getLogger("rlhf")
 
@@ -86,7 +86,7 @@ def tiny_prior(run_dir: str | Path, steps: int = 150, seed: int = 0, progress: b
 
 def music_raters(n: int, rater_type: str = "leaps", seed: int = 0, temperature: float = 0.05) -> list[Rater]:
     """``n`` simulated raters of one type (weights jittered per rater, as in the simulator)."""
-    from reward_models.simulate import RaterGroupConfig, SimulateConfig, make_raters
+    from apps.simulate import RaterGroupConfig, SimulateConfig, make_raters
 
     cfg = SimulateConfig(domain="music", raters=n, groups=[RaterGroupConfig(name="A", share=1.0, type=rater_type)],
                          disputed_share=0.0, temperature=temperature, seed=seed)
@@ -95,7 +95,7 @@ def music_raters(n: int, rater_type: str = "leaps", seed: int = 0, temperature: 
 
 def music_prototype(rater_type: str = "leaps", temperature: float = 0.05) -> Rater:
     """The rater type without jitter: the judge of tuned vs prior samples."""
-    from reward_models.simulate import type_weights
+    from apps.simulate import type_weights
 
     return Rater(f"prototype-{rater_type}", "A", rater_type, "music", type_weights("music", rater_type), temperature)
 
@@ -160,9 +160,9 @@ def label_through_api(base_url: str, pairs: Sequence[CandidatePair], raters: Seq
 @contextmanager
 def serving(pairs_path: str | Path, db_path: str | Path, token: str | None = None) -> Iterator[str]:
     """Run the labelling app in a background thread on a free loopback port; yields its URL."""
-    from reward_models.labelling.pairs import read_pairs
-    from reward_models.labelling.server import bind_socket, create_app, make_server
-    from reward_models.labelling.store import LabelStore
+    from apps.labelling.pairs import read_pairs
+    from apps.labelling.server import bind_socket, create_app, make_server
+    from apps.labelling.store import LabelStore
 
     app = create_app(read_pairs(pairs_path), LabelStore(db_path), token=token)
     sock = bind_socket("127.0.0.1", 0)
@@ -186,7 +186,7 @@ def serving(pairs_path: str | Path, db_path: str | Path, token: str | None = Non
 
 def train_rewards(data: str | Path, run_dir: str | Path, *, bt_steps: int = 150, vpl_steps: int = 100, seed: int = 0) -> Path:
     """BT and VPL (tiny) on the imported labels with ``rlhf train-reward``'s entry point; returns the run folder."""
-    from reward_models.cli import train_reward_main
+    from apps.reward_cli import train_reward_main
 
     over = [f"data.path={data}", f"run_dir={run_dir}", "simulate=null", "progress=false", f"seed={seed}",
             "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
@@ -216,7 +216,7 @@ def tune_with_reward(prior: str | Path, reward_model: str | Path, run_dir: str |
 def win_rate_vs_prior(rater: Rater, tuned: str | Path, prior: str | Path, per_prompt: int = 8, seed: int = 1) -> float:
     """Share of prompts × samples where ``rater`` (noiselessly) prefers the tuned model's piece
     to the prior's for the same prompt (ties ½); the prompts are the export's (Fux, both positions)."""
-    from reward_models.simulate import win_rate
+    from apps.simulate import win_rate
     from rlhf.models import load_causal_lm
     from tasks.counterpoint.config import CounterpointConfig
     from tasks.counterpoint.task import CounterpointTask
@@ -239,8 +239,8 @@ def closed_loop(out: str | Path, *, raters: int = 4, rater_type: str = "leaps", 
     """Every step above in order, through the same entry points as the command line; returns
     the numbers the walk-through reports. Each pair is labelled by one rater, so a held-out
     rater's pairs are new to the reward model (its test accuracy is not memorisation)."""
-    from reward_models.labelling.cli import export_pairs_main, import_labels_main, label_main
-    from reward_models.labelling.pairs import read_pairs
+    from apps.labelling.cli import export_pairs_main, import_labels_main, label_main
+    from apps.labelling.pairs import read_pairs
 
     out = Path(out)
     prior = tiny_prior(out / "prior", steps=prior_steps, seed=seed)
@@ -268,7 +268,7 @@ def _ok(main: Any, argv: list[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m reward_models.labelling.loop", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m apps.labelling.loop", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="working folder")
     p.add_argument("--raters", type=int, default=4)
     p.add_argument("--rater-type", default="leaps", choices=["stepwise", "leaps", "rules"])

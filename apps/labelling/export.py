@@ -4,7 +4,7 @@ For each prompt (a cantus firmus in a position, a melody start, or a source sent
 samples candidates; distinct candidates are paired (one model: two of its samples; two models:
 one sample of each, e.g. prior vs tuned policy), shown in a random A/B order. The export folder::
 
-    <out>/pairs.jsonl              the pairs (reward_models/labelling/pairs.py): schema columns + metadata
+    <out>/pairs.jsonl              the pairs (apps/labelling/pairs.py): schema columns + metadata
     <out>/pairs.csv                for spreadsheets: fill in `preferred` (A, B, tie, skip) and `rater_id`
     <out>/labelstudio/tasks.json   Label Studio import file (one task per pair)
     <out>/labelstudio/config.xml   the matching pairwise-comparison labelling config
@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from reward_models.labelling.pairs import CandidatePair, make_pair_id, midi_name, pairs_jsonl, sha_hex
+from apps.labelling.pairs import CandidatePair, make_pair_id, midi_name, pairs_jsonl, sha_hex
 from rlhf.errors import UserError
 
 log = logging.getLogger("rlhf")

@@ -126,12 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="keep the prior and tuned models already in run_dir")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run_dir first")
 
-    # parsed by reward_models/labelling/cli.py (see DELEGATED); listed here for `rlhf --help`
+    # parsed by apps/labelling/cli.py (see DELEGATED); listed here for `rlhf --help`
     sub.add_parser("export-pairs", help="sample candidate pairs for labelling (JSONL, Label Studio, CSV, MusicXML/MIDI)", add_help=False)
     sub.add_parser("import-labels", help="read labels (Label Studio JSON, CSV, JSONL) back into the preference schema", add_help=False)
     sub.add_parser("label", help="label pairs in a local web page (label serve), write the labels (label export)", add_help=False)
 
-    # parsed by rlhf/launch.py; listed here for `rlhf --help`
+    # parsed by apps/launch.py; listed here for `rlhf --help`
     sub.add_parser("launch", help="run a subcommand on N processes / machines via accelerate launch or deepspeed (prints the command)", add_help=False)
 
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace):
-    from rlhf.pipeline import load_run_config, quick_overrides
+    from apps.pipeline import load_run_config, quick_overrides
 
     quick = quick_overrides(args.config, args.overrides) if args.quick else ()
     overrides = [*quick, *args.overrides]
@@ -150,7 +150,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rlhf.pipeline import run_pipeline
+    from apps.pipeline import run_pipeline
 
     report = run_pipeline(_load(args), resume=args.resume, overwrite=args.overwrite)
     print(f"report: {report}")
@@ -158,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from rlhf.pipeline import make_task, open_run, stage_data, stage_prior
+    from apps.pipeline import make_task, open_run, stage_data, stage_prior
 
     cfg = _load(args)
     run = open_run(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -170,7 +170,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from rlhf.pipeline import stage_tune
+    from apps.pipeline import stage_tune
     from rlhf.runs import Run
 
     cfg = _load(args)
@@ -192,7 +192,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from rlhf.pipeline import stage_evaluate
+    from apps.pipeline import stage_evaluate
     from rlhf.runs import Run
 
     cfg = _load(args)
@@ -284,7 +284,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_config_help(args: argparse.Namespace) -> int:
     from rlhf.config import describe
-    from rlhf.pipeline import RunConfig, load_run_config
+    from apps.pipeline import RunConfig, load_run_config
 
     values, cls = None, RunConfig
     if args.config:
@@ -293,11 +293,11 @@ def cmd_config_help(args: argparse.Namespace) -> int:
         keys = set(read_yaml(args.config)[0])
         # the config families: personalisation, reward models, and the run configs (by task.name)
         if "reward_run" in keys:
-            from reward_models.personal import PersonalConfig
+            from apps.personal import PersonalConfig
 
             cfg = load_config(PersonalConfig, args.config)
         elif keys & {"methods", "bt", "vpl", "simulate"}:
-            from reward_models.cli import RewardRunConfig
+            from apps.reward_cli import RewardRunConfig
 
             cfg = load_config(RewardRunConfig, args.config)
         else:
@@ -324,14 +324,14 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from reward_models.cli import simulate_main
+    from apps.reward_cli import simulate_main
 
     print(f"preferences: {simulate_main(args.config, args.overrides)}")
     return 0
 
 
 def cmd_train_reward(args: argparse.Namespace) -> int:
-    from reward_models.cli import train_reward_main
+    from apps.reward_cli import train_reward_main
 
     root = train_reward_main(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite)
     print(f"report: {root / 'report.md'}")
@@ -339,7 +339,7 @@ def cmd_train_reward(args: argparse.Namespace) -> int:
 
 
 def cmd_personalise(args: argparse.Namespace) -> int:
-    from reward_models.personal import PersonalConfig, personalise
+    from apps.personal import PersonalConfig, personalise
     from rlhf.config import load_config
     from rlhf.runs import open_run
 
@@ -354,17 +354,17 @@ COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "tune": cmd_tune, "evaluat
 
 
 DELEGATED = {"export-pairs": "export_pairs_main", "import-labels": "import_labels_main", "label": "label_main"}
-"""Subcommands with their own argument parsers (``reward_models/labelling/cli.py``)."""
+"""Subcommands with their own argument parsers (``apps/labelling/cli.py``)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["launch"]:  # rlhf launch: its own parser (rlhf/launch.py); the rest is the launched subcommand
-        from rlhf.launch import launch_main
+    if argv[:1] == ["launch"]:  # rlhf launch: its own parser (apps/launch.py); the rest is the launched subcommand
+        from apps.launch import launch_main
 
-        return launch_main(argv[1:])
+        return launch_main(argv[1:], commands=[*COMMANDS, *DELEGATED])
     if argv and argv[0] in DELEGATED:
-        from reward_models.labelling import cli as labelling
+        from apps.labelling import cli as labelling
 
         return getattr(labelling, DELEGATED[argv[0]])(argv[1:])
     parser = build_parser()

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 from reward_models.data import Preference, load_preferences, save_preferences, validate
-from reward_models.labelling.pairs import PAIR_ID_RE, PAIR_KIND, RATER_RE, CandidatePair, format_errors
-from reward_models.labelling.store import Label, LabelStore, utc_now
+from apps.labelling.pairs import PAIR_ID_RE, PAIR_KIND, RATER_RE, CandidatePair, format_errors
+from apps.labelling.store import Label, LabelStore, utc_now
 from rlhf.errors import UserError
 
 log = logging.getLogger("rlhf")

@@ -3,7 +3,7 @@ subcommand, print it, run it. Nothing more: the launchers start, watch and tear 
 processes; ``rlhf.trainer`` / ``rlhf.distributed`` do the rest inside each process::
 
     rlhf launch --nproc 2 pretrain configs/melody.yaml
-      → accelerate launch --multi_gpu --num_processes 2 --num_machines 1 ... -m rlhf.cli pretrain configs/melody.yaml
+      → accelerate launch --multi_gpu --num_processes 2 --num_machines 1 ... -m apps.cli pretrain configs/melody.yaml
     rlhf launch --nproc 2 --config-file configs/accelerate/deepspeed_zero2.yaml train-reward configs/reward-music.yaml
     rlhf launch --nproc 8 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 tune configs/counterpoint.yaml
     rlhf launch --launcher deepspeed --nproc 4 --hostfile hosts --nnodes 2 --config-file configs/deepspeed/zero3.json run configs/counterpoint.yaml
@@ -22,7 +22,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DEEPSPEED_CONFIG = REPO / "configs" / "deepspeed" / "zero2.json"
@@ -63,10 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _target(command: list[str]) -> list[str]:
-    """What each process runs: ``-m rlhf.cli <subcommand> ...`` or ``<script.py> ...``."""
+    """What each process runs: ``-m apps.cli <subcommand> ...`` or ``<script.py> ...``."""
     if command[0].endswith(".py"):
         return command
-    return ["-m", "rlhf.cli", *command]
+    return ["-m", "apps.cli", *command]
 
 
 def _exe(name: str) -> str:
@@ -124,17 +124,15 @@ def deepspeed_command(args: argparse.Namespace) -> Command:
     return Command(argv, env)
 
 
-def check(args: argparse.Namespace) -> str | None:
-    """The first problem with the arguments, or None."""
+def check(args: argparse.Namespace, commands: Collection[str] | None = None) -> str | None:
+    """The first problem with the arguments, or None; ``commands``: the known subcommand names
+    (the command line passes its own; None = any name)."""
     if not args.command:
         return "give an rlhf subcommand to launch, e.g. `rlhf launch --nproc 2 pretrain configs/melody.yaml`"
     if args.command[0] == "launch":
         return "`rlhf launch launch ...`: give the subcommand to run on every process, not launch itself"
-    if not args.command[0].endswith(".py"):
-        from rlhf.cli import COMMANDS
-
-        if args.command[0] not in COMMANDS:
-            return f"unknown subcommand {args.command[0]!r}; use one of {', '.join(COMMANDS)} (or a script.py)"
+    if not args.command[0].endswith(".py") and commands is not None and args.command[0] not in commands:
+        return f"unknown subcommand {args.command[0]!r}; use one of {', '.join(commands)} (or a script.py)"
     if args.nproc < 1 or args.nnodes < 1:
         return f"--nproc and --nnodes must be at least 1 (got {args.nproc}, {args.nnodes})"
     if args.node_rank is not None and not 0 <= args.node_rank < args.nnodes:
@@ -150,23 +148,23 @@ def check(args: argparse.Namespace) -> str | None:
     return None
 
 
-def build_command(argv: Sequence[str]) -> tuple[Command, argparse.Namespace]:
+def build_command(argv: Sequence[str], commands: Collection[str] | None = None) -> tuple[Command, argparse.Namespace]:
     """Parse ``rlhf launch`` arguments into the launcher command (raises SystemExit(2) on bad input)."""
     parser = build_parser()
     args = parser.parse_args(list(argv))
-    problem = check(args)
+    problem = check(args, commands)
     if problem:
         parser.error(problem)
     return (deepspeed_command(args) if args.launcher == "deepspeed" else accelerate_command(args)), args
 
 
-def launch_main(argv: Sequence[str] | None = None, *, timeout: float | None = None) -> int:
+def launch_main(argv: Sequence[str] | None = None, *, timeout: float | None = None, commands: Collection[str] | None = None) -> int:
     """``rlhf launch ...``: print the launcher command, run it, return its exit status.
 
     ``timeout`` (seconds, for programs and tests) runs the launcher in its own process group
     and kills the whole group when the time is up (exit status 124, as timeout(1))."""
     try:
-        cmd, args = build_command(sys.argv[1:] if argv is None else argv)
+        cmd, args = build_command(sys.argv[1:] if argv is None else argv, commands)
     except SystemExit as e:
         return int(e.code or 0)
     print(f"launch: {cmd.shell()}", file=sys.stderr, flush=True)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from pydantic import Field
 from transformers import AutoTokenizer
 
+from apps.simulate import ANIMALS, text_features
 from rlhf.config import Section, read_yaml
 from rlhf.errors import UserError
 from rlhf.models import ModelConfig, build_causal_lm, load_causal_lm
@@ -50,7 +51,7 @@ class PersonalConfig(Section):
 
 def _reward_paths(reward_run: Path) -> tuple[Path, Path, dict[str, Any]]:
     """(VPL model folder, held-out preference file, simulation sidecar) of a reward run."""
-    from reward_models.simulate import load_sidecar
+    from apps.simulate import load_sidecar
 
     vpl, test, cfg_file = reward_run / "models" / "reward-vpl", reward_run / "data" / "test.jsonl", reward_run / "config.yaml"
     for p, how in ((vpl, "train one: rlhf train-reward configs/reward-pets.yaml (methods include vpl)"), (test, "re-run rlhf train-reward"), (cfg_file, "re-run rlhf train-reward")):
@@ -68,7 +69,7 @@ def _reward_paths(reward_run: Path) -> tuple[Path, Path, dict[str, Any]]:
 
 def build_task(vpl: Path, meta: dict[str, Any]):
     """The Pets task over the simulator's candidate answers, with the reward model's tokenizer."""
-    from reward_models.simulate import PET_PROMPTS, SimulateConfig, text_candidates
+    from apps.simulate import PET_PROMPTS, SimulateConfig, text_candidates
     from tasks.pets.task import PetsTask
 
     sim = SimulateConfig.model_validate(meta["config"])
@@ -89,19 +90,19 @@ def reference_sets(task, prior, per_prompt: int, seed: int) -> dict[tuple[int, .
 def evaluate(task, models: dict[str, Any], prior, meta: dict[str, Any], n: int, seed: int) -> dict[str, Any]:
     """Per model: win rate against the prior's answer of the same prompt and index under each
     group's prototype, the animals it names, and its exact KL to the prior per token."""
-    from reward_models.simulate import prototype_from_sidecar, win_rate
+    from apps.simulate import prototype_from_sidecar, win_rate
     from rlhf.rollout import kl_to_reference_many
 
     groups = [g["name"] for g in meta["config"]["groups"]]
     base = task.sample_texts(prior, n, seed=seed + 1)
-    rows: dict[str, Any] = {"prior": {"animals": task.animal_shares(base)}}
+    rows: dict[str, Any] = {"prior": {"animals": animal_shares(base)}}
     for name, model in models.items():
         texts = task.sample_texts(model, n, seed=seed + 1)
         prompts = [p.ids for p in task.prompts for _ in range(n)]
         comps = [task.tokenizer(t)["input_ids"] + [task.eos_id] for t in texts]
         kl = kl_to_reference_many(model, prior, prompts, comps, pad_id=task.tokenizer.pad_token_id, allowed=task.allowed)
         rows[name] = {"win": {g: win_rate(prototype_from_sidecar(meta, g), texts, base) for g in groups},
-                      "animals": task.animal_shares(texts), "kl/prior": float(np.mean(kl)), "examples": texts[:: max(1, len(texts) // 6)][:6]}
+                      "animals": animal_shares(texts), "kl/prior": float(np.mean(kl)), "examples": texts[:: max(1, len(texts) // 6)][:6]}
     return {"groups": groups, "samples_per_prompt": n, "prompts": len(task.prompts), "rows": rows}
 
 
@@ -168,3 +169,11 @@ def personalise(cfg: PersonalConfig, run: Run, *, resume: bool = False) -> Path:
     for n in models:
         log.info("%s: win rates %s, KL/token %.3f", n, {g: round(v, 3) for g, v in ev["rows"][n]["win"].items()}, ev["rows"][n]["kl/prior"])
     return write_report(run, cfg, ev)
+
+
+def animal_shares(texts: Sequence[str]) -> dict[str, float]:
+    """Share of answers naming each animal first (and ``none``)."""
+    f = text_features(texts)
+    out = {a: float(f[:, i].mean()) for i, a in enumerate(ANIMALS)}
+    out["none"] = float((f.sum(1) == 0).mean())
+    return out

@@ -120,7 +120,7 @@ def _cantus(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _export_pairs(args: argparse.Namespace) -> int:
-    from reward_models.labelling.export import export_pairs, read_prompts
+    from apps.labelling.export import export_pairs, read_prompts
 
     positions = ["below", "above"] if args.position == "both" else [args.position]
     pairs = export_pairs(_models(args), args.out, cantus=_cantus(args), positions=positions,
@@ -159,8 +159,8 @@ def import_labels_parser() -> argparse.ArgumentParser:
 
 
 def _import_labels(args: argparse.Namespace) -> int:
-    from reward_models.labelling.importer import import_labels
-    from reward_models.labelling.pairs import read_pairs
+    from apps.labelling.importer import import_labels
+    from apps.labelling.pairs import read_pairs
 
     pairs = {p.pair_id: p for p in read_pairs(args.pairs)} if args.pairs else None
     s = import_labels(args.inputs, args.out, fmt=args.format, rater=args.rater, pairs=pairs, on_conflict=args.on_conflict,
@@ -203,9 +203,9 @@ def label_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from reward_models.labelling.pairs import read_pairs
-    from reward_models.labelling.server import LOOPBACK, bind_socket, create_app, make_server
-    from reward_models.labelling.store import LabelStore
+    from apps.labelling.pairs import read_pairs
+    from apps.labelling.server import LOOPBACK, bind_socket, create_app, make_server
+    from apps.labelling.store import LabelStore
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: use 0-65535.")
@@ -231,9 +231,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _label_export(args: argparse.Namespace) -> int:
-    from reward_models.labelling.importer import export_labels
-    from reward_models.labelling.pairs import read_pairs
-    from reward_models.labelling.store import LabelStore
+    from apps.labelling.importer import export_labels
+    from apps.labelling.pairs import read_pairs
+    from apps.labelling.store import LabelStore
 
     if not Path(args.db).is_file():
         raise UserError(f"{args.db}: label database not found; label first with `rlhf label serve --pairs ... --db {args.db}`.")
@@ -241,7 +241,7 @@ def _label_export(args: argparse.Namespace) -> int:
     n, skipped = export_labels(pairs, LabelStore(args.db), args.out, rater=args.rater, overwrite=args.overwrite)
     print(f"wrote {n} labels ({skipped} skips left out) -> {args.out}")
     from reward_models.data import load_preferences
-    from reward_models.labelling.importer import model_win_rates
+    from apps.labelling.importer import model_win_rates
 
     for model, s in model_win_rates(pairs, load_preferences(args.out)).items():  # pairs of two models: who won
         print(f"{model}: win rate {s['win_rate']:.3f} ({s['wins']:g} wins, {s['ties']:g} ties, {s['losses']:g} losses)")
@@ -253,9 +253,9 @@ def label_main(argv: Sequence[str] | None = None) -> int:
     return _run(label_parser(), argv, lambda a: _serve(a) if a.action == "serve" else _label_export(a))
 
 
-if __name__ == "__main__":  # python -m reward_models.labelling.cli label serve ...
+if __name__ == "__main__":  # python -m apps.labelling.cli label serve ...
     commands = {"export-pairs": export_pairs_main, "import-labels": import_labels_main, "label": label_main}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        print(f"usage: python -m reward_models.labelling.cli {{{','.join(commands)}}} ...", file=sys.stderr)
+        print(f"usage: python -m apps.labelling.cli {{{','.join(commands)}}} ...", file=sys.stderr)
         sys.exit(2)
     sys.exit(commands[sys.argv[1]](sys.argv[2:]))
