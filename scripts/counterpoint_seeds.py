@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RLHF = [sys.executable, "-m", "rlhf.cli"]
+RLHF = [sys.executable, "-m", "apps.cli"]
 
 
 def _run(cmd: list[str], log: Path, threads: int) -> None:
@@ -37,7 +37,7 @@ def _run(cmd: list[str], log: Path, threads: int) -> None:
 
 def _algorithm(config: str, overrides: list[str]) -> str:
     sys.path.insert(0, str(REPO))
-    from rlhf.pipeline import load_run_config
+    from apps.pipeline import load_run_config
 
     cfg = load_run_config(config, overrides)
     assert cfg.tune is not None, "the config has tune: null"
