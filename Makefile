@@ -12,7 +12,7 @@ demo: setup
 	$(RLHF) run configs/counterpoint.yaml --resume
 
 quick: setup
-	$(RLHF) run configs/counterpoint-quick.yaml --resume
+	$(RLHF) run configs/counterpoint.yaml --quick --resume
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

@@ -45,7 +45,8 @@ EPILOG = """examples:
 def _config_args(p: argparse.ArgumentParser, run_flags: bool = True) -> None:
     p.add_argument("config", help="YAML config, e.g. configs/counterpoint.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. pretrain.steps=500")
-    p.add_argument("--quick", action="store_true", help="smoke-test sizes (about a minute); your overrides still apply on top")
+    p.add_argument("--quick", action="store_true", help="the task's quick preset (smoke-test sizes, about a minute) over the config, "
+                   "written into <run_dir>-quick; your overrides still apply on top")
     if run_flags:
         p.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last checkpoint / finished stage")
         p.add_argument("--overwrite", action="store_true", help="delete an existing run_dir first")
@@ -140,13 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace):
-    from apps.pipeline import load_run_config, quick_overrides
+    from apps.pipeline import load_run_config
 
-    quick = quick_overrides(args.config, args.overrides) if args.quick else ()
-    overrides = [*quick, *args.overrides]
     if args.quick:
-        log.info("--quick sets: %s", " ".join(quick))
-    return load_run_config(args.config, overrides)
+        log.info("--quick: the task's quick preset over %s, into <run_dir>-quick", args.config)
+    return load_run_config(args.config, args.overrides, quick=args.quick)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -212,31 +211,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _task_for_model(cfg, model: Path):
     """The task with the tokenizer saved beside the model (so token ids always match)."""
-    from tasks.counterpoint.task import CounterpointTask
-    from tasks.translation.config import TranslationConfig
+    from apps.pipeline import make_task
 
-    if isinstance(cfg.task, TranslationConfig):
-        from tasks.translation.task import TranslationTask
-        from tasks.translation.tokenizer import TranslationCodec
-
-        if not model.is_dir():
-            raise UserError(f"{model}: model folder not found. Train one with `rlhf run` or `rlhf pretrain` (it lands in <run_dir>/models/prior).")
-        return TranslationTask(cfg.task, TranslationCodec.load(model))
-    codec = _load_codec(model)
-    if codec.mode != cfg.task.mode:
-        raise UserError(f"{model}: the model was trained for mode {codec.mode!r} but the config says task.mode={cfg.task.mode!r}; pass task.mode={codec.mode}.")
-    return CounterpointTask(cfg.task, codec)
-
-
-def _load_codec(model: Path):
-    from tasks.counterpoint.tokens import Codec
-
-    if not model.is_dir():
-        raise UserError(f"{model}: model folder not found. Train one with `rlhf run` or `rlhf pretrain` (it lands in <run_dir>/models/prior).")
-    try:
-        return Codec.load(model)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{model}: no counterpoint tokenizer found beside the model ({e}). Use a model folder written by `rlhf pretrain`.") from None
+    return make_task(cfg, model)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -244,10 +221,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from tasks.counterpoint import cantus as cantus_mod
     from tasks.counterpoint.config import CounterpointConfig
     from tasks.counterpoint.export import write_midi, write_musicxml
-    from tasks.counterpoint.task import CounterpointTask
+    from tasks.counterpoint.task import CounterpointTask, load_codec
 
     model_dir = Path(args.model)
-    codec = _load_codec(model_dir)
+    codec = load_codec(model_dir)
     if args.num < 1:
         raise UserError(f"-n must be at least 1 (got {args.num}).")
     if args.temperature < 0:
@@ -284,9 +261,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_config_help(args: argparse.Namespace) -> int:
     from rlhf.config import describe
-    from apps.pipeline import RunConfig, load_run_config
+    from apps.pipeline import load_run_config, run_config_class
+    from rlhf.registry import TASKS
 
-    values, cls = None, RunConfig
+    values, cls = None, run_config_class(TASKS.get("counterpoint"))
     if args.config:
         from rlhf.config import load_config, read_yaml
 

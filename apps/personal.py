@@ -140,7 +140,7 @@ def write_report(run: Run, cfg: PersonalConfig, ev: dict[str, Any]) -> Path:
 def personalise(cfg: PersonalConfig, run: Run, *, resume: bool = False) -> Path:
     """Prior (MLE) → one tuned policy per group → win rates → report.md; returns the report."""
     from reward_models.data import load_preferences
-    from reward_models.reward_source import LearnedRewardTask, RewardSource, context_records
+    from reward_models.reward_source import RewardSource, context_records
     from tasks.pets.task import split_indices
 
     vpl, test, meta = _reward_paths(Path(cfg.reward_run))
@@ -163,7 +163,7 @@ def personalise(cfg: PersonalConfig, run: Run, *, resume: bool = False) -> Path:
             ctx = context_records(records, group=g, n=cfg.context_size, seed=cfg.seed)
             source = RewardSource.from_pretrained(vpl, context=ctx, scale="win_prob", reference=reference)
             log.info("group %s: z = %s from %d held-out pairs", g, [round(float(x), 2) for x in source.z], len(ctx))
-            final = tune(run, cfg.tune, LearnedRewardTask(task, source), prior_dir, seed=cfg.seed, resume=resume, progress=cfg.progress, name=name)
+            final = tune(run, cfg.tune, task, prior_dir, reward=source, seed=cfg.seed, resume=resume, progress=cfg.progress, name=name)
         models[name] = load_causal_lm(final)
     ev = evaluate(task, models, prior, meta, cfg.eval_samples, cfg.seed)
     for n in models:

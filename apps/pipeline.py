@@ -6,151 +6,130 @@ already there, so an interrupted run continues where it stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 
-from rlhf.config import Section, load_config, read_yaml
+from apps.simulate import load_sidecar, preference_win_rates
+from reward_models.reward_source import LearnedRewardConfig, learned_reward
+from rlhf.config import Section, TaskConfig, apply_overrides, format_validation_error, read_yaml
 from rlhf.errors import UserError
+from rlhf.interfaces import PipelineTask, RewardFn
 from rlhf.models import ModelConfig, build_causal_lm, count_parameters, load_causal_lm
 from rlhf.pretrain import PretrainConfig, pretrain
-from rlhf.algorithms.common import Algorithm
-from reward_models.reward_source import LearnedRewardConfig
-from rlhf.tune import TuneConfig, tune
+from rlhf.registry import TASKS
+from rlhf.rewards import RewardTerm, compose_rewards
 from rlhf.runs import Run, atomic_write_text, open_run
 from rlhf.trainer import seed_everything
-from tasks.counterpoint.config import CounterpointConfig
-from tasks.translation.config import QUICK_OVERRIDES as TRANSLATION_QUICK, TranslationConfig, check_positions
+from rlhf.tune import TuneConfig, tune
 
 log = logging.getLogger("rlhf")
 
-QUICK_OVERRIDES = (
-    "task.data.max_pieces=25",
-    "task.data.transpositions=[-2,0,2]",
-    "task.eval.samples_per_cantus=4",
-    "task.eval.melodies=48",
-    "task.eval.cantus_transpositions=[0]",
-    "task.eval.heldout_pool=8",
-    "task.eval.train_pool=4",
-    "task.eval.distinct_samples=16",
-    "model.n_layer=2",
-    "model.n_embd=64",
-    "pretrain.steps=150",
-    "pretrain.warmup_steps=10",
-    "pretrain.eval_every=50",
-    "pretrain.checkpoint_every=100",
-    "tune.steps=10",
-    "tune.batch_size=16",
-)
-"""What ``--quick`` sets (before your own overrides): a smoke run of about a minute."""
-
 
 class SweepConfig(Section):
-    algorithms: list[Algorithm] = Field(default_factory=list, description="Also tune with each of these algorithms (tune.* settings otherwise) and compare them in the report.")
+    algorithms: list[str] = Field(default_factory=list, description="Also tune with each of these algorithms (their default settings, tune.* otherwise) and compare them in the report.")
     betas: list[float] = Field(default_factory=list, description="Trade-off curve: tune tune.algorithm once per β (0 = the KL term off: the ablation).")
     steps: int | None = Field(None, ge=1, description="Iterations of each sweep run; null = tune.steps.")
 
 
 class RunConfig(Section):
+    """The whole job of ``rlhf run``; ``task`` is the task's own config class (by task.name)."""
+
     seed: int = Field(0, ge=0, description="Seed of every random choice in the run (data split, init, sampling).")
-    run_dir: str = Field("runs/counterpoint", description="The run folder (config, metrics, checkpoints, report).")
+    run_dir: str | None = Field(None, description="The run folder (config, metrics, checkpoints, report); null = runs/<task name>.")
     progress: bool = Field(True, description="Show progress bars.")
-    task: CounterpointConfig = Field(default_factory=CounterpointConfig, description="The task.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="The prior's architecture (or a path to load).")
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="MLE pre-training of the prior.")
+    task: TaskConfig = Field(..., description="The task (task.name selects it; its keys are the task's own).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The prior's architecture, or model.path: a local Hugging Face folder (save_pretrained) to start from.")
+    pretrain: PretrainConfig | None = Field(default_factory=PretrainConfig, description="MLE pre-training of the prior; null = model.path is the prior as it is.")
     tune: TuneConfig | None = Field(default_factory=TuneConfig, description="Fine-tuning against the frozen prior; null = stop after the prior.")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Extra tuning runs for comparisons: other algorithms, and β for the trade-off curve.")
     reward: LearnedRewardConfig | None = Field(None, description="Tune against a trained reward model (BT or VPL with a rater's context) instead of the task's reward; null = the task's reward.")
+    rewards: list[RewardTerm] = Field(
+        default_factory=list,
+        description="The RL reward as a weighted sum of terms, e.g. [{fn: task}, {fn: 'my_rules:no_repeats', weight: 0.5}]; "
+        "empty = the task's own reward (or reward.model).",
+    )
 
     @model_validator(mode="after")
-    def _learned_reward_scores_sequences(self) -> "RunConfig":
-        t = self.tune
-        if self.reward is not None and t is not None and t.algorithm == "rloo" and t.rloo.credit == "all_actions":
-            raise ValueError("reward.model scores whole sequences, but tune.rloo.credit=all_actions needs the task's reward of every "
-                             "action at every step; set tune.rloo.credit: token (or tune.algorithm: ppo)")
-        return self
-
-    @model_validator(mode="after")
-    def _fits_counterpoint(self) -> "RunConfig":
-        if isinstance(self.task, CounterpointConfig) and self.model.path is None:
-            need = self.task.positions_needed()
-            if self.model.max_positions < need:
-                raise ValueError(
-                    f"model.max_positions ({self.model.max_positions}) is shorter than the longest {self.task.mode} sequence ({need} tokens: "
-                    f"prompt + notes + <eos>, see task.data.max_notes); raise model.max_positions to at least {need} or lower task.data.max_notes"
-                )
+    def _fits_task(self) -> "RunConfig":
+        if self.run_dir is None:
+            self.run_dir = f"runs/{self.task.name.rpartition(':')[2].rpartition('.')[2].lower()}"
+        if self.pretrain is None and self.model.path is None:
+            raise ValueError("pretrain: null uses model.path as the prior as it is; set model.path to a model folder, or give pretrain settings")
+        if self.reward is not None and self.rewards:
+            raise ValueError("give either reward (a trained reward model alone) or rewards (a weighted sum of terms), not both")
+        self.task.check_run(self)
         return self
 
 
-class TranslationRunConfig(RunConfig):
-    """The same job for translation (``task.name: translation``): the MLE prior, then RL on sentence BLEU."""
-
-    run_dir: str = Field("runs/translation", description="The run folder (config, metrics, checkpoints, report).")
-    task: TranslationConfig = Field(default_factory=TranslationConfig, description="The task.")
-
-    @model_validator(mode="after")
-    def _fits_model(self) -> "TranslationRunConfig":
-        check_positions(self.task, self.model.max_positions)
-        t = self.tune
-        if self.task.reward.level == "corpus" and t is not None and t.algorithm == "rloo" and t.rloo.baseline == "greedy":
-            raise ValueError(
-                "task.reward.level=corpus scores each translation within its rollout batch, but rloo.baseline=greedy would compare it "
-                "with a greedy translation scored within another batch; use rloo.baseline=leave_one_out or task.reward.level=sentence"
-            )
-        return self
+def task_name(data: dict[str, Any]) -> str:
+    """``task.name`` of a config's data (default counterpoint)."""
+    task = data.get("task")
+    return str(task.get("name", "counterpoint")) if isinstance(task, dict) else "counterpoint"
 
 
-RUN_CONFIGS: dict[str, type[RunConfig]] = {"counterpoint": RunConfig, "translation": TranslationRunConfig}
-"""``task.name`` -> the run config class: one typed config per task."""
+@functools.cache
+def run_config_class(task_cls: type) -> type[RunConfig]:
+    """The run config of one task: RunConfig with ``task`` typed as the task's Config."""
+    cfg_cls = task_cls.Config
+    return create_model(f"{cfg_cls.__name__.removesuffix('Config')}RunConfig", __base__=RunConfig,
+                        task=(cfg_cls, Field(default_factory=cfg_cls, description="The task.")))
 
 
-def task_name(path: str | Path | None, overrides: Sequence[str] = ()) -> str:
-    """``task.name`` from the overrides, else the file, else counterpoint."""
-    name: Any = "counterpoint"
-    if path is not None:
-        data, _ = read_yaml(path)
-        task = data.get("task")
-        name = task.get("name", name) if isinstance(task, dict) else name
-    for o in overrides:
-        if o.split("=", 1)[0].strip() == "task.name":
-            name = o.split("=", 1)[1].strip()
-    return str(name)
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid over ``base`` (sections merged key by key), as a new dict."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
-def quick_overrides(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[str, ...]:
-    """What ``--quick`` sets for the config's task."""
-    return TRANSLATION_QUICK if task_name(path, overrides) == "translation" else QUICK_OVERRIDES
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *, quick: bool = False) -> RunConfig:
+    """Read the YAML, find the task (``task.name``, default counterpoint; a registered name, an
+    ``rlhf.tasks`` entry point or ``package.module:Class``), lay the task's quick preset over it
+    when ``quick`` (and write into ``<run_dir>-quick``), apply the overrides and validate."""
+    data, lines = read_yaml(path) if path is not None else ({}, {})
+    overridden = {tuple(o.split("=", 1)[0].strip().split(".")) for o in overrides if "=" in o}
+    apply_overrides(data, overrides)
+    name = task_name(data)
+    try:
+        task_cls = TASKS.get(name)
+    except UserError as e:
+        raise UserError(f"{path or 'config'}: task.name: {e}") from None
+    if quick:
+        preset = getattr(task_cls, "quick", None)
+        if preset is None:
+            raise UserError(f"task {name!r} has no quick preset (a `quick` YAML path on its class); run without --quick")
+        merged = deep_merge(data, read_yaml(preset)[0])
+        data = apply_overrides(merged, overrides)  # your overrides win over the preset
+        if ("run_dir",) not in overridden:
+            data["run_dir"] = f"{data.get('run_dir') or 'runs/' + name}-quick"
+    cls = run_config_class(task_cls)
+    data.setdefault("task", {}).setdefault("name", name) if isinstance(data.get("task", {}), dict) else None
+    try:
+        return cls.model_validate(data)
+    except Exception as err:  # noqa: BLE001  pydantic's ValidationError: one line per problem, with file and line
+        from pydantic import ValidationError
+
+        if not isinstance(err, ValidationError):
+            raise
+        raise UserError(format_validation_error(err, cls, str(path) if path is not None else "defaults", lines, overridden)) from None
 
 
-def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read ``task.name`` (file, then overrides; default counterpoint) and load the matching
-    run config; an unknown task name is a UserError listing the known ones."""
-    name = task_name(path, overrides)
-    if name not in RUN_CONFIGS:
-        raise UserError(f"{path or 'config'}: task.name: unknown task {name!r}; use one of {', '.join(RUN_CONFIGS)}.")
-    return load_config(RUN_CONFIGS[name], path, overrides)
+def make_task(cfg: RunConfig, model_dir: Path | None = None) -> PipelineTask:
+    """The task of ``cfg``; with ``model_dir``, with the tokenizer saved beside that model."""
+    return TASKS.get(cfg.task.name).build(cfg.task, model_dir)
 
 
-def make_task(cfg: RunConfig):
-    if isinstance(cfg.task, TranslationConfig):
-        from tasks.translation.task import TranslationTask
-
-        return TranslationTask(cfg.task)
-    from tasks.counterpoint.task import CounterpointTask
-
-    return CounterpointTask(cfg.task)
-
-
-def stage_data(cfg: RunConfig, run: Run, task) -> tuple[list, list]:
-    # translation trains its tokenizer here; keeping it in the run folder makes --resume reuse the same ids
-    kw = {"tokenizer_dir": run.root / "tokenizer"} if isinstance(cfg.task, TranslationConfig) else {}
-    train, val = task.corpus(cfg.seed, progress=cfg.progress, **kw)
+def stage_data(cfg: RunConfig, run: Run, task: PipelineTask) -> tuple[list, list]:
+    train, val = task.corpus(cfg.seed, progress=cfg.progress, run_dir=run.root)
     if not train or not val:
         raise UserError(f"the corpus gave {len(train)} training and {len(val)} held-out examples; check task.data (counterpoint: raise "
-                        "task.data.max_pieces or lower task.data.min_notes; translation: the files and length limits).")
+                        "task.data.max_pieces or lower task.data.min_notes; translation and text: the files and length limits).")
     stats = task.data_stats(train, val)
     if run.is_main:
         atomic_write_text(run.root / "data_stats.json", json.dumps(stats, indent=1))
@@ -158,67 +137,36 @@ def stage_data(cfg: RunConfig, run: Run, task) -> tuple[list, list]:
     return train, val
 
 
-def stage_prior(cfg: RunConfig, run: Run, task, train: list, val: list, *, resume: bool) -> Path:
+def stage_prior(cfg: RunConfig, run: Run, task: PipelineTask, train: list, val: list, *, resume: bool) -> Path:
     final = run.final_model_dir("prior")
     if resume and (final / "config.json").is_file():
         log.info("prior already trained: %s", final)
         return final
     seed_everything(cfg.seed)
     model = build_causal_lm(cfg.model, task.tokenizer)
-    log.info("prior: %s, %d parameters", cfg.model.arch, count_parameters(model))
-    pretrain(run, cfg.pretrain, model, task.tokenizer, task.examples(train), task.examples(val), seed=cfg.seed, resume=resume, progress=cfg.progress)
+    log.info("prior: %s, %d parameters", cfg.model.path or cfg.model.arch, count_parameters(model))
+    if cfg.pretrain is None:  # model.path is the prior as it is
+        if run.is_main:
+            model.save_pretrained(str(final))  # atomic enough: config.json, the marker of a finished stage, is written last
+    else:
+        pretrain(run, cfg.pretrain, model, task.tokenizer, task.examples(train), task.examples(val), seed=cfg.seed, resume=resume, progress=cfg.progress)
     if run.is_main:
-        task.codec.save(final)
+        task.save(final)
     return final
 
 
-def export_samples(run: Run, evaluation: dict[str, Any], n: int) -> dict[str, list[Path]]:
-    from tasks.counterpoint.export import write_midi, write_musicxml
-    from tasks.counterpoint.task import from_json
-
-    out: dict[str, list[Path]] = {}
-    for model, samples in evaluation["samples"].items():
-        best = sorted(samples, key=lambda s: -s["reward"])[:n]
-        files = []
-        (run.root / "samples" / model).mkdir(parents=True, exist_ok=True)
-        for i, s in enumerate(best):
-            base = run.root / "samples" / model / f"{i:02d}_{s['source'].replace('/', '_')}"
-            item = from_json(s)
-            files += [write_musicxml(item, base.with_suffix(".musicxml")), write_midi(item, base.with_suffix(".mid"))]
-        out[model] = files
-    return out
-
-
-def stage_evaluate(cfg: RunConfig, run: Run, task, models: dict[str, Path], prior: Path, val: list | None) -> dict[str, Any]:
-    from tasks.counterpoint.report import write_report
-    from tasks.counterpoint.rules import RULES_BY_NAME
-
+def stage_evaluate(cfg: RunConfig, run: Run, task: PipelineTask, models: dict[str, Path], prior: Path, val: list | None) -> dict[str, Any]:
     loaded = {name: load_causal_lm(p) for name, p in models.items()}
     prior_model = loaded.get("prior") or load_causal_lm(prior)
     evaluation = task.evaluate(loaded, prior_model, seed=cfg.seed, val=val)
     stats_path = run.root / "data_stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-    if isinstance(cfg.task, TranslationConfig):
-        from tasks.translation.report import write_report as write_translation_report
-
-        log.info("report: %s", write_translation_report(run.root, evaluation, stats))
-        return evaluation
-    if cfg.reward is not None and cfg.reward.context is not None and cfg.task.mode == "first_species":
-        from apps.simulate import preference_win_rates
-        from apps.simulate import load_sidecar
-
-        meta = load_sidecar(cfg.reward.context)
-        if meta is not None:  # simulated raters: judge the tuned models by each group's taste
-            evaluation["preference"] = preference_win_rates(evaluation, meta)
-            log.info("win rates against the prior by rater group: %s", evaluation["preference"])
-    exported = export_samples(run, evaluation, cfg.task.eval.export)
-    docs = {k: r.doc for k, r in RULES_BY_NAME.items()}
-    if cfg.task.mode == "melody":
-        from tasks.counterpoint.melody_rules import MELODY_RULES
-
-        docs = {r.name: r.doc for r in MELODY_RULES}
-    report = write_report(run.root, evaluation, stats, exported, docs)
-    log.info("report: %s", report)
+    meta = load_sidecar(cfg.reward.context) if cfg.reward is not None and cfg.reward.context is not None else None
+    if meta is not None and meta.get("config", {}).get("domain") == "music" and "samples" in evaluation:
+        # simulated raters: judge the tuned models by each group's taste
+        evaluation["preference"] = preference_win_rates(evaluation, meta)
+        log.info("win rates against the prior by rater group: %s", evaluation["preference"])
+    log.info("report: %s", task.report(run.root, evaluation, stats))
     return evaluation
 
 
@@ -239,17 +187,32 @@ def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
 
 
 def sweep_configs(cfg: RunConfig) -> dict[str, TuneConfig]:
-    """name -> tune config of each sweep run: ``<algorithm>`` and ``<algorithm>-beta<β>``."""
+    """name -> tune config of each sweep run: ``<algorithm>`` (its default settings) and
+    ``<algorithm>-beta<β>``."""
     assert cfg.tune is not None
-    base = cfg.tune.model_copy(update={"steps": cfg.sweep.steps or cfg.tune.steps})
-    out = {alg: base.model_copy(update={"algorithm": alg}) for alg in cfg.sweep.algorithms if alg != cfg.tune.algorithm}
+    steps = cfg.sweep.steps or cfg.tune.steps
+    base = cfg.tune.model_copy(update={"steps": steps})
+    out = {alg: cfg.tune.with_algorithm(alg, steps=steps) for alg in cfg.sweep.algorithms if alg != cfg.tune.algorithm}
     for beta in cfg.sweep.betas:
         kl = base.kl.model_copy(update={"beta": beta, "adaptive": False})
         out[f"{base.algorithm}-beta{beta:g}"] = base.model_copy(update={"kl": kl})
     return out
 
 
-def stage_tune(cfg: RunConfig, run: Run, task, prior: Path, *, resume: bool, tcfg: TuneConfig | None = None, name: str | None = None) -> Path:
+def run_reward(cfg: RunConfig, task: PipelineTask, prior: Path) -> RewardFn | None:
+    """The RL reward of the run: a trained reward model (``reward``), a weighted sum of terms
+    (``rewards``), or None for the task's own."""
+    if cfg.reward is not None:
+        log.info("reward: %s (%s)", cfg.reward.model, f"context: {cfg.reward.rater_group or cfg.reward.rater_id or 'random raters'}" if cfg.reward.context else "no context")
+        return learned_reward(cfg.reward, task, load_causal_lm(prior))
+    if cfg.rewards:
+        log.info("reward: %s", " + ".join(f"{t.weight:g}·{t.fn}" for t in cfg.rewards))
+        return compose_rewards(cfg.rewards, task)
+    return None
+
+
+def stage_tune(cfg: RunConfig, run: Run, task: PipelineTask, prior: Path, *, resume: bool, tcfg: TuneConfig | None = None,
+               name: str | None = None) -> Path:
     tcfg = tcfg or cfg.tune
     assert tcfg is not None
     name = name or tcfg.algorithm
@@ -257,9 +220,4 @@ def stage_tune(cfg: RunConfig, run: Run, task, prior: Path, *, resume: bool, tcf
     if resume and (final / "config.json").is_file():
         log.info("%s already tuned: %s", name, final)
         return final
-    if cfg.reward is not None:
-        from reward_models.reward_source import learned_reward_task
-
-        task = learned_reward_task(cfg.reward, task, load_causal_lm(prior))
-        log.info("reward: %s (%s)", cfg.reward.model, f"context: {cfg.reward.rater_group or cfg.reward.rater_id or 'random raters'}" if cfg.reward.context else "no context")
-    return tune(run, tcfg, task, prior, seed=cfg.seed, resume=resume, progress=cfg.progress, name=name)
+    return tune(run, tcfg, task, prior, seed=cfg.seed, resume=resume, progress=cfg.progress, name=name, reward=run_reward(cfg, task, prior))

@@ -226,7 +226,7 @@ def run_both(task: CounterpointTask, tcfg: TuneConfig, prior: Path, ours: Curve,
     with tempfile.TemporaryDirectory(prefix="ttq-ours-") as run_dir:
         tuner = Tuner(Run(run_dir), tcfg.model_copy(update={"steps": 10**9, "checkpoint_every": 10**9}), task, prior,
                       seed=seed, progress=False)
-        policy = tuner.algo.sampler
+        policy = tuner.algo.policy
         ours.check(policy)
 
         def ours_until(minutes: float) -> None:

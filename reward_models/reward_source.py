@@ -1,10 +1,9 @@
 """A trained reward model as the reward of RL fine-tuning (``rlhf tune``).
 
-:class:`RewardSource` wraps a BT or VPL model (plus, for VPL, a rater's context → z) and
-exposes ``step_rewards(prompts, tokens [B, T]) -> [B, T]``, the protocol of
-``CounterpointTask.step_rewards``: the sequence's reward sits on its last generated token
-(column ``n_new − 1``), every other step gets 0, so the KL shaping of the tuner applies unchanged
-(an end-of-sequence reward, as in Ziegler et al. 2019 and Ouyang et al. 2022).
+:class:`RewardSource` wraps a BT or VPL model (plus, for VPL, a rater's context → z) as a
+:class:`~rlhf.interfaces.RewardFn`: one reward per completion, which the tuner puts on its last
+token, so the KL shaping applies unchanged (an end-of-sequence reward, as in Ziegler et al. 2019
+and Ouyang et al. 2022).
 
 The scored sequence is ``prompt ids + the n_new generated ids + <eos>``, which is exactly how
 the training pairs were tokenized (``prompt + response``, eos appended as TRL does).
@@ -16,9 +15,8 @@ Scaling (``scale``):
   prompt (default: all references): the expected probability of beating the reference set under
   that rater's model, in [0, 1] for every rater (Poddar et al. 2024, sec. 4.3).
 
-:class:`LearnedRewardTask` puts a source in front of a task object: every attribute is the
-task's except ``step_rewards``, so ``rlhf.tune.Tuner(run, cfg, LearnedRewardTask(task, source), ...)``
-tunes against the learned reward.
+``rlhf.tune.tune(run, cfg, task, prior, reward=source)`` tunes the task's policy against the
+learned reward instead of the task's own.
 """
 
 from __future__ import annotations
@@ -37,6 +35,8 @@ from reward_models.data import Preference, comparable, encode_pairs
 from reward_models.vpl import VPLRewardModel, win_probability
 from rlhf.config import Section
 from rlhf.errors import UserError
+from rlhf.interfaces import Completions, Rewards, Task
+from rlhf.rollout import sample_many
 
 Scale = Literal["raw", "win_prob"]
 
@@ -150,57 +150,24 @@ class RewardSource:
             out[i] = win_probability(r[i : i + 1], ref)[0]
         return out
 
-    def step_rewards(self, prompts: Sequence[Any], tokens: torch.Tensor) -> torch.Tensor:
-        """[B, T] float: the sequence reward at column ``n_new − 1`` of each row (or at its first
-        ``<eos>``), 0 elsewhere. ``prompts`` have ``ids`` and ``n_new`` (``tasks.counterpoint.task.Prompt``)."""
-        toks = tokens.tolist()
-        seqs, cols = [], []
-        for p, t in zip(prompts, toks):
-            n = min(int(p.n_new), len(t))
-            if self.eos_id in t[:n]:  # a text answer ends at its <eos> (music has a fixed length and none)
-                n = t.index(self.eos_id) + 1
-            seqs.append(list(p.ids) + t[:n])
-            cols.append(n - 1)
-        r = self.sequence_rewards(seqs, [tuple(p.ids) for p in prompts])
-        out = torch.zeros(tokens.shape, dtype=torch.float32)
-        rows = torch.arange(len(cols))
-        out[rows, torch.tensor(cols).clamp(min=0)] = r.float().cpu()
-        return out.to(tokens.device)
+    def __call__(self, completions: Completions) -> Rewards:
+        """[B] the reward of each prompt + completion (its ``<eos>`` appended where the
+        completion has none): a RewardFn; the tuner puts it on each row's last token."""
+        seqs = [list(p.ids) + completions.tokens[b, : completions.lengths[b]].tolist() for b, p in enumerate(completions.prompts)]
+        return Rewards(self.sequence_rewards(seqs, [tuple(p.ids) for p in completions.prompts]).float().cpu())
 
 
-def prior_reference(task: Any, prior: PreTrainedModel, per_prompt: int = 8, seed: int = 0, temperature: float = 1.0) -> dict[tuple[int, ...], list[list[int]]]:
+def prior_reference(task: Task, prior: PreTrainedModel, per_prompt: int = 8, seed: int = 0, temperature: float = 1.0) -> dict[tuple[int, ...], list[list[int]]]:
     """Reference sets for ``win_prob``: ``per_prompt`` samples of the prior for each training
     prompt of ``task`` (prompt ids → full sequences)."""
-    prompts = task.train_prompts()
-    rep, comps = task.sample(prior, prompts, per_prompt, temperature=temperature, seed=seed)
+    rep = [p for p in task.train_prompts() for _ in range(per_prompt)]
+    allowed = None if task.allowed is None else task.allowed.to(next(prior.parameters()).device)
+    comps = sample_many(prior, [p.ids for p in rep], [p.n_new for p in rep], allowed=allowed, temperature=temperature,
+                        generator=torch.Generator().manual_seed(seed))
     out: dict[tuple[int, ...], list[list[int]]] = {}
     for p, c in zip(rep, comps):
         out.setdefault(tuple(p.ids), []).append(list(p.ids) + list(c)[: p.n_new])
     return out
-
-
-class LearnedRewardTask:
-    """A task whose reward is a :class:`RewardSource`; every other attribute is the wrapped
-    task's (tokenizer, allowed, train_prompts, sample, codec, evaluate, ...)."""
-
-    def __init__(self, task: Any, source: RewardSource):
-        if source.tokenizer.get_vocab() != task.tokenizer.get_vocab():
-            raise UserError("the reward model's tokenizer differs from the task's; train the reward model with data.tokenizer matching the task (e.g. first_species).")
-        self._task = task
-        self.source = source
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "_task":  # not yet set (e.g. during unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self._task, name)
-
-    def action_rewards(self, prompts: Sequence[Any], tokens: torch.Tensor) -> torch.Tensor:
-        """Not the wrapped task's: a learned reward model scores whole sequences, not each action."""
-        raise UserError("tune.rloo.credit=all_actions needs per-action task rewards, which a learned reward model does not give; "
-                        "use tune.rloo.credit: token or sequence with reward.model")
-
-    def step_rewards(self, prompts: Sequence[Any], tokens: torch.Tensor) -> torch.Tensor:
-        return self.source.step_rewards(prompts, tokens)
 
 
 # --------------------------------------------------------------------------- tuning config
@@ -228,9 +195,9 @@ class LearnedRewardConfig(Section):
         return self
 
 
-def learned_reward_task(cfg: LearnedRewardConfig, task: Any, prior: PreTrainedModel) -> LearnedRewardTask:
-    """The task with its reward replaced by the reward model of ``cfg`` (z from the context for
-    VPL; win_prob references sampled from ``prior``)."""
+def learned_reward(cfg: LearnedRewardConfig, task: Task, prior: PreTrainedModel) -> RewardSource:
+    """The reward model of ``cfg`` as the reward of ``task``'s completions (z from the context
+    for VPL; win_prob references sampled from ``prior``)."""
     from reward_models.data import load_preferences
 
     context = None
@@ -238,4 +205,7 @@ def learned_reward_task(cfg: LearnedRewardConfig, task: Any, prior: PreTrainedMo
         context = context_records(load_preferences(cfg.context), rater_id=cfg.rater_id, group=cfg.rater_group, n=cfg.context_size, seed=cfg.seed)
     reference = prior_reference(task, prior, cfg.reference_per_prompt, seed=cfg.seed) if cfg.scale == "win_prob" else None
     source = RewardSource.from_pretrained(cfg.model, context=context, scale=cfg.scale, reference=reference)
-    return LearnedRewardTask(task, source)
+    if source.tokenizer.get_vocab() != task.tokenizer.get_vocab():
+        raise UserError(f"{cfg.model}: the reward model's tokenizer differs from the task's; train the reward model with data.tokenizer "
+                        "matching the task (e.g. first_species).")
+    return source

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rlhf.errors import UserError
 
@@ -26,6 +26,16 @@ class Section(BaseModel):
     """Base of every config section: strict about unknown keys, validates on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class TaskConfig(Section):
+    """Base of a task's ``task:`` section."""
+
+    name: str = Field(..., description="The task: a registered name (counterpoint, translation, text) or an import path 'package.module:Class'.")
+
+    def check_run(self, run: Any) -> None:
+        """Raise ValueError (cause and fix) when the rest of the run config does not fit this
+        task (e.g. ``model.max_positions`` shorter than the task's sequences)."""
 
 
 def _key_lines(text: str, source: str = "config") -> dict[tuple[str, ...], int]:
@@ -171,9 +181,13 @@ def describe(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, s
         key = f"{prefix}{name}"
         ann = field.annotation
         sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if field.exclude:
+            continue
         if sub is not None:
             rows.extend(describe(sub, key + "."))
         else:
             default = "" if field.is_required() else repr(field.get_default(call_default_factory=True))
             rows.append((key, default, field.description or ""))
+    for key, sub in getattr(model, "described_sections", lambda: [])():  # sections chosen at load time (tune.<algorithm>)
+        rows.extend(describe(sub, f"{prefix}{key}."))
     return rows

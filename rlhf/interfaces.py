@@ -19,14 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from rlhf.kl import terminal_to_steps
-
-if TYPE_CHECKING:  # annotations only: the core's own modules, no import at run time
-    from rlhf.algorithms.common import Rollout
 
 
 @runtime_checkable
@@ -170,12 +167,12 @@ class Step:
     """What an algorithm's update receives: the rollout, its per-step task reward and the
     current β, plus the batch's completions and hooks for algorithms that need more."""
 
-    rollout: "Rollout"
+    rollout: Any  # rlhf.algorithms.common.Rollout
     task_reward: torch.Tensor  # [B, T]
     beta: float
     completions: Completions
     sampling: Any  # rlhf.tune.Sampling: draws more rollouts (e.g. a greedy baseline)
-    score: Callable[[Sequence[Any], "Rollout"], torch.Tensor]  # (prompts, rollout) -> its task reward [B, T]
+    score: Callable[[Sequence[Any], Any], torch.Tensor]  # (prompts, rollout) -> its task reward [B, T]
     action_rewards: Callable[[], torch.Tensor]  # () -> [B, T, V] (the reward's ActionRewards)
 
 
@@ -184,10 +181,11 @@ class Algorithm(Protocol):
     """An RL algorithm as ``rlhf.tune.Tuner`` drives it, one iteration:
     ``rollout(sampling, prompts)`` → the tuner scores it → ``update(loop, step)`` → log."""
 
+    policy: Any  # the causal LM that samples (the tuned model; PPO's without its value head)
     group: int  # samples per prompt in one iteration (RLOO's and MRT's k; 1 otherwise)
     needs_action_rewards: bool  # update calls step.action_rewards(): the reward must be ActionRewards
 
-    def rollout(self, sampling: Any, prompts: Sequence[Any]) -> "Rollout":
+    def rollout(self, sampling: Any, prompts: Sequence[Any]) -> Any:
         """Sample completions of ``prompts`` (rlhf.tune.Sampling: sample / beam)."""
         ...
 

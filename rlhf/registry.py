@@ -79,3 +79,10 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries or name in self._entry_points()
+
+
+TASKS: Registry = Registry("task", "rlhf.tasks")
+"""Task name -> class (a :class:`~rlhf.interfaces.TaskFactory`); the built-ins are entry points."""
+
+REWARDS: Registry = Registry("reward", "rlhf.rewards")
+"""Reward name -> callable or factory (:class:`~rlhf.interfaces.RewardFn`); ``rewards:`` of a run config."""

@@ -1,32 +1,34 @@
 """Fine-tuning against the frozen prior: ``rlhf tune`` and the tuning stage of ``rlhf run``.
 
-One iteration reads top to bottom: rollout → score → (KL-shaped reward and update, inside
-the algorithm) → adapt β → log. The KL term enters through ``kl.shape_rewards`` (PPO, RLOO)
-or ``td.td_reward`` (Q, Ψ, G) and nowhere else.
+One iteration reads top to bottom: rollout (the algorithm's hook) → score (the reward, on the
+batch's :class:`~rlhf.interfaces.Completions`) → update (the KL-shaped reward, advantages and
+the gradient step, inside the algorithm) → adapt β → log. The KL term enters through
+``kl.shape_rewards`` (PPO, RLOO, MRT) or ``td.td_reward`` (Q, Ψ, G) and nowhere else; a
+sequence reward becomes per-step rewards in ``Rewards.per_step`` and nowhere else.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_serializer, model_validator
 
+import rlhf.algorithms  # noqa: F401  (registers the built-in algorithms)
 from rlhf import distributed
-from rlhf.algorithms.common import Algorithm, KLConfig, beam_rollout, make_rollout
-from rlhf.algorithms.kl_control import KLControl, KLControlConfig
-from rlhf.algorithms.mrt import MRT, MRTConfig
-from rlhf.algorithms.ppo import PPO, PPOConfig
-from rlhf.algorithms.rloo import RLOO, RLOOConfig
+from rlhf.algorithms.common import ALGORITHMS, BuildContext, KLConfig, Rollout, beam_rollout, make_rollout
 from rlhf.config import Section
 from rlhf.errors import UserError
+from rlhf.interfaces import ActionRewards, Algorithm, Completions, RewardFn, Step, Task, as_rewards
 from rlhf.kl import AdaptiveKLController, FixedKLController
 from rlhf.models import load_causal_lm
-from rlhf.policy import PolicyWithValue, frozen
+from rlhf.policy import frozen
 from rlhf.prompt_sampling import PromptSampler, PromptSampling
+from rlhf.rewards import task_reward
 from rlhf.runs import Run
 from rlhf.trainer import TrainLoop, seed_everything
 
@@ -34,7 +36,12 @@ log = logging.getLogger("rlhf")
 
 
 class TuneConfig(Section):
-    algorithm: Algorithm = Field("ppo", description="ppo, rloo (REINFORCE with leave-one-out baseline), mrt (minimum risk training over k candidates per prompt), or Sequence Tutor's q, psi, g.")
+    algorithm: str = Field(
+        "ppo",
+        description="ppo, rloo (REINFORCE with leave-one-out baseline), mrt (minimum risk training over k candidates per prompt), Sequence "
+        "Tutor's q, psi, g, or an algorithm of yours (an rlhf.algorithms entry point or 'package.module:SPEC'). Its settings are the "
+        "section tune.<algorithm> (tune.kl_control for q, psi and g); a section of another algorithm is an error.",
+    )
     steps: int = Field(150, ge=1, description="Iterations (rollout + update).")
     batch_size: int = Field(64, ge=2, description="Sequences sampled per iteration.")
     lr: float = Field(3e-4, gt=0, le=1, description="Adam learning rate.")
@@ -60,60 +67,128 @@ class TuneConfig(Section):
     priority_uniform: float = Field(0.25, ge=0, le=1, description="prioritized: share of the sampling mass spread uniformly over all prompts.")
     priority_ema: float = Field(0.1, gt=0, le=1, description="prioritized: weight of a new batch in each prompt's running mean return.")
     kl: KLConfig = Field(default_factory=KLConfig, description="The KL term and reward scale.")
-    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO settings.")
-    rloo: RLOOConfig = Field(default_factory=RLOOConfig, description="RLOO settings.")
-    mrt: MRTConfig = Field(default_factory=MRTConfig, description="Minimum risk training settings.")
-    kl_control: KLControlConfig = Field(default_factory=KLControlConfig, description="Q/Ψ/G-learning settings.")
+    settings: Any = Field(None, exclude=True, description="The chosen algorithm's settings (read from tune.<algorithm>).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pick_settings(cls, data: Any) -> Any:
+        """tune.<algorithm> -> ``settings``, validated by the algorithm's own config class: a
+        discriminated union on ``algorithm`` (only the chosen algorithm's section is valid)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        name = str(data.get("algorithm", "ppo"))
+        try:
+            spec = ALGORITHMS.get(name)
+        except UserError as e:
+            raise ValueError(str(e).replace("unknown algorithm", "tune.algorithm: unknown algorithm")) from None
+        key = spec.key(name)
+        others = {ALGORITHMS.get(n).key(n) for n in ALGORITHMS.names()} - {key}
+        for k in data:
+            if k in others:
+                raise ValueError(f"tune.{k}: settings of another algorithm, but tune.algorithm is {name} (whose settings are tune.{key}); "
+                                 f"remove tune.{k} or set tune.algorithm to the algorithm it configures")
+        raw = data.pop(key, None)
+        if data.get("settings") is not None and raw is None:  # a copy of a loaded config
+            return data
+        try:
+            data["settings"] = raw if isinstance(raw, spec.config) else spec.config.model_validate(raw or {})
+        except ValidationError as err:
+            msgs = [f"tune.{key}.{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})"
+                    if e["type"] != "extra_forbidden" else f"tune.{key}.{'.'.join(map(str, e['loc']))}: unknown key; allowed: "
+                    f"{', '.join(spec.config.model_fields)}" for e in err.errors()]
+            raise ValueError("; ".join(msgs)) from None
+        return data
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler, info) -> dict[str, Any]:
+        out = handler(self)
+        if self.settings is not None:
+            out[ALGORITHMS.get(self.algorithm).key(self.algorithm)] = self.settings.model_dump(mode=info.mode)
+        return out
+
+    @classmethod
+    def described_sections(cls) -> list[tuple[str, type]]:
+        """For ``rlhf config-help``: every registered algorithm's settings section."""
+        out = {}
+        for n in ALGORITHMS.names():
+            spec = ALGORITHMS.get(n)
+            out.setdefault(spec.key(n), spec.config)
+        return list(out.items())
+
+    def with_algorithm(self, name: str, **update: Any) -> "TuneConfig":
+        """A copy for another algorithm (with its default settings) and other fields changed."""
+        data = {k: v for k, v in self.model_dump().items() if k != ALGORITHMS.get(self.algorithm).key(self.algorithm)}
+        return TuneConfig.model_validate({**data, "algorithm": name, **update})
 
     @model_validator(mode="after")
     def _groups(self) -> "TuneConfig":
-        if self.batch_size % self.group:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of {self.algorithm}.k ({self.group})")
-        if self.algorithm == "ppo" and self.temperature != 1.0:
-            raise ValueError(f"temperature={self.temperature}: PPO's probability ratios and value targets assume samples from the policy "
-                             "itself; set tune.temperature: 1, or use tune.algorithm: rloo, which trains the tempered policy")
-        if self.algorithm == "mrt" and self.mrt.candidates == "beam" and self.temperature != 1.0:
-            raise ValueError(f"temperature={self.temperature} with mrt.candidates=beam: beam candidates are not samples, so there is no "
-                             "sampling temperature; set tune.temperature: 1 (mrt.alpha sets how sharply the loss weighs them)")
+        group = self.group
+        if self.batch_size % group:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of {self.algorithm}.k ({group})")
+        self.settings.check_tune(self)  # the algorithm's own cross-checks with the shared settings
         return self
 
     @property
     def group(self) -> int:
-        """Samples drawn per prompt in one iteration: RLOO's and MRT's k, else 1."""
-        return {"rloo": self.rloo.k, "mrt": self.mrt.k}.get(self.algorithm, 1)
+        """Samples drawn per prompt in one iteration: the settings' k (RLOO, MRT), else 1."""
+        return self.settings.group
 
 
-def build_algorithm(cfg: TuneConfig, prior_dir: Path, allowed: torch.Tensor):
-    """(algorithm, trainable module) for ``cfg.algorithm``; the policy starts as the prior."""
+def build_algorithm(cfg: TuneConfig, prior_dir: Path, allowed: torch.Tensor | None) -> tuple[Algorithm, torch.nn.Module, torch.nn.Module]:
+    """(algorithm, trainable module, frozen prior) for ``cfg.algorithm``; the policy starts as the prior."""
     prior = frozen(load_causal_lm(prior_dir))
     policy = load_causal_lm(prior_dir).eval()  # eval: no dropout noise in ratios and TD targets
-    if cfg.algorithm == "ppo":
-        model = PolicyWithValue(policy, shared_trunk=cfg.ppo.shared_trunk)
-        return PPO(cfg.ppo, cfg.kl, model, allowed), model, prior
-    if cfg.algorithm == "rloo":
-        return RLOO(cfg.rloo, cfg.kl, policy, allowed, temperature=cfg.temperature), policy, prior
-    if cfg.algorithm == "mrt":
-        return MRT(cfg.mrt, cfg.kl, policy, allowed, temperature=cfg.temperature), policy, prior
-    return KLControl(cfg.algorithm, cfg.kl_control, cfg.kl, policy, prior, allowed), policy, prior
+    ctx = BuildContext(cfg.algorithm, cfg.settings, cfg.kl, cfg.temperature, policy, prior, allowed)
+    algo, model = ALGORITHMS.get(cfg.algorithm).build(ctx)
+    return algo, model, prior
+
+
+@dataclass
+class Sampling:
+    """How one iteration samples: the frozen prior scores every rollout, and with
+    ``row_seeds`` each row draws from its own random stream (so N processes sample exactly the
+    sequences one process samples)."""
+
+    prior: torch.nn.Module
+    pad_id: int
+    allowed: torch.Tensor | None
+    eos_id: int | None
+    temperature: float
+    generator: torch.Generator
+    max_new: int  # the longest completion budget of the global batch
+    row_seeds: list[int] | None = None
+
+    def sample(self, policy, prompts: Sequence[Any], *, probs_fn=None, hidden: bool = False, temperature: float | None = None) -> Rollout:
+        """Sample ``policy`` on ``prompts`` (τ = 0: greedy, no random numbers drawn)."""
+        t = self.temperature if temperature is None else temperature
+        if self.row_seeds is not None and t > 0:  # row b of the global batch draws from its own stream, whatever process samples it
+            probs_fn = distributed.RowSampler(self.row_seeds, self.max_new, allowed=self.allowed, temperature=t, base=probs_fn)
+        return make_rollout(policy, self.prior, [p.ids for p in prompts], [p.n_new for p in prompts], pad_id=self.pad_id, allowed=self.allowed,
+                            generator=self.generator if t > 0 else None, probs_fn=probs_fn, temperature=t, eos_id=self.eos_id, hidden=hidden)
+
+    def beam(self, policy, prompts: Sequence[Any], k: int) -> Rollout:
+        """The k best beam-search completions of each prompt."""
+        return beam_rollout(policy, self.prior, [p.ids for p in prompts], [p.n_new for p in prompts], k, pad_id=self.pad_id,
+                            allowed=self.allowed, eos_id=self.eos_id)
 
 
 class Tuner:
     """State of one fine-tuning run (policy, prior, algorithm, β controller, training loop);
-    :meth:`iteration` is one rollout → score → update → adapt-β step.
+    :meth:`iteration` is one rollout → score → update → adapt-β step. ``task`` is a
+    :class:`~rlhf.interfaces.Task`; ``reward`` replaces the task's own reward (e.g. a learned
+    reward model, or a weighted sum with rewards of yours)."""
 
-    ``task`` needs: ``allowed`` ([V] bool action mask), ``tokenizer``, ``train_prompts()``
-    (objects with ``ids`` and ``n_new``) and ``step_rewards(prompts, tokens [B, T]) -> [B, T]``;
-    with ``rloo.credit: all_actions`` also ``action_rewards(prompts, tokens) -> [B, T, V]``, the
-    reward every action would get at every step (equal to step_rewards at the sampled tokens).
-    """
-
-    def __init__(self, run: Run, cfg: TuneConfig, task, prior_dir: Path, *, seed: int, progress: bool = True, name: str | None = None):
+    def __init__(self, run: Run, cfg: TuneConfig, task: Task, prior_dir: Path, *, seed: int, progress: bool = True, name: str | None = None,
+                 reward: RewardFn | None = None):
         self.cfg, self.task, self.seed = cfg, task, seed
-        if cfg.algorithm == "rloo" and cfg.rloo.credit == "all_actions" and not callable(getattr(task, "action_rewards", None)):
-            raise UserError(f"tune.rloo.credit=all_actions needs per-action rewards, which the {type(task).__name__} task does not give; "
-                            "use tune.rloo.credit: token")
+        self.reward = reward if reward is not None else task_reward(task)
         seed_everything(seed)  # minibatch order, replay sampling: reproducible from the seed alone
         self.algo, model, self.prior = build_algorithm(cfg, prior_dir, task.allowed)
+        if self.algo.needs_action_rewards and not isinstance(self.reward, ActionRewards):
+            raise UserError(f"tune.algorithm={cfg.algorithm} with these settings needs the reward of every action at every step, which the "
+                            f"reward ({type(self.reward).__name__}) does not give; use a sequence- or token-level setting (e.g. "
+                            "tune.rloo.credit: token)")
         # fused: one kernel for all parameter tensors instead of one op chain per tensor (5x faster step on CPU)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, fused=True)
         self.loop = TrainLoop(run, f"tune-{name or cfg.algorithm}", model, optimizer, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
@@ -137,9 +212,17 @@ class Tuner:
         self.ctl.load_state_dict(self.loop.extra_state["kl_ctl"])
         if "prompts" in self.loop.extra_state:  # absent in checkpoints written before prompt sampling existed
             self.sampler.load_state_dict(self.loop.extra_state["prompts"])
-        if hasattr(self.algo, "load_state_dict"):
+        if "algo" in self.loop.extra_state:
             self.algo.load_state_dict(self.loop.extra_state["algo"])
         return True
+
+    def completions(self, prompts: Sequence[Any], ro: Rollout) -> Completions:
+        return Completions(prompts, ro.tokens, ro.mask, ro.lengths, self.task.eos_id, self.task.tokenizer)
+
+    def score(self, prompts: Sequence[Any], ro: Rollout) -> torch.Tensor:
+        """The reward of a rollout as per-step rewards [B, T]."""
+        comps = self.completions(prompts, ro)
+        return as_rewards(self.reward(comps)).per_step(comps)
 
     def iteration(self, step: int) -> dict[str, float]:
         cfg, task, algo = self.cfg, self.task, self.algo
@@ -150,51 +233,32 @@ class Tuner:
         picked = batch[self.start : self.end]  # this process's rows of the global batch
         base_seed = int(rng.integers(2**62))
         self.gen.manual_seed(base_seed)
-        probs_fn = algo.probs_fn() if hasattr(algo, "probs_fn") else None
-        if self.per_sequence:
-            # row b of the global batch draws from its own stream, whatever process samples it
-            probs_fn = distributed.RowSampler(distributed.row_seeds(base_seed, step, range(self.start, self.end)), max(p.n_new for p in batch),
-                                              allowed=task.allowed, temperature=cfg.temperature, base=probs_fn)
+        rows = distributed.row_seeds(base_seed, step, range(self.start, self.end)) if self.per_sequence else None
+        sampling = Sampling(self.prior, task.tokenizer.pad_token_id, task.allowed, task.eos_id, cfg.temperature, self.gen,
+                            max(p.n_new for p in batch), rows)
         with distributed.generation(self.loop.model):
-            if cfg.algorithm == "mrt" and cfg.mrt.candidates == "beam":
-                ro = beam_rollout(algo.sampler, self.prior, [p.ids for p in picked[::group]], [p.n_new for p in picked[::group]], group,
-                                  pad_id=task.tokenizer.pad_token_id, allowed=task.allowed, eos_id=getattr(task, "eos_id", None))
-            else:
-                ro = make_rollout(algo.sampler, self.prior, [p.ids for p in picked], [p.n_new for p in picked], pad_id=task.tokenizer.pad_token_id,
-                                  allowed=task.allowed, generator=self.gen, probs_fn=probs_fn, temperature=cfg.temperature,
-                                  eos_id=getattr(task, "eos_id", None), hidden=cfg.algorithm == "ppo")
-        task_reward = task.step_rewards(picked, ro.tokens)  # [B, T]
+            ro = algo.rollout(sampling, picked)  # [B, T]
+        comps = self.completions(picked, ro)
+        rewards = as_rewards(self.reward(comps))
+        task_reward = rewards.per_step(comps)  # [B, T]
         self.sampler.update(torch.tensor(index[self.start : self.end]), task_reward.sum(-1).cpu())
-        extra = {}
-        if cfg.algorithm == "rloo" and cfg.rloo.baseline == "greedy":
-            extra["greedy"] = self.greedy_rollout(picked[::group])
-        if cfg.algorithm == "rloo" and cfg.rloo.credit == "all_actions":
-            extra["action_rewards"] = task.action_rewards(picked, ro.tokens)  # [B, T, V]
-        metrics = algo.update(self.loop, ro, task_reward, self.ctl.value, **extra)
+        action_rewards = lambda: self.reward.action_rewards(comps)  # noqa: E731  [B, T, V], for algorithms that ask
+        metrics = algo.update(self.loop, Step(ro, task_reward, self.ctl.value, comps, sampling, self.score, action_rewards))
+        metrics.update({f"reward/{k}": v for k, v in rewards.diagnostics.items()})
         metrics["kl/coef"] = self.ctl.value
         self.ctl.update(metrics["kl/seq"], cfg.batch_size)  # kl/seq is the global batch's mean (rl_metrics)
         self.loop.extra_state["kl_ctl"] = self.ctl.state_dict()
         # callables: evaluated (on every rank) only when a checkpoint is written
         self.loop.extra_state["prompts"] = self.sampler.state_dict
-        if hasattr(algo, "state_dict"):
-            self.loop.extra_state["algo"] = algo.state_dict
+        self.loop.extra_state["algo"] = algo.state_dict
         return metrics
 
-    def greedy_rollout(self, prompts: list) -> tuple:
-        """(rollout, task reward [n, T]) of the policy's greedy output for each prompt: the
-        self-critical baseline. Greedy decoding draws no random numbers."""
-        task = self.task
-        with distributed.generation(self.loop.model):
-            ro = make_rollout(self.algo.sampler, self.prior, [p.ids for p in prompts], [p.n_new for p in prompts],
-                              pad_id=task.tokenizer.pad_token_id, allowed=task.allowed, generator=None, temperature=0.0,
-                              eos_id=getattr(task, "eos_id", None))
-        return ro, task.step_rewards(prompts, ro.tokens)
 
-
-def tune(run: Run, cfg: TuneConfig, task, prior_dir: Path, *, seed: int, resume: bool = False, progress: bool = True, name: str | None = None) -> Path:
-    """Fine-tune a copy of the prior on the task's reward; returns ``run/models/<name>``
-    (``name`` defaults to the algorithm; metrics go to stage ``tune-<name>``)."""
-    tuner = Tuner(run, cfg, task, prior_dir, seed=seed, progress=progress, name=name)
+def tune(run: Run, cfg: TuneConfig, task: Task, prior_dir: Path, *, seed: int, resume: bool = False, progress: bool = True, name: str | None = None,
+         reward: RewardFn | None = None) -> Path:
+    """Fine-tune a copy of the prior on the task's reward (or ``reward``); returns
+    ``run/models/<name>`` (``name`` defaults to the algorithm; metrics go to stage ``tune-<name>``)."""
+    tuner = Tuner(run, cfg, task, prior_dir, seed=seed, progress=progress, name=name, reward=reward)
     if resume:
         tuner.resume()
     for step in tuner.loop.steps():
@@ -204,6 +268,6 @@ def tune(run: Run, cfg: TuneConfig, task, prior_dir: Path, *, seed: int, resume:
     final = run.final_model_dir(name or cfg.algorithm)
     tuner.loop.finish(final)
     if tuner.loop.accelerator.is_main_process:
-        task.codec.save(final)
+        task.save(final)
     tuner.loop.accelerator.wait_for_everyone()
     return final

@@ -14,7 +14,7 @@ from music21 import converter
 
 from apps.cli import main
 from rlhf.models import build_causal_lm, load_causal_lm
-from apps.pipeline import RunConfig
+from apps.pipeline import load_run_config
 from rlhf.config import load_config
 from tasks.counterpoint.cantus import parse_note_names
 from tasks.counterpoint.task import CounterpointTask
@@ -80,7 +80,7 @@ def test_exported_samples_read_back_with_the_same_notes(quick_run):
 
 def prior_vs_untrained(run_dir):
     """Evaluation rows of a run's prior and of a freshly initialised model of the same size."""
-    cfg = load_config(RunConfig, run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     prior_dir = run_dir / "models" / "prior"
     task = CounterpointTask(cfg.task, Codec.load(prior_dir))
     prior = load_causal_lm(prior_dir)
@@ -119,7 +119,7 @@ def test_sample_from_note_names_and_musicxml(quick_run, tmp_path):
 
 
 def test_evaluate_command(quick_run, tmp_path):
-    rlhf("evaluate", "configs/counterpoint-quick.yaml", "--model", quick_run / "models" / "prior", "--out", tmp_path / "ev", "task.eval.samples_per_cantus=2", "progress=false")
+    rlhf("evaluate", "configs/counterpoint.yaml", "--quick", "--model", quick_run / "models" / "prior", "--out", tmp_path / "ev", "task.eval.samples_per_cantus=2", "progress=false")
     ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert "prior" in ev["rows"] and (tmp_path / "ev" / "report.md").is_file()
 
@@ -128,10 +128,10 @@ def test_evaluate_command(quick_run, tmp_path):
     "args, expect",
     [
         (["run", "configs/nope.yaml"], "config file not found"),
-        (["run", "configs/counterpoint-quick.yaml", "pretrain.stepz=3"], "pretrain.stepz"),
-        (["run", "configs/counterpoint-quick.yaml", "task.mode=fugue"], "first_species"),
+        (["run", "configs/counterpoint.yaml", "--quick", "pretrain.stepz=3"], "pretrain.stepz"),
+        (["run", "configs/counterpoint.yaml", "--quick", "task.mode=fugue"], "first_species"),
         (["sample", "--model", "/nonexistent/model", "--cantus", CF], "model folder not found"),
-        (["pretrain", "configs/counterpoint-quick.yaml", "--bogus"], "unrecognized arguments"),
+        (["pretrain", "configs/counterpoint.yaml", "--quick", "--bogus"], "unrecognized arguments"),
     ],
 )
 def test_user_errors_exit_2_without_traceback(args, expect, tmp_path):

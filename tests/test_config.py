@@ -6,7 +6,8 @@ import pytest
 
 from rlhf.config import describe, load_config, read_yaml
 from rlhf.errors import UserError
-from apps.pipeline import QUICK_OVERRIDES, RunConfig
+from apps.pipeline import load_run_config, run_config_class
+from rlhf.registry import TASKS
 
 
 def write(tmp_path, text):
@@ -16,89 +17,98 @@ def write(tmp_path, text):
 
 
 def test_shipped_configs_load():
-    for name in ["counterpoint", "counterpoint-quick", "melody"]:
-        cfg = load_config(RunConfig, f"configs/{name}.yaml")
+    for name in ["counterpoint", "melody", "translation"]:
+        cfg = load_run_config(f"configs/{name}.yaml")
         assert cfg.pretrain.steps >= 1
-    cfg = load_config(RunConfig, "configs/counterpoint.yaml", QUICK_OVERRIDES)
-    assert cfg.pretrain.steps == 150 and cfg.task.data.max_pieces == 25
+    cfg = load_run_config("configs/counterpoint.yaml", quick=True)
+    assert cfg.pretrain.steps == 150 and cfg.task.data.max_pieces == 25 and cfg.run_dir == "runs/counterpoint-quick"
+    assert cfg.tune.algorithm == "rloo" and cfg.tune.settings.credit == "all_actions"  # the config's own choices stay
+    cfg = load_run_config("configs/counterpoint.yaml", ["pretrain.steps=7", "run_dir=elsewhere"], quick=True)
+    assert cfg.pretrain.steps == 7 and cfg.run_dir == "elsewhere"  # your overrides win over the preset
 
 
 def test_overrides_parse_yaml_values():
-    cfg = load_config(RunConfig, "configs/counterpoint.yaml", ["pretrain.lr=0.01", "task.data.transpositions=[0,1]", "task.fux_dir=null"])
+    cfg = load_run_config("configs/counterpoint.yaml", ["pretrain.lr=0.01", "task.data.transpositions=[0,1]", "task.fux_dir=null"])
     assert cfg.pretrain.lr == 0.01 and cfg.task.data.transpositions == [0, 1] and cfg.task.fux_dir is None
 
 
 def test_unknown_key_names_file_line_and_suggestion(tmp_path):
     p = write(tmp_path, "seed: 1\npretrain:\n  stepz: 10\n")
     with pytest.raises(UserError) as e:
-        load_config(RunConfig, p)
+        load_run_config(p)
     msg = str(e.value)
     assert f"{p}:3" in msg and "pretrain.stepz" in msg and "'steps'" in msg and "Allowed keys" in msg
 
 
 def test_wrong_type_and_range(tmp_path):
     p = write(tmp_path, "pretrain:\n  lr: -1\n  batch_size: many\n")
-    msg = str(pytest.raises(UserError, load_config, RunConfig, p).value)
+    msg = str(pytest.raises(UserError, load_run_config, p).value)
     assert f"{p}:2: pretrain.lr" in msg and "greater than 0" in msg
     assert f"{p}:3: pretrain.batch_size" in msg and "'many'" in msg
 
 
 def test_bad_choice_lists_allowed_values(tmp_path):
     p = write(tmp_path, "task:\n  mode: second_species\n")
-    msg = str(pytest.raises(UserError, load_config, RunConfig, p).value)
+    msg = str(pytest.raises(UserError, load_run_config, p).value)
     assert "task.mode" in msg and "first_species" in msg and "melody" in msg
 
 
 def test_unknown_rule_weight_lists_rules(tmp_path):
     p = write(tmp_path, "task:\n  rule_weights: {parallel_ninths: 2}\n")
-    msg = str(pytest.raises(UserError, load_config, RunConfig, p).value)
+    msg = str(pytest.raises(UserError, load_run_config, p).value)
     assert "parallel_ninths" in msg and "valid names" in msg
 
 
 def test_cross_field_validation(tmp_path):
-    msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["model.n_embd=100", "model.n_head=3"]).value)
+    msg = str(pytest.raises(UserError, load_run_config, None, ["model.n_embd=100", "model.n_head=3"]).value)
     assert "divisible" in msg and "command-line override" in msg
-    msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["tune.algorithm=mrt", "tune.mrt.candidates=beam", "tune.temperature=0.6"]).value)
+    msg = str(pytest.raises(UserError, load_run_config, None, ["tune.algorithm=mrt", "tune.mrt.candidates=beam", "tune.temperature=0.6"]).value)
     assert "mrt.candidates=beam" in msg and "tune.temperature: 1" in msg
-    msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["tune.algorithm=mrt", "tune.mrt.k=3", "tune.batch_size=64"]).value)
+    msg = str(pytest.raises(UserError, load_run_config, None, ["tune.algorithm=mrt", "tune.mrt.k=3", "tune.batch_size=64"]).value)
     assert "multiple of mrt.k (3)" in msg
-    msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["tune.algorithm=rloo", "tune.rloo.credit=token", "tune.rloo.baseline=greedy"]).value)
+    msg = str(pytest.raises(UserError, load_run_config, None, ["tune.algorithm=rloo", "tune.rloo.credit=token", "tune.rloo.baseline=greedy"]).value)
     assert "credit=token needs baseline=leave_one_out" in msg and "rloo.credit: sequence" in msg
-    msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["tune.algorithm=rloo", "tune.rloo.gamma=0.5"]).value)
+    msg = str(pytest.raises(UserError, load_run_config, None, ["tune.algorithm=rloo", "tune.rloo.gamma=0.5"]).value)
     assert "credit=sequence" in msg and "rloo.gamma at 1" in msg
-    msg = str(pytest.raises(UserError, load_config, RunConfig, "configs/counterpoint.yaml", ["reward.model=runs/reward"]).value)
-    assert "tune.rloo.credit=all_actions needs the task's reward of every action" in msg and "tune.rloo.credit: token" in msg
-    msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["task.pool.min_notes=12", "task.pool.max_notes=9"]).value)
+    msg = str(pytest.raises(UserError, load_run_config, "configs/counterpoint.yaml", ["reward.model=runs/reward"]).value)
+    assert "needs the task's reward of every action" in msg and "tune.rloo.credit: token" in msg
+    msg = str(pytest.raises(UserError, load_run_config, "configs/counterpoint.yaml", ["tune.ppo.clip=0.1"]).value)
+    assert "tune.ppo: settings of another algorithm, but tune.algorithm is rloo" in msg
+    msg = str(pytest.raises(UserError, load_run_config, None, ["tune.algorithm=sarsa"]).value)
+    assert "unknown algorithm 'sarsa'" in msg and "ppo" in msg and "package.module:attribute" in msg
+    msg = str(pytest.raises(UserError, load_run_config, None, ["task.pool.min_notes=12", "task.pool.max_notes=9"]).value)
     assert "min_notes (12) must not exceed max_notes (9)" in msg
 
 
 def test_bad_yaml_and_missing_file(tmp_path):
     p = write(tmp_path, "seed: [1,\n  pretrain: {\n")
-    msg = str(pytest.raises(UserError, load_config, RunConfig, p).value)
+    msg = str(pytest.raises(UserError, load_run_config, p).value)
     assert str(p) in msg and "not valid YAML" in msg
-    msg = str(pytest.raises(UserError, load_config, RunConfig, tmp_path / "nope.yaml").value)
+    msg = str(pytest.raises(UserError, load_run_config, tmp_path / "nope.yaml").value)
     assert "not found" in msg
-    msg = str(pytest.raises(UserError, load_config, RunConfig, None, ["pretrain"]).value)
+    msg = str(pytest.raises(UserError, load_run_config, None, ["pretrain"]).value)
     assert "key=value" in msg
 
 
 def test_every_field_is_documented():
-    rows = describe(RunConfig)
+    rows = describe(run_config_class(TASKS.get("counterpoint")))
+    assert {"tune.rloo.k", "tune.ppo.clip", "tune.kl_control.gamma", "tune.mrt.alpha"} <= {k for k, _, _ in rows}
     assert len(rows) > 20
     undocumented = [k for k, _, doc in rows if not doc]
     assert undocumented == []
 
 
 def test_task_name_picks_the_run_config(tmp_path):
-    from apps.pipeline import RunConfig, TranslationRunConfig, load_run_config, quick_overrides
+    from tasks.counterpoint.config import CounterpointConfig
+    from tasks.translation.config import TranslationConfig
 
-    assert type(load_run_config("configs/translation.yaml")) is TranslationRunConfig
-    assert type(load_run_config("configs/counterpoint.yaml")) is RunConfig
-    assert type(load_run_config(None, ["task.name=translation"])) is TranslationRunConfig
-    assert any(o.startswith("task.data.max_train_pairs") for o in quick_overrides("configs/translation.yaml"))
+    assert type(load_run_config("configs/translation.yaml").task) is TranslationConfig
+    assert type(load_run_config("configs/counterpoint.yaml").task) is CounterpointConfig
+    assert type(load_run_config(None, ["task.name=translation"]).task) is TranslationConfig
+    assert load_run_config("configs/translation.yaml", quick=True).task.data.max_train_pairs == 3000
     bad = tmp_path / "bad.yaml"
     bad.write_text("task:\n  name: poetry\n")
-    with pytest.raises(UserError, match=r"bad.yaml: task.name: unknown task 'poetry'; use one of counterpoint, translation"):
+    with pytest.raises(UserError, match=r"bad.yaml: task.name: unknown task 'poetry'; use one of counterpoint, text, translation"):
         load_run_config(bad)
     with pytest.raises(UserError, match="command-line override: task.data.max_train_pairs: unknown key"):
         load_run_config("configs/counterpoint.yaml", ["task.data.max_train_pairs=5"])
@@ -109,10 +119,10 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
     bad = tmp_path / "dup.yaml"
     bad.write_text("tune:\n  steps: 3\npretrain:\n  steps: 5\ntune:\n  lr: 0.1\n")
     with pytest.raises(UserError, match=r"dup.yaml:5: tune: given twice \(first at line 1\).*Merge the two"):
-        load_config(RunConfig, bad)
+        load_run_config(bad)
     nested = tmp_path / "nested.yaml"
     nested.write_text("tune:\n  steps: 3\n  steps: 4\n")
     with pytest.raises(UserError, match=r"nested.yaml:3: tune.steps: given twice \(first at line 2\)"):
-        load_config(RunConfig, nested)
+        load_run_config(nested)
     for path in Path("configs").glob("*.yaml"):  # the shipped presets are free of repeats
         read_yaml(path)

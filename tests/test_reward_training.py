@@ -13,7 +13,9 @@ from reward_models.backbone import PairTensors, build_backbone, build_reward_mod
 from reward_models.reward_source import load_reward_model
 from reward_models.bradley_terry import BTConfig, bt_loss, pair_rewards, pair_tensors, score_pairs, train_bt
 from reward_models.data import Preference, build_word_tokenizer, to_hf_dataset
-from reward_models.reward_source import LearnedRewardTask, RewardSource, context_records
+from reward_models.reward_source import LearnedRewardConfig, RewardSource, context_records, learned_reward
+from rlhf.interfaces import Completions
+from rlhf.rollout import length_mask
 from reward_models.vpl import build_vpl
 from rlhf.errors import UserError
 from rlhf.models import ModelConfig
@@ -183,7 +185,13 @@ def test_vpl_roundtrip_and_context(pets_run):
         RewardSource.from_pretrained(run_dir / "models" / "reward-bt", context=test[:2])
 
 
-def test_reward_source_follows_the_step_rewards_protocol():
+def completions_of(prompts, tokens):
+    """The Completions a rollout of fixed-length completions gives (no EOS: music)."""
+    lengths = [min(p.n_new, tokens.shape[1]) for p in prompts]
+    return Completions(prompts, tokens, length_mask(lengths, tokens.shape[1]), lengths)
+
+
+def test_reward_source_is_a_sequence_reward_on_the_last_step(tmp_path):
     task = CounterpointTask(CounterpointConfig())
     tok = task.tokenizer
     torch.manual_seed(0)
@@ -194,28 +202,28 @@ def test_reward_source_follows_the_step_rewards_protocol():
     ids = torch.tensor(task.codec.completion_token_ids)
     tokens = ids[torch.randint(len(ids), (3, T), generator=g)]
     src = RewardSource(bt, tok)
-    out = src.step_rewards(prompts, tokens)
+    comps = completions_of(prompts, tokens)
+    out = src(comps).per_step(comps)
     assert out.shape == tokens.shape
     for i, p in enumerate(prompts):
         seq = torch.tensor([list(p.ids) + tokens[i, : p.n_new].tolist() + [tok.eos_token_id]])
         expect = bt(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, 0]
         assert out[i, p.n_new - 1].item() == pytest.approx(expect.item(), abs=1e-5)
         assert torch.count_nonzero(out[i]) == 1
-    # win-probability scaling against reference samples: in (0, 1), same protocol
+    # win-probability scaling against reference samples: in (0, 1)
     ref = {tuple(p.ids): [list(p.ids) + tokens[(i + 1) % 3, : p.n_new].tolist()] for i, p in enumerate(prompts)}
-    scaled = RewardSource(bt, tok, scale="win_prob", reference=ref).step_rewards(prompts, tokens)
-    vals = scaled[torch.arange(3), torch.tensor([p.n_new - 1 for p in prompts])]
+    vals = RewardSource(bt, tok, scale="win_prob", reference=ref)(comps).values
     assert ((vals > 0) & (vals < 1)).all()
-    # a VPL model with z; the wrapper task delegates everything but step_rewards
+    # a VPL model with z
     vpl = build_vpl(build_backbone(TINY, tok), 4, 16, 16, "attention").eval()
     z = torch.tensor([1.0, -1.0, 0.5, 0.0])
-    wrapped = LearnedRewardTask(task, RewardSource(vpl, tok, z=z))
-    assert wrapped.allowed is task.allowed and wrapped.train_prompts()[0] == task.train_prompts()[0] and wrapped.codec is task.codec
-    r = wrapped.step_rewards(prompts, tokens)
+    r = RewardSource(vpl, tok, z=z)(comps).values
     seq = torch.tensor([list(prompts[0].ids) + tokens[0, : prompts[0].n_new].tolist() + [tok.eos_token_id]])
-    assert r[0, prompts[0].n_new - 1].item() == pytest.approx(vpl(input_ids=seq, z=z).logits[0, 0].item(), abs=1e-5)
+    assert r[0].item() == pytest.approx(vpl(input_ids=seq, z=z).logits[0, 0].item(), abs=1e-5)
+    bt.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
     with pytest.raises(UserError, match="tokenizer differs"):
-        LearnedRewardTask(CounterpointTask(CounterpointConfig(mode="melody")), src)
+        learned_reward(LearnedRewardConfig(model=str(tmp_path / "rm"), scale="raw"), CounterpointTask(CounterpointConfig(mode="melody")), None)
     with pytest.raises(UserError, match="needs reference"):
         RewardSource(bt, tok, scale="win_prob")
 
@@ -240,21 +248,19 @@ def test_vpl_save_load_roundtrip(tmp_path):
 
 
 def test_learned_reward_config_is_checked_at_load():
-    from rlhf.config import load_config
-    from apps.pipeline import RunConfig
+    from apps.pipeline import load_run_config
 
     with pytest.raises(UserError, match="reward.context"):
-        load_config(RunConfig, None, ["reward.model=some/reward-vpl", "reward.rater_group=A"])
+        load_run_config(None, ["reward.model=some/reward-vpl", "reward.rater_group=A"])
     with pytest.raises(UserError, match="not both"):
-        load_config(RunConfig, None, ["reward.model=m", "reward.context=d.jsonl", "reward.rater_group=A", "reward.rater_id=r001"])
-    assert load_config(RunConfig, None, []).reward is None
+        load_run_config(None, ["reward.model=m", "reward.context=d.jsonl", "reward.rater_group=A", "reward.rater_id=r001"])
+    assert load_run_config(None, []).reward is None
 
 
 def test_tune_against_a_learned_reward(quick_run, tmp_path):
     """`reward.model` swaps the rule reward for a reward model's: with win_prob scaling every
     sequence's reward is a probability in (0, 1), which no rule reward (≤ 0) can produce."""
-    from rlhf.config import load_config
-    from apps.pipeline import RunConfig, stage_tune
+    from apps.pipeline import load_run_config, stage_tune
     from tasks.counterpoint.tokens import Codec
 
     prior = quick_run / "models" / "prior"
@@ -263,12 +269,12 @@ def test_tune_against_a_learned_reward(quick_run, tmp_path):
     rm = build_reward_model(TINY, tok)
     rm.save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
-    cfg = load_config(RunConfig, quick_run / "config.yaml", [f"run_dir={tmp_path / 'run'}", f"reward.model={tmp_path / 'rm'}",
-                                                              "reward.reference_per_prompt=2", "tune.steps=3", "tune.batch_size=8"])
+    cfg = load_run_config(quick_run / "config.yaml", [f"run_dir={tmp_path / 'run'}", f"reward.model={tmp_path / 'rm'}", "tune.rloo.credit=token",
+                                                      "reward.reference_per_prompt=2", "tune.steps=3", "tune.batch_size=8"])
     run = Run(tmp_path / "run")
     task = CounterpointTask(cfg.task, Codec.load(prior))
     final = stage_tune(cfg, run, task, prior, resume=False)
-    rows = read_metrics(run.root / "metrics.jsonl", "tune-ppo")
+    rows = read_metrics(run.root / "metrics.jsonl", "tune-rloo")
     assert len(rows) == 3 and (final / "model.safetensors").is_file()
     assert all(0.0 < r["reward/task"] < 1.0 for r in rows), [r["reward/task"] for r in rows]
 
@@ -277,7 +283,7 @@ def test_preference_win_rates_pair_each_sample_with_the_priors():
     from apps.simulate import preference_win_rates
     from apps.simulate import prototype_from_sidecar, type_weights
     from tasks.counterpoint.cantus import fux_data_dir, load_fux_first_species
-    from tasks.counterpoint.task import _to_json
+    from tasks.counterpoint.piece import to_json as _to_json
 
     data = fux_data_dir()
     if data is None:

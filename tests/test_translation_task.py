@@ -20,7 +20,9 @@ from apps.pipeline import load_run_config
 from rlhf.pretrain import PretrainConfig, evaluate_lm, pretrain
 from rlhf.runs import Run
 from rlhf.tune import TuneConfig
-from tasks.translation.config import QUICK_OVERRIDES, TranslationConfig, check_positions
+from tasks.translation.config import TranslationConfig, check_positions
+from rlhf.interfaces import Completions
+from rlhf.rollout import eos_lengths, length_mask
 from tasks.translation.data import MULTI30K_ENV, resolve_data_dir
 from tasks.translation.decode import generate, translate_file
 from tasks.translation.task import TranslationPrompt, TranslationTask
@@ -46,7 +48,7 @@ def synthetic_task(tmp_path):
         (tmp_path / f"{split}.de").write_text("".join(d + "\n" for _, d in chunk), encoding="utf-8")
     cfg = TranslationConfig.model_validate({"data": {"dir": str(tmp_path), "test_split": None}, "tokenizer": {"vocab_size": 300, "min_frequency": 1}})
     task = TranslationTask(cfg)
-    task.corpus(0, tokenizer_dir=tmp_path / "tok")
+    task.corpus(0, run_dir=tmp_path / "r")
     return task
 
 
@@ -89,9 +91,9 @@ def test_task_corpus_examples_and_prompts(synthetic_task, tmp_path):
     prompts = task.train_prompts()
     src_len = len(prompts[0].ids) - 3
     assert prompts[0].n_new == min(64, math.ceil(1.5 * src_len) + 5)
-    assert (tmp_path / "tok" / "tokenizer.json").is_file()  # saved for --resume
+    assert (tmp_path / "r" / "tokenizer" / "tokenizer.json").is_file()  # saved for --resume
     reloaded = TranslationTask(task.cfg)
-    reloaded.corpus(0, tokenizer_dir=tmp_path / "tok")
+    reloaded.corpus(0, run_dir=tmp_path / "r")
     assert reloaded.codec.tokenizer.get_vocab() == task.codec.tokenizer.get_vocab()
     stats = task.data_stats(train, val)
     assert stats["train"]["examples"] == 64 and stats["train"]["skipped"]["too long"] == 0
@@ -114,7 +116,10 @@ def test_step_rewards_sit_at_the_first_eos_or_the_budgets_last_token(synthetic_t
     rows = [(r + [pad] * T)[:T] for r in rows]
     budgets = [T, T, T, len(other)]
     prompts = [TranslationPrompt(c.encode_prompt("Two dog runs ."), n, "Two dog runs .", ref) for n in budgets]
-    r = task.step_rewards(prompts, torch.tensor(rows))
+    tokens = torch.tensor(rows)
+    lengths = eos_lengths(tokens, eos, torch.tensor(budgets)).tolist()  # as the rollout cuts them
+    comps = Completions(prompts, tokens, length_mask(lengths, T), lengths, eos)
+    r = task.reward(comps).per_step(comps)
     assert r.shape == (4, T)
     ends = [len(good), len(half), T - 1, len(other) - 1]
     hyps = ["Zwei Hund rennt .", "Zwei Hund", c.decode(rows[2]), c.decode(rows[3][: len(other)])]
@@ -126,14 +131,9 @@ def test_step_rewards_sit_at_the_first_eos_or_the_budgets_last_token(synthetic_t
 
 
 def test_configs_load_and_fit_the_model():
-    for name, overrides in (("translation.yaml", ()), ("translation-quick.yaml", ()), ("translation.yaml", QUICK_OVERRIDES)):
-        data, _ = read_yaml(REPO / "configs" / name)
-        apply_overrides(data, overrides)
-        task = TranslationConfig.model_validate(data["task"])
-        model = ModelConfig.model_validate(data["model"])
-        PretrainConfig.model_validate(data["pretrain"])
-        TuneConfig.model_validate(data["tune"])
-        check_positions(task, model.max_positions)
+    for quick in (False, True):
+        cfg = load_run_config(REPO / "configs" / "translation.yaml", quick=quick)
+        check_positions(cfg.task, cfg.model.max_positions)
     with pytest.raises(ValueError, match="model.max_positions"):
         check_positions(TranslationConfig(), 64)
     with pytest.raises(UserError, match="rloo.baseline=leave_one_out or task.reward.level=sentence"):
@@ -154,7 +154,7 @@ def tiny_prior(tmp_path_factory):
     cfg = TranslationConfig.model_validate({"data": {"max_train_pairs": 1500, "max_eval_pairs": 60}, "tokenizer": {"vocab_size": 800},
                                             "eval": {"beam": 2, "examples": 3}})
     task = TranslationTask(cfg)
-    train, val = task.corpus(0, tokenizer_dir=root / "tokenizer")
+    train, val = task.corpus(0, run_dir=root)
     torch.manual_seed(0)
     model = build_causal_lm(ModelConfig(n_layer=2, n_embd=64, n_head=2, max_positions=128), task.tokenizer)
     val_ex = task.examples(val)

@@ -11,16 +11,17 @@ from safetensors.torch import load_file
 
 from rlhf.config import load_config
 from rlhf.models import load_causal_lm
-from apps.pipeline import RunConfig
+from apps.pipeline import load_run_config
 from rlhf.rollout import left_pad, sample_padded, sequence_forward
 from rlhf.runs import Run, latest_checkpoint, read_metrics
+from rlhf.interfaces import Rewards
 from rlhf.tune import TuneConfig, tune
 from tasks.counterpoint.task import CounterpointTask
 from tasks.counterpoint.tokens import Codec
 
 
 def task_and_prior(quick_run):
-    cfg = load_config(RunConfig, quick_run / "config.yaml")
+    cfg = load_run_config(quick_run / "config.yaml")
     prior = quick_run / "models" / "prior"
     return CounterpointTask(cfg.task, Codec.load(prior)), prior
 
@@ -52,7 +53,7 @@ def test_tuning_raises_the_reward_with_finite_kl(quick_run, tmp_path, algorithm)
     final = tune(run, cfg, task, prior, seed=0, progress=False)
     rows = read_metrics(run.root / "metrics.jsonl", f"tune-{cfg.algorithm}")
     assert len(rows) == 24
-    if cfg.algorithm == "rloo" and cfg.rloo.baseline == "greedy":  # the baseline's own reward is logged
+    if cfg.algorithm == "rloo" and cfg.settings.baseline == "greedy":  # the baseline's own reward is logged
         assert all(math.isfinite(r["reward/greedy"]) for r in rows)
     for key in ["reward/task", "kl/mean", "kl/seq", "kl/coef", "logp/prior"]:
         assert all(math.isfinite(r[key]) for r in rows), key
@@ -148,9 +149,9 @@ def test_run_with_a_sweep_reports_the_tradeoff(quick_run, tmp_path):
                  "tune.steps=3", "tune.batch_size=8", "sweep.algorithms=[ppo,g]", "sweep.betas=[0,0.5]", "sweep.steps=2"])
     assert code == 0
     rows = json.loads((run_dir / "eval.json").read_text())["rows"]
-    assert {"prior", "ppo", "g", "ppo-beta0", "ppo-beta0.5"} <= set(rows)
+    assert {"prior", "rloo", "ppo", "g", "rloo-beta0", "rloo-beta0.5"} <= set(rows)
     assert rows["prior"]["kl/prior"] == pytest.approx(0.0, abs=1e-6)
-    assert all(rows[n]["kl/prior"] > 0 for n in ("g", "ppo-beta0", "ppo-beta0.5"))
+    assert all(rows[n]["kl/prior"] > 0 for n in ("g", "ppo", "rloo-beta0", "rloo-beta0.5"))
     report = (run_dir / "report.md").read_text()
     assert "plots/tradeoff.png" in report and "Ablation, KL term off" in report and "## Fine-tuning: g" in report
     assert (run_dir / "plots" / "tradeoff.png").is_file()
@@ -165,8 +166,8 @@ class _ZeroReward:
     def __getattr__(self, name):
         return getattr(self._task, name)
 
-    def step_rewards(self, prompts, tokens):
-        return torch.zeros(tokens.shape)
+    def reward(self, completions):
+        return Rewards(torch.zeros(completions.tokens.shape))
 
 
 @pytest.mark.parametrize("algorithm,estimator", [("rloo", "exact"), ("ppo", "exact"), ("rloo", "k1"), ("ppo", "k2")])
@@ -179,9 +180,9 @@ def test_kl_term_alone_pulls_a_perturbed_policy_back_to_the_prior(quick_run, tmp
 
     task, prior = task_and_prior(quick_run)
     cfg = TuneConfig.model_validate({"algorithm": algorithm, "steps": 16, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 100,
-                                     "kl": {"estimator": estimator, "beta": 1.0}, "rloo": {"k": 4}})
+                                     "kl": {"estimator": estimator, "beta": 1.0}, **({"rloo": {"k": 4}} if algorithm == "rloo" else {})})
     tuner = Tuner(Run(tmp_path / "run"), cfg, _ZeroReward(task), prior, seed=0, progress=False)
-    policy = tuner.algo.sampler
+    policy = tuner.algo.policy
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in policy.parameters():

@@ -199,7 +199,7 @@ def train_rewards(data: str | Path, run_dir: str | Path, *, bt_steps: int = 150,
 def tune_with_reward(prior: str | Path, reward_model: str | Path, run_dir: str | Path, *, steps: int = 30, batch_size: int = 32,
                      beta: float = 0.05, seed: int = 0) -> Path:
     """PPO from the prior against the learned reward (KL-penalised); returns the tuned model folder."""
-    from reward_models.reward_source import LearnedRewardTask, RewardSource
+    from reward_models.reward_source import RewardSource
     from rlhf.runs import Run
     from rlhf.tune import TuneConfig, tune
     from tasks.counterpoint.config import CounterpointConfig
@@ -210,7 +210,7 @@ def tune_with_reward(prior: str | Path, reward_model: str | Path, run_dir: str |
     source = RewardSource.from_pretrained(reward_model)
     cfg = TuneConfig.model_validate({"algorithm": "ppo", "steps": steps, "batch_size": batch_size, "checkpoint_every": steps,
                                      "kl": {"beta": beta}})
-    return tune(Run(run_dir), cfg, LearnedRewardTask(task, source), Path(prior), seed=seed, progress=False, name="ppo-learned")
+    return tune(Run(run_dir), cfg, task, Path(prior), reward=source, seed=seed, progress=False, name="ppo-learned")
 
 
 def win_rate_vs_prior(rater: Rater, tuned: str | Path, prior: str | Path, per_prompt: int = 8, seed: int = 1) -> float:

@@ -29,14 +29,14 @@ import torch
 from pydantic import Field
 
 from rlhf import distributed
-from rlhf.algorithms.common import KLConfig, Rollout, rl_metrics
-from rlhf.config import Section
+from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, Rollout, rl_metrics
+from rlhf.interfaces import Step
 from rlhf.kl import masked_log_softmax
 from rlhf.rollout import left_pad, sequence_forward
 from rlhf.td import TDKind, action_values, g_target, next_state, psi_target, q_policy_probs, q_target, soft_update, td_loss, td_reward
 
 
-class KLControlConfig(Section):
+class KLControlConfig(AlgorithmSettings):
     gamma: float = Field(0.5, ge=0, le=1, description="Discount γ (Sequence Tutor used 0.5).")
     tau: float = Field(0.05, gt=0, le=1, description="Soft target-network update rate θ⁻ ← (1−τ)θ⁻ + τθ after each gradient step.")
     buffer_size: int = Field(4096, ge=1, description="Replay buffer capacity in sequences.")
@@ -55,14 +55,21 @@ class KLControlConfig(Section):
 class KLControl:
     def __init__(self, kind: TDKind, cfg: KLControlConfig, kl: KLConfig, model, prior, allowed: torch.Tensor | None):
         self.kind, self.cfg, self.kl_cfg, self.model, self.prior, self.allowed = kind, cfg, kl, model, prior, allowed
+        self.policy = model
         self.target = copy.deepcopy(model).eval()
         for p in self.target.parameters():
             p.requires_grad_(False)
         self.buffer: deque[dict] = deque(maxlen=cfg.buffer_size)
 
-    @property
-    def sampler(self):
-        return self.model
+    group = 1
+    needs_action_rewards = False
+
+    @classmethod
+    def build(cls, ctx: BuildContext) -> tuple["KLControl", torch.nn.Module]:
+        return cls(ctx.name, ctx.settings, ctx.kl, ctx.policy, ctx.prior, ctx.allowed), ctx.policy
+
+    def rollout(self, sampling, prompts) -> Rollout:
+        return sampling.sample(self.model, prompts, probs_fn=self.probs_fn())  # ε-greedy or Boltzmann exploration
 
     def probs_fn(self):
         """Exploration policy over the network's logits, or None for softmax(logits)."""
@@ -125,7 +132,8 @@ class KLControl:
             soft_update(self.target, self.model, self.cfg.tau)
         return float(loss.detach())
 
-    def update(self, loop, ro: Rollout, task_reward: torch.Tensor, beta: float) -> dict[str, float]:
+    def update(self, loop, step: Step) -> dict[str, float]:
+        ro, task_reward = step.rollout, step.task_reward
         self._store(ro, task_reward)
         pool = list(self.buffer)  # one copy per iteration, not per gradient step
         # each rank draws its share of the global minibatch from its own buffer

@@ -10,13 +10,14 @@ from pydantic import Field
 
 from rlhf import distributed
 from rlhf.advantages import first_in_group, masked_sum
-from rlhf.algorithms.common import Rollout, rl_metrics
-from rlhf.algorithms.rloo import RLOO
-from rlhf.config import Section
+import torch
+
+from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, Rollout, TemperedScoring, rl_metrics
+from rlhf.interfaces import Step
 from rlhf.losses import risk_loss
 
 
-class MRTConfig(Section):
+class MRTConfig(AlgorithmSettings):
     k: int = Field(4, ge=2, description="Candidates sampled per source; repeats count once. batch_size must be a multiple.")
     alpha: float = Field(
         0.2, gt=0,
@@ -30,19 +31,52 @@ class MRTConfig(Section):
         "beam search of the policy (Edunov et al. 2018), the candidates beam decoding chooses among. beam needs tune.temperature: 1.",
     )
 
+    @property
+    def group(self) -> int:
+        return self.k
 
-class MRT(RLOO):
-    """Shares RLOO's sampling, tempering, KL-shaped returns and scoring; only the loss differs.
-    ``self.cfg`` is the MRTConfig."""
+    def check_tune(self, tune) -> None:
+        if self.candidates == "beam" and tune.temperature != 1.0:
+            raise ValueError(f"temperature={tune.temperature} with mrt.candidates=beam: beam candidates are not samples, so there is no "
+                             "sampling temperature; set tune.temperature: 1 (mrt.alpha sets how sharply the loss weighs them)")
 
-    def update(self, loop, ro: Rollout, task_reward, beta: float, greedy=None) -> dict[str, float]:
-        k, alpha = self.cfg.k, self.cfg.alpha
-        ro = ro.tempered(self.temperature, self.allowed)
-        kl, shaped, ret = self.returns(ro, task_reward, beta)  # ret [B]
+
+class MRT:
+    """Samples and scores like RLOO (the tempered policy, the KL-shaped return:
+    ``TemperedScoring``); only the loss differs."""
+
+    needs_action_rewards = False
+
+    def __init__(self, cfg: MRTConfig, kl: KLConfig, model, allowed: torch.Tensor | None, temperature: float = 1.0):
+        self.cfg, self.model, self.allowed = cfg, model, allowed
+        self.scoring = TemperedScoring(kl, allowed, temperature)
+        self.policy = model
+        self.group = cfg.k
+
+    @classmethod
+    def build(cls, ctx: BuildContext) -> tuple["MRT", torch.nn.Module]:
+        return cls(ctx.settings, ctx.kl, ctx.policy, ctx.allowed, temperature=ctx.temperature), ctx.policy
+
+    def rollout(self, sampling, prompts) -> Rollout:
+        if self.cfg.candidates == "beam":  # the k best beams of each prompt (rows k·g … k·g + k − 1)
+            return sampling.beam(self.model, prompts[:: self.cfg.k], self.cfg.k)
+        return sampling.sample(self.model, prompts)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def update(self, loop, step: Step) -> dict[str, float]:
+        k, alpha, sc = self.cfg.k, self.cfg.alpha, self.scoring
+        task_reward, beta = step.task_reward, step.beta
+        ro = sc.tempered(step.rollout)
+        kl, shaped, ret = sc.returns(ro, task_reward, beta)  # ret [B]
         keep = first_in_group(ro.tokens, ro.mask, k).view(-1, k)  # [G, k]
-        logits, logp = self.fresh_logp(distributed.training_forward(loop, self.model), ro)  # [B, T, V], [B, T]
+        logits, logp = sc.fresh_logp(distributed.training_forward(loop, self.model), ro)  # [B, T, V], [B, T]
         seq_logp = masked_sum(logp, ro.mask, dim=-1).view(-1, k)  # [G, k] log π_τ(y|x)
-        loss = risk_loss(seq_logp, ret.view(-1, k), keep, alpha) + beta * self.kl_loss(logits, logp, ro)
+        loss = risk_loss(seq_logp, ret.view(-1, k), keep, alpha) + beta * sc.kl_loss(logits, logp, ro)
         loop.optimizer_step(loss)
         # E_Q[task return], the objective without its KL term (every rank holds as many prompts)
         expected = -risk_loss(seq_logp.detach(), masked_sum(task_reward, ro.mask, dim=-1).view(-1, k), keep, alpha)

@@ -11,14 +11,14 @@ from pydantic import Field
 
 from rlhf import distributed
 from rlhf.advantages import gae, masked_mean
-from rlhf.algorithms.common import KLConfig, Rollout, gather_logp, rl_metrics
-from rlhf.config import Section
+from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, Rollout, gather_logp, rl_metrics
+from rlhf.interfaces import Step
 from rlhf.kl import kl_pathwise_loss, shape_rewards
 from rlhf.losses import entropy_from_logits, ppo_policy_loss, value_loss
 from rlhf.policy import PolicyWithValue
 
 
-class PPOConfig(Section):
+class PPOConfig(AlgorithmSettings):
     epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
     minibatches: int = Field(4, ge=1, description="Minibatches per pass.")
     clip: float = Field(0.2, gt=0, lt=1, description="Clip range ε of the probability ratio.")
@@ -32,14 +32,33 @@ class PPOConfig(Section):
     shared_trunk: bool = Field(False, description="Let the value loss train the policy's trunk (true) or only the value head (false).")
     target_kl: float | None = Field(0.05, gt=0, description="Stop the epochs early when the approximate KL(old‖new) per token exceeds this; null = never.")
 
+    def check_tune(self, tune) -> None:
+        if tune.temperature != 1.0:
+            raise ValueError(f"temperature={tune.temperature}: PPO's probability ratios and value targets assume samples from the policy "
+                             "itself; set tune.temperature: 1, or use tune.algorithm: rloo, which trains the tempered policy")
+
 
 class PPO:
+    group = 1
+    needs_action_rewards = False
+
     def __init__(self, cfg: PPOConfig, kl: KLConfig, model: PolicyWithValue, allowed: torch.Tensor | None):
         self.cfg, self.kl_cfg, self.model, self.allowed = cfg, kl, model, allowed
+        self.policy = model.lm
 
-    @property
-    def sampler(self):
-        return self.model.lm
+    @classmethod
+    def build(cls, ctx: BuildContext) -> tuple["PPO", PolicyWithValue]:
+        model = PolicyWithValue(ctx.policy, shared_trunk=ctx.settings.shared_trunk)
+        return cls(ctx.settings, ctx.kl, model, ctx.allowed), model
+
+    def rollout(self, sampling, prompts) -> Rollout:
+        return sampling.sample(self.policy, prompts, hidden=True)  # the hidden states feed the value head
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     @torch.no_grad()
     def _values(self, ro: Rollout) -> torch.Tensor:
@@ -47,7 +66,8 @@ class PPO:
             return self.model.value_head(ro.hidden).squeeze(-1)
         return self.model(ro.prompts, ro.prompt_mask, ro.tokens)[1]
 
-    def update(self, loop, ro: Rollout, task_reward: torch.Tensor, beta: float) -> dict[str, float]:
+    def update(self, loop, step: Step) -> dict[str, float]:
+        ro, task_reward, beta = step.rollout, step.task_reward, step.beta
         cfg, mask = self.cfg, ro.mask
         kl = ro.kl(self.kl_cfg.estimator, self.allowed)  # [B, T]
         rewards = shape_rewards(task_reward, kl, mask, beta, self.kl_cfg.c)
@@ -107,7 +127,6 @@ class PPO:
         out.update(rl_metrics(ro, task_reward, kl, rewards))
         out["ppo/early_stop"] = float(stopped)
         return out
-
 
 
 def _local_rows(gidx: torch.Tensor, offset: int, b: int, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

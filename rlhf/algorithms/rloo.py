@@ -11,14 +11,13 @@ from pydantic import Field, model_validator
 
 from rlhf import distributed
 from rlhf.advantages import discounted_returns, masked_sum, rloo_advantages, self_critical_advantages
-from rlhf.algorithms.common import KLConfig, Rollout, gather_logp, rl_metrics
-from rlhf.config import Section
-from rlhf.kl import kl_pathwise_loss, masked_log_softmax, shape_rewards
+from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, Rollout, TemperedScoring, rl_metrics
+from rlhf.interfaces import Step
+from rlhf.kl import masked_log_softmax
 from rlhf.losses import expected_reward_loss, reinforce_loss
-from rlhf.rollout import sequence_forward
 
 
-class RLOOConfig(Section):
+class RLOOConfig(AlgorithmSettings):
     k: int = Field(4, ge=2, description="Samples per prompt (the leave-one-out group); batch_size must be a multiple.")
     epochs: int = Field(1, ge=1, description="Gradient steps per rollout batch (1 = on-policy REINFORCE).")
     baseline: Literal["leave_one_out", "greedy"] = Field(
@@ -48,6 +47,14 @@ class RLOOConfig(Section):
         "policy gradient with far less variance, since most samples of a weak model are worse than its greedy output.",
     )
 
+    @property
+    def group(self) -> int:
+        return self.k
+
+    @property
+    def needs_action_rewards(self) -> bool:
+        return self.credit == "all_actions"
+
     @model_validator(mode="after")
     def _credit(self) -> "RLOOConfig":
         if self.credit != "sequence" and self.baseline == "greedy":
@@ -62,51 +69,43 @@ class RLOOConfig(Section):
 class RLOO:
     def __init__(self, cfg: RLOOConfig, kl: KLConfig, model, allowed: torch.Tensor | None, temperature: float = 1.0):
         self.cfg, self.kl_cfg, self.model, self.allowed = cfg, kl, model, allowed
-        # Rollouts sampled at τ ≠ 1 come from π_τ = softmax(logits/τ); scoring them with π_τ's
-        # log-probs keeps REINFORCE on-policy (E[∇ log π_τ] = 0, so a shared baseline shift
-        # cancels). With π's own log-probs instead, mostly-negative self-critical advantages
-        # push mass off the likely tokens and the policy flattens (seen: KL 3.4 nats/token
-        # within 30 iterations on translation at τ = 0.6). The KL is then KL(π_τ‖p_τ).
-        self.temperature = temperature
+        self.scoring = TemperedScoring(kl, allowed, temperature)
+        self.policy = model
+        self.group = cfg.k
+        self.needs_action_rewards = cfg.needs_action_rewards
 
-    @property
-    def sampler(self):
-        return self.model
+    @classmethod
+    def build(cls, ctx: BuildContext) -> tuple["RLOO", torch.nn.Module]:
+        return cls(ctx.settings, ctx.kl, ctx.policy, ctx.allowed, temperature=ctx.temperature), ctx.policy
 
-    def returns(self, ro: Rollout, task_reward: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(per-token KL [B, T], KL-shaped reward [B, T], its sum over each sequence [B])."""
-        kl = ro.kl(self.kl_cfg.estimator, self.allowed)
-        shaped = shape_rewards(task_reward, kl, ro.mask, beta, self.kl_cfg.c)  # [B, T]
-        return kl, shaped, masked_sum(shaped, ro.mask, dim=-1)
+    def rollout(self, sampling, prompts) -> Rollout:
+        return sampling.sample(self.model, prompts)
 
-    def fresh_logp(self, model, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [B, T, V], log-probs [B, T]) of π_τ for the rollout's tokens, with gradient."""
-        logits, _ = sequence_forward(model, ro.prompts, ro.prompt_mask, ro.tokens)
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        return logits, gather_logp(logits, ro.tokens, self.allowed)
+    def state_dict(self) -> dict:
+        return {}
 
-    def kl_loss(self, logits: torch.Tensor, logp: torch.Tensor, ro: Rollout) -> torch.Tensor:
-        """The pathwise part of the KL gradient (0 for k1; rlhf/kl.py: kl_pathwise_loss)."""
-        return kl_pathwise_loss(self.kl_cfg.estimator, logp, ro.logp_prior, ro.mask, logits.float(), ro.logits_prior, self.allowed)
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
-    def update(self, loop, ro: Rollout, task_reward: torch.Tensor, beta: float,
-               greedy: tuple[Rollout, torch.Tensor] | None = None, action_rewards: torch.Tensor | None = None) -> dict[str, float]:
-        """One REINFORCE step; ``greedy`` = (the greedy rollout of each prompt [B/k rows], its
-        task reward) when the baseline is self-critical; ``action_rewards`` [B, T, V] = the task
-        reward of every action at every step, for ``credit: all_actions``."""
-        ro = ro.tempered(self.temperature, self.allowed)
-        kl, shaped, ret = self.returns(ro, task_reward, beta)
-        if self.cfg.baseline == "greedy":
-            if greedy is None:
-                raise ValueError("rloo.baseline=greedy needs the greedy rollout of every prompt (Tuner passes it)")
-            adv = self_critical_advantages(ret, self.returns(greedy[0].tempered(self.temperature, self.allowed), greedy[1], beta)[2],
-                                           self.cfg.k)  # [B]
+    def update(self, loop, step: Step) -> dict[str, float]:
+        """One REINFORCE step on the KL-shaped return. The self-critical baseline samples the
+        policy's greedy output of each prompt; ``credit: all_actions`` takes the expectation of
+        each step's task reward over every action (the reward's action_rewards)."""
+        task_reward, beta, sc = step.task_reward, step.beta, self.scoring
+        greedy = None
+        if self.cfg.baseline == "greedy":  # the policy's greedy output for each prompt: greedy decoding draws no random numbers
+            prompts = step.completions.prompts[:: self.cfg.k]
+            with distributed.generation(loop.model):
+                g = step.sampling.sample(self.model, prompts, temperature=0.0)
+            greedy = (g, step.score(prompts, g))
+        action_rewards = step.action_rewards() if self.cfg.credit == "all_actions" else None  # [B, T, V]
+        ro = sc.tempered(step.rollout)
+        kl, shaped, ret = sc.returns(ro, task_reward, beta)
+        if greedy is not None:
+            adv = self_critical_advantages(ret, sc.returns(sc.tempered(greedy[0]), greedy[1], beta)[2], self.cfg.k)  # [B]
         elif self.cfg.credit == "token":
             adv = rloo_advantages(discounted_returns(shaped, ro.mask, self.cfg.gamma), self.cfg.k) * ro.mask  # [B, T]
         elif self.cfg.credit == "all_actions":  # the sampled step's own task reward leaves the return; expected_reward_loss takes its expectation
-            if action_rewards is None:
-                raise ValueError("rloo.credit=all_actions needs the task's per-action rewards (Tuner passes task.action_rewards)")
             rest = discounted_returns(shaped, ro.mask, self.cfg.gamma) - task_reward / self.kl_cfg.c  # [B, T]: −β·KL_t + γ·G_{t+1}
             adv = rloo_advantages(rest, self.cfg.k) * ro.mask
         else:
@@ -117,8 +116,8 @@ class RLOO:
         model = distributed.training_forward(loop, self.model)  # through DDP / DeepSpeed: synchronised gradients
         scale = distributed.token_share(ro.mask)[0] if distributed.world_size() > 1 else None  # global token mean
         for _ in range(self.cfg.epochs):
-            logits, logp = self.fresh_logp(model, ro)
-            loss = reinforce_loss(logp, adv, ro.mask) + beta * self.kl_loss(logits, logp, ro)
+            logits, logp = sc.fresh_logp(model, ro)
+            loss = reinforce_loss(logp, adv, ro.mask) + beta * sc.kl_loss(logits, logp, ro)
             if action_rewards is not None:
                 loss = loss + expected_reward_loss(masked_log_softmax(logits.float(), self.allowed), action_rewards / self.kl_cfg.c, ro.mask)
             if scale is not None:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhf.config import Section
+from rlhf.config import Section, TaskConfig
 
 
 class CounterpointDataConfig(Section):
@@ -67,7 +67,7 @@ class CounterpointEvalConfig(Section):
     export: int = Field(6, ge=0, description="Sampled pieces exported as MusicXML + MIDI into the run folder.")
 
 
-class CounterpointConfig(Section):
+class CounterpointConfig(TaskConfig):
     name: Literal["counterpoint"] = Field("counterpoint", description="Task selector.")
     mode: Literal["first_species", "melody"] = Field(
         "first_species", description="first_species: counterpoint note against a cantus firmus; melody: Sequence Tutor melodies."
@@ -114,6 +114,17 @@ class CounterpointConfig(Section):
             return 34
         longest = max(self.data.max_notes, 14)  # Fux's cantus firmi have up to 14 notes
         return 3 + max(self.cantus_slots, longest) + longest + 1
+
+    def check_run(self, run) -> None:
+        need = self.positions_needed()
+        if run.model.path is None and run.model.max_positions < need:
+            raise ValueError(
+                f"model.max_positions ({run.model.max_positions}) is shorter than the longest {self.mode} sequence ({need} tokens: "
+                f"prompt + notes + <eos>, see task.data.max_notes); raise model.max_positions to at least {need} or lower task.data.max_notes"
+            )
+        if run.reward is not None and run.tune is not None and run.tune.settings.needs_action_rewards:
+            raise ValueError(f"reward.model scores whole sequences, but tune.algorithm={run.tune.algorithm} with these settings needs the "
+                             "task's reward of every action at every step; set tune.rloo.credit: token (or tune.algorithm: ppo)")
 
     @model_validator(mode="after")
     def _known_rules(self) -> "CounterpointConfig":

@@ -9,7 +9,7 @@ Pitches are MIDI numbers (60 = C4). A pitch class is ``pitch % 12`` (0 = C).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -136,3 +136,20 @@ class FirstSpeciesBatch:
     def upper(self) -> np.ndarray:
         """[B, N] pitches of the upper voice."""
         return np.where(self.cantus_below[:, None], self.counterpoint, self.cantus)
+
+
+Item = FirstSpeciesPiece | Melody
+
+
+def to_json(it: Item, reward: float) -> dict[str, Any]:
+    """A piece and its reward as an evaluation record (eval.json's samples)."""
+    if isinstance(it, FirstSpeciesPiece):
+        return {"cantus": list(it.cantus), "counterpoint": list(it.counterpoint), "cantus_position": it.cantus_position, "final": it.final, "source": it.source, "reward": reward}
+    return {"events": list(it.events), "tonic": it.tonic, "source": it.source, "reward": reward}
+
+
+def from_json(d: dict[str, Any]) -> Item:
+    """A piece back from its evaluation record (eval.json's samples)."""
+    if "events" in d:
+        return Melody(tuple(d["events"]), d.get("tonic", 0), d.get("source", ""))
+    return FirstSpeciesPiece(tuple(d["cantus"]), tuple(d["counterpoint"]), d["cantus_position"], d["final"], d.get("source", ""))

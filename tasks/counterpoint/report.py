@@ -12,7 +12,7 @@ from rlhf.report import fmt, markdown_table, plot_bars, plot_curves, save_fig
 from rlhf.runs import atomic_write_text, read_metrics
 from tasks.counterpoint.melody_rules import melody_notes
 from tasks.counterpoint.piece import FirstSpeciesPiece
-from tasks.counterpoint.task import Item, from_json
+from tasks.counterpoint.piece import Item, from_json
 
 TABLE1_LABELS = {
     "notes_not_in_key": "Notes not in key",

@@ -13,19 +13,21 @@ import torch
 from transformers import PreTrainedModel
 
 from rlhf.errors import UserError
+from rlhf.interfaces import Completions, Rewards
 from rlhf.rollout import kl_to_reference_many, logprobs_many, sample_many
 from tasks.counterpoint import cantus as cantus_mod
 from tasks.counterpoint import cantus_gen
 from tasks.counterpoint import corpus
 from tasks.counterpoint.config import CounterpointConfig
+from tasks.counterpoint.export import write_midi, write_musicxml
+from tasks.counterpoint.melody_rules import MELODY_RULES
+from tasks.counterpoint.report import write_report
 from tasks.counterpoint import rules
-from tasks.counterpoint.piece import MELODY_STEPS, FirstSpeciesBatch, FirstSpeciesPiece, Melody
+from tasks.counterpoint.piece import MELODY_STEPS, FirstSpeciesBatch, FirstSpeciesPiece, Item, Melody, from_json, to_json
 from tasks.counterpoint.scoring import RuleScores, score
 from tasks.counterpoint.tokens import CANTUS_HIGH, CANTUS_LOW, Codec, build_codec
 
 log = logging.getLogger("rlhf")
-
-Item = FirstSpeciesPiece | Melody
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,41 @@ def canonical_shift(pitches: Sequence[int]) -> int:
 
 
 class CounterpointTask:
+    """First-species counterpoint (or melody) as a :class:`~rlhf.interfaces.PipelineTask`;
+    its reward (:meth:`reward`, :meth:`action_rewards`) is the music-theory rules'."""
+
+    Config = CounterpointConfig
+    quick = Path(__file__).with_name("quick.yaml")  # the --quick preset
+    eos_id = None  # every completion has its prompt's n_new notes
+
+    @classmethod
+    def build(cls, cfg: CounterpointConfig, model_dir: Path | None = None) -> "CounterpointTask":
+        """The task; with ``model_dir``, reading the codec saved beside that model."""
+        if model_dir is None:
+            return cls(cfg)
+        codec = load_codec(model_dir)
+        if codec.mode != cfg.mode:
+            raise UserError(f"{model_dir}: the model was trained for mode {codec.mode!r} but the config says task.mode={cfg.mode!r}; "
+                            f"pass task.mode={codec.mode}.")
+        return cls(cfg, codec)
+
+    def save(self, path: Path) -> None:
+        self.codec.save(path)
+
+    def report(self, run_dir: Path, evaluation: dict[str, Any], stats: dict[str, Any]) -> Path:
+        """report.md with plots, and the best pieces of each model as MusicXML and MIDI."""
+        run_dir = Path(run_dir)
+        exported: dict[str, list[Path]] = {}
+        for model, samples in evaluation["samples"].items():
+            files = exported[model] = []
+            (run_dir / "samples" / model).mkdir(parents=True, exist_ok=True)
+            for i, s in enumerate(sorted(samples, key=lambda s: -s["reward"])[: self.cfg.eval.export]):
+                base = run_dir / "samples" / model / f"{i:02d}_{s['source'].replace('/', '_')}"
+                item = from_json(s)
+                files += [write_musicxml(item, base.with_suffix(".musicxml")), write_midi(item, base.with_suffix(".mid"))]
+        rules_ = MELODY_RULES if self.cfg.mode == "melody" else rules.FIRST_SPECIES_RULES
+        return write_report(run_dir, evaluation, stats, exported, {r.name: r.doc for r in rules_})
+
     def __init__(self, cfg: CounterpointConfig, codec: Codec | None = None):
         self.cfg = cfg
         self.codec = codec or build_codec(cfg.mode, cfg.cantus_slots)
@@ -75,7 +112,7 @@ class CounterpointTask:
         return cantus_mod.fux_data_dir()
 
     # ----- data for the prior -------------------------------------------------------------
-    def corpus(self, seed: int, progress: bool = True) -> tuple[list[Item], list[Item]]:
+    def corpus(self, seed: int, *, progress: bool = True, run_dir: Path | None = None) -> tuple[list[Item], list[Item]]:
         """(train, val) corpus items, split by source piece."""
         d = self.cfg.data
         cache = Path(d.cache_dir)
@@ -162,8 +199,12 @@ class CounterpointTask:
         # with canonical_key the transpositions of a melody mostly meet in one prompt: keep each once
         return list({tuple(p.ids): p for p in prompts}.values())
 
+    def reward(self, completions: Completions) -> Rewards:
+        """The rule reward of each note (:meth:`step_rewards`): the task's RewardFn."""
+        return Rewards(self.step_rewards(completions.prompts, completions.tokens))
+
     def step_rewards(self, prompts: Sequence[Prompt], tokens: torch.Tensor) -> torch.Tensor:
-        """The rule reward of each generated note, [B, T] (0 past a piece's end): the RewardFn.
+        """The rule reward of each generated note, [B, T] (0 past a piece's end).
         With ``clean_bonus`` a piece that breaks no hard rule gets it on its last note."""
         toks = tokens.tolist()
         items = self.decode(prompts, [t[: p.n_new] for p, t in zip(prompts, toks)])
@@ -176,12 +217,13 @@ class CounterpointTask:
         out[:, : r.shape[1]] = torch.from_numpy(r[:, : tokens.shape[1]]).float()
         return out.to(tokens.device)
 
-    def action_rewards(self, prompts: Sequence[Prompt], tokens: torch.Tensor) -> torch.Tensor:
+    def action_rewards(self, completions: Completions) -> torch.Tensor:
         """[B, T, V] the step reward each action would get at each step after the sampled notes
         before it (rules.counterfactual_step_rewards; 0 for tokens outside the action space and
         past a piece's end): at the sampled token it equals :meth:`step_rewards`. First species."""
         if self.cfg.mode != "first_species":
             raise UserError("per-action rewards exist for first species only; use tune.rloo.credit: token for melodies")
+        prompts, tokens = completions.prompts, completions.tokens
         B, T = tokens.shape
         items = self.decode(prompts, [t[: p.n_new] for p, t in zip(prompts, tokens.tolist())])
         ids = np.asarray(self.codec.completion_token_ids)
@@ -278,7 +320,7 @@ class CounterpointTask:
                 drep, dcomps = self.sample(model, fux, e.distinct_samples, temperature=e.temperature, seed=seed + 1)
                 rows[name]["distinct/100"] = distinct_per_100(self.decode(drep, dcomps), [p.name for p in drep])
             totals = self.score(items).totals
-            samples[name] = [{**_to_json(it, float(r)), "set": str(w)} for it, r, w in zip(items, totals, which)]
+            samples[name] = [{**to_json(it, float(r)), "set": str(w)} for it, r, w in zip(items, totals, which)]
         for name, items in self.references(val).items():
             pairs = [self.codec.encode(it) for it in items]
             ll = self.loglik(prior, [p for p, _ in pairs], [c[: len(c) - 1] for _, c in pairs])  # drop eos
@@ -313,13 +355,12 @@ def _key(it: Item) -> tuple:
     return (it.cantus, it.counterpoint) if isinstance(it, FirstSpeciesPiece) else it.events
 
 
-def _to_json(it: Item, reward: float) -> dict[str, Any]:
-    if isinstance(it, FirstSpeciesPiece):
-        return {"cantus": list(it.cantus), "counterpoint": list(it.counterpoint), "cantus_position": it.cantus_position, "final": it.final, "source": it.source, "reward": reward}
-    return {"events": list(it.events), "tonic": it.tonic, "source": it.source, "reward": reward}
-
-
-def from_json(d: dict[str, Any]) -> Item:
-    if "events" in d:
-        return Melody(tuple(d["events"]), d.get("tonic", 0), d.get("source", ""))
-    return FirstSpeciesPiece(tuple(d["cantus"]), tuple(d["counterpoint"]), d["cantus_position"], d["final"], d.get("source", ""))
+def load_codec(model: Path) -> Codec:
+    """The codec saved beside a counterpoint model (clear error for any other folder)."""
+    model = Path(model)
+    if not model.is_dir():
+        raise UserError(f"{model}: model folder not found. Train one with `rlhf run` or `rlhf pretrain` (it lands in <run_dir>/models/prior).")
+    try:
+        return Codec.load(model)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{model}: no counterpoint tokenizer found beside the model ({e}). Use a model folder written by `rlhf pretrain`.") from None

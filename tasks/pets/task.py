@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.errors import UserError
 from rlhf.rollout import sample_many
 
 
@@ -67,8 +68,11 @@ class PetsTask:
         idx = range(len(self.answers)) if idx is None else idx
         return [(list(by_text[self.prompt_of[i]].ids), self.tokenizer(self.answers[i])["input_ids"] + [self.eos_id]) for i in idx]
 
-    def step_rewards(self, prompts, tokens):
-        raise NotImplementedError("the Pets task has no reward of its own: tune it with a reward model (reward_models.reward_source.LearnedRewardTask)")
+    def reward(self, completions):
+        raise UserError("the Pets task has no reward of its own: tune it with a reward model (rlhf.tune.tune(..., reward=RewardSource(...)))")
+
+    def save(self, path: Path) -> None:
+        self.codec.save(path)
 
     def cut(self, completion: Sequence[int]) -> list[int]:
         """A sampled completion up to (without) its first ``<eos>``."""

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhf.config import Section
+from rlhf.config import Section, TaskConfig
 
 
 class TranslationDataConfig(Section):
@@ -64,7 +64,7 @@ class TranslationEvalConfig(Section):
     examples: int = Field(8, ge=0, description="Test sentences shown side by side (source, reference, every model).")
 
 
-class TranslationConfig(Section):
+class TranslationConfig(TaskConfig):
     name: Literal["translation"] = Field("translation", description="Task selector.")
     data: TranslationDataConfig = Field(default_factory=TranslationDataConfig, description="Parallel corpus.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Subword tokenizer.")
@@ -83,6 +83,15 @@ class TranslationConfig(Section):
         """Longest training sequence: <bos> <src> source <tgt> + target <eos> or a generation budget."""
         return 3 + self.data.max_src_tokens + max(self.data.max_tgt_tokens + 1, self.length.cap)
 
+    def check_run(self, run) -> None:
+        check_positions(self, run.model.max_positions)
+        t = run.tune
+        if self.reward.level == "corpus" and t is not None and getattr(t.settings, "baseline", None) == "greedy":
+            raise ValueError(
+                "task.reward.level=corpus scores each translation within its rollout batch, but rloo.baseline=greedy would compare it "
+                "with a greedy translation scored within another batch; use rloo.baseline=leave_one_out or task.reward.level=sentence"
+            )
+
 
 def check_positions(task: TranslationConfig, max_positions: int) -> None:
     """ValueError unless the model's ``max_positions`` holds the longest sequence the task makes
@@ -93,25 +102,3 @@ def check_positions(task: TranslationConfig, max_positions: int) -> None:
             f"model.max_positions ({max_positions}) is shorter than the longest translation sequence ({need} = 3 + "
             f"task.data.max_src_tokens + max(task.data.max_tgt_tokens + 1, task.length.cap)); raise model.max_positions or lower those"
         )
-
-
-QUICK_OVERRIDES = (
-    "task.data.max_train_pairs=3000",
-    "task.data.max_eval_pairs=100",
-    "task.tokenizer.vocab_size=1000",
-    "task.rl_prompts=500",
-    "task.eval.beam=2",
-    "task.eval.examples=4",
-    "model.n_layer=2",
-    "model.n_embd=64",
-    "model.n_head=2",
-    "pretrain.steps=150",
-    "pretrain.batch_size=32",
-    "pretrain.warmup_steps=10",
-    "pretrain.eval_every=50",
-    "pretrain.checkpoint_every=100",
-    "tune.steps=10",
-    "tune.batch_size=16",
-)
-"""What ``--quick`` should set for a translation config (the counterpoint keys of
-``apps.pipeline.QUICK_OVERRIDES`` do not exist here): configs/translation-quick.yaml's sizes."""

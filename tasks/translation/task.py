@@ -26,10 +26,12 @@ import torch
 from transformers import PreTrainedModel
 
 from rlhf.errors import UserError
+from rlhf.interfaces import Completions, Rewards
 from tasks.translation.bleu import SentenceBLEU, SentenceCHRF, bleu_signature, corpus_bleu
 from tasks.translation.config import TranslationConfig
 from tasks.translation.data import LoadReport, Pair, head, load_split, resolve_data_dir
 from tasks.translation.decode import generate, max_new_tokens
+from tasks.translation.report import write_report
 from tasks.translation.tokenizer import TranslationCodec, train_tokenizer
 
 log = logging.getLogger("rlhf")
@@ -54,6 +56,18 @@ class TranslationTask:
     on the training split by :meth:`corpus` (or loaded from ``task.tokenizer.path``), and the
     task attributes that need it (``tokenizer``, ``allowed``, prompts) load the corpus first.
     """
+
+    Config = TranslationConfig
+    quick = Path(__file__).with_name("quick.yaml")  # the --quick preset
+
+    @classmethod
+    def build(cls, cfg: TranslationConfig, model_dir: Path | None = None) -> "TranslationTask":
+        """The task; with ``model_dir``, reading the tokenizer saved beside that model."""
+        if model_dir is None:
+            return cls(cfg)
+        if not Path(model_dir).is_dir():
+            raise UserError(f"{model_dir}: model folder not found. Train one with `rlhf run` or `rlhf pretrain` (it lands in <run_dir>/models/prior).")
+        return cls(cfg, TranslationCodec.load(model_dir))
 
     def __init__(self, cfg: TranslationConfig, codec: TranslationCodec | None = None):
         self.cfg = cfg
@@ -145,10 +159,10 @@ class TranslationTask:
             log.info("data: %d %s pairs longer than %d/%d tokens skipped", self.length_skips[key], key, d.max_src_tokens, d.max_tgt_tokens)
         return keep
 
-    def corpus(self, seed: int, progress: bool = True, tokenizer_dir: Path | None = None) -> tuple[list[Pair], list[Pair]]:
+    def corpus(self, seed: int, *, progress: bool = True, run_dir: Path | None = None) -> tuple[list[Pair], list[Pair]]:
         """(train, val) pairs for MLE, within the token limits. The splits are the corpus's own,
         so ``seed`` and ``progress`` are unused (kept for the task protocol)."""
-        self.ensure_codec(tokenizer_dir)
+        self.ensure_codec(None if run_dir is None else Path(run_dir) / "tokenizer")  # in the run folder: --resume reuses the same ids
         return self._fits(self.split("train"), "train"), self._fits(self.split("val"), "val")
 
     def examples(self, items: Sequence[Pair]) -> list[tuple[list[int], list[int]]]:
@@ -208,15 +222,18 @@ class TranslationTask:
             out.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
         return out
 
-    def step_rewards(self, prompts: Sequence[TranslationPrompt], tokens: torch.Tensor) -> torch.Tensor:
-        """[B, T] reward: each row's sentence reward at its last real token (the first ``<eos>``,
-        or the budget's last token), 0 elsewhere. The RewardFn of ``rlhf.tune``."""
-        comps = self.completions(prompts, tokens)
-        r = self.rewards(self.codec.decode_batch(comps), [p.ref for p in prompts])  # [B]
-        out = torch.zeros(tokens.shape, dtype=torch.float32)
-        last = torch.tensor([len(c) - 1 for c in comps], dtype=torch.long)  # [B]
-        out[torch.arange(len(comps)), last] = torch.from_numpy(r).float()
-        return out.to(tokens.device)
+    def reward(self, completions: Completions) -> Rewards:
+        """[B] each translation's sentence reward (:meth:`rewards`); the core puts it on the
+        row's last token (its ``<eos>``, or the budget's last token). The task's RewardFn."""
+        comps = self.completions(completions.prompts, completions.tokens)
+        r = self.rewards(self.codec.decode_batch(comps), [p.ref for p in completions.prompts])  # [B]
+        return Rewards(torch.from_numpy(np.asarray(r)).float())
+
+    def save(self, path: Path) -> None:
+        self.codec.save(path)
+
+    def report(self, run_dir: Path, evaluation: dict[str, Any], stats: dict[str, Any]) -> Path:
+        return write_report(Path(run_dir), evaluation, stats)
 
     # ----- evaluation ---------------------------------------------------------------------
     def decode_split(self, model: PreTrainedModel, pairs: Sequence[Pair], beam: int) -> tuple[list[TranslationPrompt], list[list[int]], list[str]]:
