@@ -1,10 +1,10 @@
 # Two commands do everything on a fresh machine:
 #   make demo   the main job on the built-in default (configs/counterpoint.yaml)
-#   make test   the test suite
+#   make test   the test suite (make test-fast: the unit tier, under 2 minutes)
 VENV ?= .venv
 RLHF = $(VENV)/bin/rlhf
 
-.PHONY: setup demo quick test bench
+.PHONY: setup demo quick test test-fast bench
 setup:
 	@bash scripts/setup.sh $(VENV)
 
@@ -16,6 +16,10 @@ quick: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+# the unit tier: math, rules, configs and the RL engine on a toy task (no pipeline runs)
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -m "not integration"
 
 bench: setup
 	$(VENV)/bin/python benchmarks/rule_rewards.py

@@ -97,6 +97,7 @@ from rlhf.algorithms.rloo import RLOOConfig as OurRLOOConfig
 from rlhf.models import ModelConfig, build_causal_lm
 from rlhf.runs import Run
 from rlhf.tune import TuneConfig, Tuner
+from rlhf.interfaces import Completions, Rewards
 from tasks.counterpoint.melody_rules import melody_step_rewards
 from tasks.counterpoint.piece import MELODY_STEPS
 from tasks.counterpoint.tokens import Codec, build_codec
@@ -136,9 +137,15 @@ class MelodyBench:
     def train_prompts(self) -> list[BenchPrompt]:
         return [BenchPrompt(self.codec.encode_prompt(None), self.n_new)]
 
-    def step_rewards(self, prompts, tokens: torch.Tensor) -> torch.Tensor:
+    eos_id = None
+
+    def reward(self, completions: Completions) -> Rewards:
         """r_MT(s_t, a_t) [B, T] (Jaques et al. 2017, sec. 5), for any T."""
-        return torch.from_numpy(melody_rewards(self.codec, tokens.cpu().numpy())).float().to(tokens.device)
+        tokens = completions.tokens
+        return Rewards(torch.from_numpy(melody_rewards(self.codec, tokens.cpu().numpy())).float().to(tokens.device))
+
+    def save(self, path: Path) -> None:
+        self.codec.save(path)
 
 
 def melody_rewards(codec: Codec, ids: np.ndarray) -> np.ndarray:
@@ -159,7 +166,7 @@ def make_tuner(stack: contextlib.ExitStack, algorithm: str, prior: Path, codec: 
     """Our ``Tuner`` for ``algorithm`` on :class:`MelodyBench` (run folder in a temp dir)."""
     cfg = TuneConfig(
         algorithm=algorithm, steps=10**6, batch_size=batch, lr=LR, grad_clip=1.0, checkpoint_every=10**6,
-        kl=KLConfig(beta=BETA, estimator="k1" if algorithm == "rloo" else "exact"), rloo=OurRLOOConfig(k=K, epochs=1),
+        kl=KLConfig(beta=BETA, estimator="k1" if algorithm == "rloo" else "exact"), **({"rloo": OurRLOOConfig(k=K, epochs=1)} if algorithm == "rloo" else {}),
     )
     run = Run(stack.enter_context(tempfile.TemporaryDirectory(prefix="rl-bench-run-")))
     return Tuner(run, cfg, MelodyBench(codec, n_new), prior, seed=seed, progress=False)

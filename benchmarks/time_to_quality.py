@@ -14,7 +14,7 @@ on stdout (everything else goes to stderr):
         [--eval-every 1.5] [--eval-samples 8] [--trl-group 4] [--seed 0] [--threads N] [--set KEY=VALUE ...]
 
 Without ``--prior`` a small prior is trained first with the repo's own stages (``stage_data``,
-``stage_prior``, ``configs/counterpoint-quick.yaml``: under a minute once the corpus is cached)
+``stage_prior``, ``configs/counterpoint.yaml --quick``: under a minute once the corpus is cached)
 into a temp run folder. Its pieces are never clean, and even the default prior's are clean 0%
 of the time (README): the clean share leaves 0 only after minutes of tuning, so short runs
 only test the plumbing; use a fully trained prior (``rlhf pretrain``) and the default budget.
@@ -210,9 +210,9 @@ class CantusLength:
 def trl_settings(tcfg: TuneConfig, group: int) -> dict:
     """GRPOConfig fields that mirror our tune config (see the module doc)."""
     if tcfg.algorithm == "ppo":
-        minibatches, epochs, clip = tcfg.ppo.minibatches, tcfg.ppo.epochs, tcfg.ppo.clip
+        minibatches, epochs, clip = tcfg.settings.minibatches, tcfg.settings.epochs, tcfg.settings.clip
     elif tcfg.algorithm == "rloo":
-        minibatches, epochs, clip, group = 1, tcfg.rloo.epochs, 0.2, tcfg.rloo.k  # clip: TRL's default (moot at 1 epoch)
+        minibatches, epochs, clip, group = 1, tcfg.settings.epochs, 0.2, tcfg.settings.k  # clip: TRL's default (moot at 1 epoch)
     else:
         raise SystemExit(f"tune.algorithm={tcfg.algorithm}: only ppo and rloo have a GRPO counterpart here")
     return {"per_device_train_batch_size": tcfg.batch_size // minibatches, "steps_per_generation": minibatches,
@@ -307,7 +307,7 @@ def train_trl(task: CounterpointTask, tcfg: TuneConfig, prior: Path, curve: Curv
 
 def quick_prior(root: Path, seed: int) -> Path:
     """A small prior trained with the repo's own data and pre-training stages (quick config)."""
-    cfg = load_run_config("configs/counterpoint-quick.yaml", [f"run_dir={root}", "progress=false", f"seed={seed}"])
+    cfg = load_run_config("configs/counterpoint.yaml", [f"run_dir={root}", "progress=false", f"seed={seed}"], quick=True)
     run = Run(root)
     task = make_task(cfg)
     train, val = stage_data(cfg, run, task)
@@ -353,8 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
     group = tcfg.group
     result["config"] = {
         "ours": {"algorithm": tcfg.algorithm, "batch": tcfg.batch_size, "lr": tcfg.lr, "beta": tcfg.kl.beta, "kl_estimator": tcfg.kl.estimator,
-                 "c": tcfg.kl.c, "group": group, "epochs": tcfg.ppo.epochs if tcfg.algorithm == "ppo" else tcfg.rloo.epochs,
-                 "minibatches": tcfg.ppo.minibatches if tcfg.algorithm == "ppo" else 1},
+                 "c": tcfg.kl.c, "group": group, "epochs": tcfg.settings.epochs,
+                 "minibatches": getattr(tcfg.settings, "minibatches", 1)},
         "trl_grpo": {**trl_settings(tcfg, a.trl_group), "batch": tcfg.batch_size, "kl_estimator": "k3", "c": tcfg.kl.c},
     }
     result["heldout_prompts"] = len(heldout)

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_sc
 from reward_models.backbone import PairTensors
 from reward_models.data import Preference, comparable, encode_pairs
 from reward_models.metrics import summary
-from rlhf.config import Section
+from rlhf.config import CheckpointEvery, EvalEvery, GradClip, KeepCheckpoints, LearningRate, Section, Steps, WarmupSteps, WeightDecay
 from rlhf.pretrain import batch_indices
 from rlhf.runs import Run
 from rlhf import distributed
@@ -74,16 +74,16 @@ def pair_rewards(model: PreTrainedModel, batch: dict[str, torch.Tensor], inverse
 
 
 class BTConfig(Section):
-    steps: int = Field(600, ge=1, description="Optimizer steps of Bradley-Terry training.")
+    steps: Steps = 600
     batch_size: int = Field(64, ge=1, description="Preference pairs per optimizer step (global).")
-    lr: float = Field(1e-3, gt=0, le=1, description="Peak learning rate (AdamW, cosine decay after warm-up).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
-    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
+    lr: LearningRate = 1e-3
+    weight_decay: WeightDecay = 0.0
+    warmup_steps: WarmupSteps = 20
+    grad_clip: GradClip = 1.0
     center_coef: float | None = Field(None, ge=0, description="Reward centring λ·mean((r_c + r_r)²) as TRL's center_rewards_coefficient; null = off.")
-    eval_every: int = Field(100, ge=1, description="Held-out metrics every this many steps.")
-    checkpoint_every: int = Field(200, ge=1, description="Write a resumable checkpoint every this many steps.")
-    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+    eval_every: EvalEvery = 100
+    checkpoint_every: CheckpointEvery = 200
+    keep_checkpoints: KeepCheckpoints = 2
 
 
 def pair_tensors(records: Sequence[Preference], tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> PairTensors:

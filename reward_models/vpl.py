@@ -43,7 +43,7 @@ from reward_models.backbone import PairTensors, last_token_hidden
 from reward_models.bradley_terry import PairTrainer
 from reward_models.data import Preference, by_rater, comparable
 from reward_models.metrics import summary
-from rlhf.config import Section
+from rlhf.config import CheckpointEvery, EvalEvery, GradClip, KeepCheckpoints, LearningRate, Section, Steps, WarmupSteps, WeightDecay
 from rlhf.runs import Run
 
 log = logging.getLogger("rlhf")
@@ -283,7 +283,7 @@ def sample_rater_batch(rater_pairs: Sequence[np.ndarray], n_raters: int, context
 
 
 class VPLTrainConfig(Section):
-    steps: int = Field(1500, ge=1, description="Optimizer steps of VPL training.")
+    steps: Steps = 1500
     raters_per_batch: int = Field(16, ge=1, description="Raters per optimizer step (global, over all processes).")
     targets_per_rater: int = Field(8, ge=1, description="Target pairs per rater per step (the BT likelihood terms).")
     context_sizes: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8], description="Context sizes drawn per rater during training (0 = prior).")
@@ -294,14 +294,14 @@ class VPLTrainConfig(Section):
     beta: float = Field(0.003, ge=0, description="Weight β of KL(q(z|C) ‖ N(0, I)) against the mean target NLL.")
     beta_warmup_steps: int = Field(200, ge=0, description="Ramp β and the sampling noise of z linearly from 0 over this many steps (against posterior collapse).")
     free_bits: float = Field(0.25, ge=0, description="Free nats λ per latent dim: the KL term is β·Σ_j max(KL_j, λ) (0 = plain β·KL), against posterior collapse.")
-    lr: float = Field(1e-3, gt=0, le=1, description="Peak learning rate (AdamW, cosine decay after warm-up).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(20, ge=0, description="Linear learning-rate warm-up steps.")
-    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
+    lr: LearningRate = 1e-3
+    weight_decay: WeightDecay = 0.0
+    warmup_steps: WarmupSteps = 20
+    grad_clip: GradClip = 1.0
     init_from_bt: bool = Field(True, description="Start the backbone from the trained BT model of the same run (when methods include bt).")
-    eval_every: int = Field(250, ge=1, description="Held-out metrics (context 0 and max, active units) every this many steps.")
-    checkpoint_every: int = Field(500, ge=1, description="Write a resumable checkpoint every this many steps.")
-    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+    eval_every: EvalEvery = 250  # held-out: context 0 and the largest, active units
+    checkpoint_every: CheckpointEvery = 500
+    keep_checkpoints: KeepCheckpoints = 2
 
     @model_validator(mode="after")
     def _sizes(self) -> "VPLTrainConfig":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Annotated, Any, Sequence, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,6 +26,19 @@ class Section(BaseModel):
     """Base of every config section: strict about unknown keys, validates on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# The settings every training loop shares (MLE pre-training, Bradley-Terry, VPL, RL tuning),
+# documented here once; each loop's section gives only its own default, e.g.
+# ``steps: Steps = 3000``. (``batch_size`` counts different things per loop and stays local.)
+Steps = Annotated[int, Field(ge=1, description="Training steps: optimizer steps (MLE, BT, VPL) or iterations of rollout + update (RL).")]
+LearningRate = Annotated[float, Field(gt=0, le=1, description="Learning rate: the peak of AdamW's linear warm-up and cosine decay (MLE, BT, VPL); constant Adam in RL.")]
+WeightDecay = Annotated[float, Field(ge=0, description="AdamW weight decay.")]
+WarmupSteps = Annotated[int, Field(ge=0, description="Linear learning-rate warm-up steps.")]
+GradClip = Annotated[float, Field(gt=0, description="Clip the global gradient norm to this value.")]
+EvalEvery = Annotated[int, Field(ge=1, description="Held-out metrics every this many steps.")]
+CheckpointEvery = Annotated[int, Field(ge=1, description="Write a resumable checkpoint every this many steps (RL: iterations).")]
+KeepCheckpoints = Annotated[int, Field(ge=1, description="How many of the newest checkpoints to keep.")]
 
 
 class TaskConfig(Section):

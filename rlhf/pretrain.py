@@ -18,7 +18,7 @@ from pydantic import Field
 from transformers import GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from rlhf import distributed
-from rlhf.config import Section
+from rlhf.config import CheckpointEvery, EvalEvery, GradClip, KeepCheckpoints, LearningRate, Section, Steps, WarmupSteps, WeightDecay
 from rlhf.runs import Run
 from rlhf.trainer import TrainLoop
 
@@ -28,15 +28,15 @@ Example = tuple[Sequence[int], Sequence[int]]  # (prompt ids, completion ids)
 
 
 class PretrainConfig(Section):
-    steps: int = Field(3000, ge=1, description="Optimizer steps of MLE training.")
+    steps: Steps = 3000
     batch_size: int = Field(64, ge=1, description="Sequences per optimizer step (global, over all processes).")
-    lr: float = Field(2e-3, gt=0, le=1.0, description="Peak learning rate (AdamW, cosine decay after warm-up).")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
-    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
-    eval_every: int = Field(250, ge=1, description="Held-out loss every this many steps.")
-    checkpoint_every: int = Field(500, ge=1, description="Write a resumable checkpoint every this many steps.")
-    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+    lr: LearningRate = 2e-3
+    weight_decay: WeightDecay = 0.01
+    warmup_steps: WarmupSteps = 100
+    grad_clip: GradClip = 1.0
+    eval_every: EvalEvery = 250
+    checkpoint_every: CheckpointEvery = 500
+    keep_checkpoints: KeepCheckpoints = 2
     length_chunks: int = Field(
         1, ge=1,
         description="Sort each batch by length and run it as this many chunks, each padded only to its own "

@@ -21,7 +21,7 @@ from pydantic import Field, ValidationError, model_serializer, model_validator
 import rlhf.algorithms  # noqa: F401  (registers the built-in algorithms)
 from rlhf import distributed
 from rlhf.algorithms.common import ALGORITHMS, BuildContext, KLConfig, Rollout, beam_rollout, make_rollout
-from rlhf.config import Section
+from rlhf.config import CheckpointEvery, GradClip, LearningRate, Section, Steps
 from rlhf.errors import UserError
 from rlhf.interfaces import ActionRewards, Algorithm, Completions, RewardFn, Step, Task, as_rewards
 from rlhf.kl import AdaptiveKLController, FixedKLController
@@ -42,17 +42,17 @@ class TuneConfig(Section):
         "Tutor's q, psi, g, or an algorithm of yours (an rlhf.algorithms entry point or 'package.module:SPEC'). Its settings are the "
         "section tune.<algorithm> (tune.kl_control for q, psi and g); a section of another algorithm is an error.",
     )
-    steps: int = Field(150, ge=1, description="Iterations (rollout + update).")
+    steps: Steps = 150
     batch_size: int = Field(64, ge=2, description="Sequences sampled per iteration.")
-    lr: float = Field(3e-4, gt=0, le=1, description="Adam learning rate.")
-    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm.")
+    lr: LearningRate = 3e-4
+    grad_clip: GradClip = 1.0
     temperature: float = Field(
         1.0, gt=0,
         description="Sampling temperature τ of rollouts. RLOO then trains the tempered policy softmax(logits/τ): its log-probs score the "
         "samples, so the update stays on-policy, and the KL is taken against the prior tempered alike (greedy decoding is the same for "
         "every τ). PPO needs 1; Q/Ψ/G sample from their own exploration policy.",
     )
-    checkpoint_every: int = Field(50, ge=1, description="Write a resumable checkpoint every this many iterations.")
+    checkpoint_every: CheckpointEvery = 50
     rollout_seeds: Literal["auto", "batch", "sequence"] = Field(
         "auto",
         description="batch: one random stream for the whole rollout batch; sequence: one per sequence, seeded by its index in the "

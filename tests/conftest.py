@@ -21,3 +21,15 @@ def quick_run(tmp_path_factory):
     )
     assert r.returncode == 0, r.stderr
     return run_dir
+
+
+INTEGRATION_MODULES = {"test_cli.py", "test_distributed.py", "test_labelling_browser.py", "test_labelling_loop.py", "test_time_to_quality.py"}
+"""Whole modules of the integration tier: command-line pipelines, launchers, the browser."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers: a test is `integration` when its module is one above or it needs the shared
+    pipeline run (`quick_run`); `make test-fast` runs the rest (math and engine, no corpus run)."""
+    for item in items:
+        if item.path.name in INTEGRATION_MODULES or "quick_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)

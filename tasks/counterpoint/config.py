@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rlhf.config import Section, TaskConfig
+from rlhf.errors import UserError
 
 
 class CounterpointDataConfig(Section):
@@ -90,6 +91,11 @@ class CounterpointConfig(TaskConfig):
         default_factory=lambda: list(range(-5, 7)),
         description="Semitone shifts of each RL training cantus firmus (pool or Fux; first species); shifts leaving the token range are skipped.",
     )
+    extra_rules: list[str] = Field(
+        default_factory=list,
+        description="Rules of yours added to the first-species rules, as import paths 'package.module:RULE' of tasks.counterpoint.rules.Rule "
+        "objects (name, weight, doc, fn(batch) -> [B, N] bool); they count in the reward, the per-action rewards, the clean share and the report.",
+    )
     rule_weights: dict[str, float] = Field(
         default_factory=dict, description="Override the default weight of named rules, e.g. {parallel_fifths: 5.0}."
     )
@@ -126,11 +132,20 @@ class CounterpointConfig(TaskConfig):
             raise ValueError(f"reward.model scores whole sequences, but tune.algorithm={run.tune.algorithm} with these settings needs the "
                              "task's reward of every action at every step; set tune.rloo.credit: token (or tune.algorithm: ppo)")
 
+    def rules(self) -> list:
+        """The rules of this mode: the built-in ones plus ``extra_rules`` (first species)."""
+        from tasks.counterpoint.scoring import mode_rules
+
+        return mode_rules(self.mode, self.extra_rules)
+
     @model_validator(mode="after")
     def _known_rules(self) -> "CounterpointConfig":
-        from tasks.counterpoint.scoring import rule_names
-
-        valid = rule_names(self.mode)
+        if self.extra_rules and self.mode != "first_species":
+            raise ValueError("task.extra_rules are first-species rules; use them with task.mode: first_species")
+        try:
+            valid = [r.name for r in self.rules()]
+        except UserError as e:
+            raise ValueError(f"task.extra_rules: {e}") from None
         unknown = sorted(set(self.rule_weights) - set(valid))
         if unknown:
             raise ValueError(f"unknown rule(s) {unknown} for mode {self.mode!r}; valid names: {', '.join(valid)}")

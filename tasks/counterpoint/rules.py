@@ -470,6 +470,12 @@ def _step_rewards(viol: Mapping[str, np.ndarray], w: Mapping[str, float], shape:
     return out
 
 
+def weighted_step_rewards(viol: Mapping[str, np.ndarray], weights: Mapping[str, float] | None, rules: Sequence[Rule],
+                          shape: tuple[int, ...]) -> np.ndarray:
+    """[B, N] float from violations already computed: ``-sum_r w_r * viol_r``."""
+    return _step_rewards(viol, resolve_weights(weights, rules), shape)
+
+
 def step_rewards(
     batch: FirstSpeciesBatch,
     weights: Mapping[str, float] | None = None,

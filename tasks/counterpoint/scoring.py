@@ -11,6 +11,8 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
+from rlhf.errors import UserError
+from rlhf.registry import load_object
 from tasks.counterpoint.piece import FirstSpeciesBatch, FirstSpeciesPiece, Melody
 
 Mode = Literal["first_species", "melody"]
@@ -26,13 +28,26 @@ def soft_rule_names(mode: Mode) -> frozenset[str]:
 
 
 def rule_names(mode: Mode) -> list[str]:
-    if mode == "first_species":
-        from tasks.counterpoint.rules import FIRST_SPECIES_RULES
+    return [r.name for r in mode_rules(mode)]
 
-        return [r.name for r in FIRST_SPECIES_RULES]
-    from tasks.counterpoint.melody_rules import MELODY_RULES
 
-    return [r.name for r in MELODY_RULES]
+def mode_rules(mode: Mode, extra: Sequence[str] = ()) -> list:
+    """The rules of ``mode``; first species adds ``extra`` (import paths of Rule objects)."""
+    if mode != "first_species":
+        from tasks.counterpoint.melody_rules import MELODY_RULES
+
+        return list(MELODY_RULES)
+    from tasks.counterpoint.rules import FIRST_SPECIES_RULES, Rule
+
+    out = list(FIRST_SPECIES_RULES)
+    for path in extra:
+        rule = load_object(path, "rule")
+        if not isinstance(rule, Rule):
+            raise UserError(f"{path} is a {type(rule).__name__}, not a tasks.counterpoint.rules.Rule(name, weight, doc, fn)")
+        if rule.name in {r.name for r in out}:
+            raise UserError(f"{path}: a rule named {rule.name!r} exists already; give yours another name")
+        out.append(rule)
+    return out
 
 
 @dataclass
@@ -68,12 +83,16 @@ def melody_array(melodies: Sequence[Melody]) -> tuple[np.ndarray, np.ndarray]:
     return events, tonic
 
 
-def score(mode: Mode, items: Sequence[FirstSpeciesPiece] | Sequence[Melody], weights: Mapping[str, float] | None = None) -> RuleScores:
+def score(mode: Mode, items: Sequence[FirstSpeciesPiece] | Sequence[Melody], weights: Mapping[str, float] | None = None,
+          rules_: Sequence | None = None) -> RuleScores:
+    """Rule scores of ``items``; ``rules_`` = the first-species rules to apply (default: the built-in ones)."""
     if mode == "first_species":
         from tasks.counterpoint import rules
 
         batch = FirstSpeciesBatch.from_pieces(items)  # type: ignore[arg-type]
-        return RuleScores(rules.step_rewards(batch, weights), rules.violations(batch), batch.lengths.copy(), soft_rule_names(mode))
+        chosen = rules.FIRST_SPECIES_RULES if rules_ is None else rules_
+        viol = rules.violations(batch, chosen)
+        return RuleScores(rules.weighted_step_rewards(viol, weights, chosen, batch.cantus.shape), viol, batch.lengths.copy(), soft_rule_names(mode))
     from tasks.counterpoint import melody_rules
 
     events, tonic = melody_array(items)  # type: ignore[arg-type]

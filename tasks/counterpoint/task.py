@@ -20,7 +20,6 @@ from tasks.counterpoint import cantus_gen
 from tasks.counterpoint import corpus
 from tasks.counterpoint.config import CounterpointConfig
 from tasks.counterpoint.export import write_midi, write_musicxml
-from tasks.counterpoint.melody_rules import MELODY_RULES
 from tasks.counterpoint.report import write_report
 from tasks.counterpoint import rules
 from tasks.counterpoint.piece import MELODY_STEPS, FirstSpeciesBatch, FirstSpeciesPiece, Item, Melody, from_json, to_json
@@ -91,8 +90,7 @@ class CounterpointTask:
                 base = run_dir / "samples" / model / f"{i:02d}_{s['source'].replace('/', '_')}"
                 item = from_json(s)
                 files += [write_musicxml(item, base.with_suffix(".musicxml")), write_midi(item, base.with_suffix(".mid"))]
-        rules_ = MELODY_RULES if self.cfg.mode == "melody" else rules.FIRST_SPECIES_RULES
-        return write_report(run_dir, evaluation, stats, exported, {r.name: r.doc for r in rules_})
+        return write_report(run_dir, evaluation, stats, exported, {r.name: r.doc for r in self.rules})
 
     def __init__(self, cfg: CounterpointConfig, codec: Codec | None = None):
         self.cfg = cfg
@@ -100,6 +98,7 @@ class CounterpointTask:
         self.allowed = torch.zeros(len(self.codec.tokenizer), dtype=torch.bool)
         self.allowed[self.codec.completion_token_ids] = True
         self._pool: tuple[list[cantus_gen.Cantus], list[cantus_gen.Cantus]] | None = None
+        self.rules = cfg.rules()  # the built-in rules of the mode plus task.extra_rules
 
     @property
     def tokenizer(self):
@@ -228,7 +227,8 @@ class CounterpointTask:
         items = self.decode(prompts, [t[: p.n_new] for p, t in zip(prompts, tokens.tolist())])
         ids = np.asarray(self.codec.completion_token_ids)
         bonus = self.cfg.clean_bonus
-        r = rules.counterfactual_step_rewards(FirstSpeciesBatch.from_pieces(items), self.codec.completion_values(ids), self.cfg.rule_weights, bonus)
+        r = rules.counterfactual_step_rewards(FirstSpeciesBatch.from_pieces(items), self.codec.completion_values(ids), self.cfg.rule_weights, bonus,
+                                              self.rules)
         out = torch.zeros(B, T, len(self.allowed), dtype=torch.float32)
         n = min(T, r.shape[1])
         out[:, :n, torch.from_numpy(ids)] = torch.from_numpy(r[:, :n]).float()
@@ -248,7 +248,7 @@ class CounterpointTask:
         return [_moved(it, -p.shift) if p.shift else it for it, p in zip(items, prompts)]
 
     def score(self, items: Sequence[Item]) -> RuleScores:
-        return score(self.cfg.mode, items, self.cfg.rule_weights)
+        return score(self.cfg.mode, items, self.cfg.rule_weights, self.rules if self.cfg.mode == "first_species" else None)
 
     def loglik(self, model: PreTrainedModel, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> np.ndarray:
         """[B] mean log-likelihood per note under ``model`` (masked to the task's action space)."""

@@ -1,0 +1,1 @@
+"""The generic text task: prompts and references from your JSONL or datasets folder (tasks/text/task.py)."""

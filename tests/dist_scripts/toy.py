@@ -17,6 +17,7 @@ from reward_models.backbone import build_reward_model
 from reward_models.bradley_terry import BTConfig
 from reward_models.data import Preference, build_word_tokenizer
 from reward_models.vpl import VPLTrainConfig
+from rlhf.interfaces import Completions, Rewards
 from rlhf.models import ModelConfig, build_causal_lm
 from rlhf.pretrain import PretrainConfig
 from rlhf.tune import TuneConfig
@@ -52,8 +53,11 @@ class ToyTask:
         bos, ids = self.codec.encode_prompt(None), self.codec.completion_token_ids
         return [ToyPrompt(bos + list(ids[3 * k : 3 * k + k % 3]), 4 + (k % 3) * 2) for k in range(6)]
 
-    def step_rewards(self, prompts, tokens: torch.Tensor) -> torch.Tensor:
-        return (tokens % 2 == 0).float()
+    def reward(self, completions: Completions) -> Rewards:
+        return Rewards((completions.tokens % 2 == 0).float())  # [B, T]: per step
+
+    def save(self, path: Path) -> None:
+        self.codec.save(path)
 
 
 def save_prior(folder: Path) -> Path:
@@ -77,7 +81,8 @@ def tune_config(algorithm: str, **over) -> TuneConfig:
             "kl_control": {"minibatch": 8, "updates_per_step": 2, "buffer_size": 64}}
     for k, v in over.items():
         base[k] = {**base[k], **v} if isinstance(v, dict) else v
-    return TuneConfig.model_validate(base)
+    section = {"q": "kl_control", "psi": "kl_control", "g": "kl_control"}.get(base["algorithm"], base["algorithm"])
+    return TuneConfig.model_validate({k: v for k, v in base.items() if k not in {"ppo", "rloo", "kl_control", "mrt"} or k == section})
 
 
 def bt_records(n: int = 96, seed: int = 0) -> list[Preference]:
