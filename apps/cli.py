@@ -359,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     log.setLevel(level)  # also when a host program (or pytest) configured logging first
+    log.disabled = False  # a host's logging.config.dictConfig disables existing loggers; run.log must still be written
     for noisy in ("accelerate", "transformers", "datasets", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
