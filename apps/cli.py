@@ -217,7 +217,7 @@ def _task_for_model(cfg, model: Path):
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from rlhf.models import load_causal_lm
+    from rlhf.models import load_model
     from tasks.counterpoint import cantus as cantus_mod
     from tasks.counterpoint.config import CounterpointConfig
     from tasks.counterpoint.export import write_midi, write_musicxml
@@ -230,7 +230,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.temperature < 0:
         raise UserError(f"--temperature must be >= 0 (got {args.temperature}).")
     task = CounterpointTask(CounterpointConfig(mode=codec.mode), codec)
-    model = load_causal_lm(model_dir)
+    model = load_model(model_dir)
     if codec.mode == "melody":
         prompts = task.eval_prompts()
     else:

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from apps.simulate import ANIMALS, text_features
 from rlhf.config import Section, read_yaml
 from rlhf.errors import UserError
-from rlhf.models import ModelConfig, build_causal_lm, load_causal_lm
+from rlhf.models import ModelConfig, build_model, load_model
 from rlhf.pretrain import PretrainConfig, pretrain
 from rlhf.report import markdown_table, plot_curves
 from rlhf.runs import Run, atomic_write_text, read_metrics
@@ -149,10 +149,10 @@ def personalise(cfg: PersonalConfig, run: Run, *, resume: bool = False) -> Path:
     if not (resume and (prior_dir / "config.json").is_file()):
         seed_everything(cfg.seed)
         tr, va = split_indices(len(task.answers), cfg.val_fraction, cfg.seed)
-        pretrain(run, cfg.pretrain, build_causal_lm(cfg.model, task.tokenizer), task.tokenizer, task.examples(tr), task.examples(va),
+        pretrain(run, cfg.pretrain, build_model(cfg.model, task.tokenizer), task.tokenizer, task.examples(tr), task.examples(va),
                  seed=cfg.seed, resume=resume, progress=cfg.progress)
         task.codec.save(prior_dir)
-    prior = load_causal_lm(prior_dir)
+    prior = load_model(prior_dir)
     reference = reference_sets(task, prior, cfg.reference_per_prompt, cfg.seed)
     records = load_preferences(test)
     models = {}
@@ -164,7 +164,7 @@ def personalise(cfg: PersonalConfig, run: Run, *, resume: bool = False) -> Path:
             source = RewardSource.from_pretrained(vpl, context=ctx, scale="win_prob", reference=reference)
             log.info("group %s: z = %s from %d held-out pairs", g, [round(float(x), 2) for x in source.z], len(ctx))
             final = tune(run, cfg.tune, task, prior_dir, reward=source, seed=cfg.seed, resume=resume, progress=cfg.progress, name=name)
-        models[name] = load_causal_lm(final)
+        models[name] = load_model(final)
     ev = evaluate(task, models, prior, meta, cfg.eval_samples, cfg.seed)
     for n in models:
         log.info("%s: win rates %s, KL/token %.3f", n, {g: round(v, 3) for g, v in ev["rows"][n]["win"].items()}, ev["rows"][n]["kl/prior"])

@@ -19,7 +19,7 @@ from reward_models.reward_source import LearnedRewardConfig, learned_reward
 from rlhf.config import Section, TaskConfig, apply_overrides, format_validation_error, read_yaml
 from rlhf.errors import UserError
 from rlhf.interfaces import PipelineTask, RewardFn
-from rlhf.models import ModelConfig, build_causal_lm, count_parameters, load_causal_lm
+from rlhf.models import ModelConfig, build_model, count_parameters, load_model
 from rlhf.pretrain import PretrainConfig, pretrain
 from rlhf.registry import TASKS
 from rlhf.rewards import RewardTerm, compose_rewards
@@ -143,7 +143,7 @@ def stage_prior(cfg: RunConfig, run: Run, task: PipelineTask, train: list, val: 
         log.info("prior already trained: %s", final)
         return final
     seed_everything(cfg.seed)
-    model = build_causal_lm(cfg.model, task.tokenizer)
+    model = build_model(cfg.model, task.tokenizer)
     log.info("prior: %s, %d parameters", cfg.model.path or cfg.model.arch, count_parameters(model))
     if cfg.pretrain is None:  # model.path is the prior as it is
         if run.is_main:
@@ -156,8 +156,8 @@ def stage_prior(cfg: RunConfig, run: Run, task: PipelineTask, train: list, val: 
 
 
 def stage_evaluate(cfg: RunConfig, run: Run, task: PipelineTask, models: dict[str, Path], prior: Path, val: list | None) -> dict[str, Any]:
-    loaded = {name: load_causal_lm(p) for name, p in models.items()}
-    prior_model = loaded.get("prior") or load_causal_lm(prior)
+    loaded = {name: load_model(p) for name, p in models.items()}
+    prior_model = loaded.get("prior") or load_model(prior)
     evaluation = task.evaluate(loaded, prior_model, seed=cfg.seed, val=val)
     stats_path = run.root / "data_stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
@@ -204,7 +204,7 @@ def run_reward(cfg: RunConfig, task: PipelineTask, prior: Path) -> RewardFn | No
     (``rewards``), or None for the task's own."""
     if cfg.reward is not None:
         log.info("reward: %s (%s)", cfg.reward.model, f"context: {cfg.reward.rater_group or cfg.reward.rater_id or 'random raters'}" if cfg.reward.context else "no context")
-        return learned_reward(cfg.reward, task, load_causal_lm(prior))
+        return learned_reward(cfg.reward, task, load_model(prior))
     if cfg.rewards:
         log.info("reward: %s", " + ".join(f"{t.weight:g}·{t.fn}" for t in cfg.rewards))
         return compose_rewards(cfg.rewards, task)

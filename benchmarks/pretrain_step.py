@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rlhf.errors import UserError  # noqa: E402
-from rlhf.models import build_causal_lm  # noqa: E402
+from rlhf.models import build_model  # noqa: E402
 from apps.pipeline import load_run_config, make_task  # noqa: E402
 from rlhf.pretrain import batch_indices, chunked_token_stats  # noqa: E402
 
@@ -70,7 +70,7 @@ def main() -> None:
     pad_share = 1 - sum(len(p) + len(c) for p, c in sample) / (longest * b)
 
     torch.manual_seed(0)
-    model = build_causal_lm(cfg.model, task.codec.tokenizer)
+    model = build_model(cfg.model, task.codec.tokenizer)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     cpu = torch.device("cpu")

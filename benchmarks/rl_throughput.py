@@ -94,7 +94,7 @@ import torch
 
 from rlhf.algorithms.common import KLConfig
 from rlhf.algorithms.rloo import RLOOConfig as OurRLOOConfig
-from rlhf.models import ModelConfig, build_causal_lm
+from rlhf.models import ModelConfig, build_model
 from rlhf.runs import Run
 from rlhf.tune import TuneConfig, Tuner
 from rlhf.interfaces import Completions, Rewards
@@ -156,7 +156,7 @@ def melody_rewards(codec: Codec, ids: np.ndarray) -> np.ndarray:
 def save_prior(folder: Path, codec: Codec, seed: int) -> Path:
     """An untrained GPT-2 of ``MODEL`` size and the melody tokenizer, written with save_pretrained."""
     torch.manual_seed(seed)
-    model = build_causal_lm(MODEL, codec.tokenizer)
+    model = build_model(MODEL, codec.tokenizer)
     model.save_pretrained(folder)
     codec.tokenizer.save_pretrained(folder)
     return folder

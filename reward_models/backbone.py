@@ -20,7 +20,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, Pretrain
 from transformers.utils import logging as hf_logging
 
 from rlhf.errors import UserError
-from rlhf.models import ModelConfig, build_causal_lm
+from rlhf.models import ModelConfig, build_model
 
 hf_logging.disable_progress_bar()  # as rlhf.trainer: no "Loading weights" bars from from_pretrained
 
@@ -28,7 +28,7 @@ hf_logging.disable_progress_bar()  # as rlhf.trainer: no "Loading weights" bars 
 def backbone_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     """The HF config of a backbone built from ``cfg`` (the prior's builder, so both agree)."""
     with torch.device("meta"):  # no weights are materialised: only the config is wanted
-        config = build_causal_lm(cfg.model_copy(update={"path": None}), tokenizer).config
+        config = build_model(cfg.model_copy(update={"path": None}), tokenizer).config
     config.pad_token_id = tokenizer.pad_token_id
     if getattr(config, "activation_function", None) == "gelu_new":
         # the same function (GELU, tanh approximation) as one fused kernel instead of ~8 ops

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rlhf.rollout import inverse_cdf
 from rlhf.advantages import masked_mean, masked_sum, whiten
 
 log = logging.getLogger("rlhf")
@@ -206,7 +207,7 @@ class RowSampler:
 
         a_{b,t} = min{a : Σ_{a' ≤ a} π(a'|s) > u_{b,t} · Σ_{a'} π(a'|s)},
 
-    and returns the one-hot of that action, so ``decode``'s multinomial draw (which takes one
+    and returns the one-hot of that action, so ``decode``'s own draw (which takes one
     random stream for the whole batch, making a row's sample depend on the batch it is in)
     can only pick it. A row's tokens then depend on its seed and its own logits alone: a
     rank sampling rows 32..63 of a global batch of 64 gets the same tokens as one process
@@ -234,12 +235,9 @@ class RowSampler:
         return torch.softmax(logits, dim=-1)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        probs = self.probs(logits).double()  # [B, V]
-        cdf = probs.cumsum(-1)
-        u = self.u[:, self.t].to(cdf.device) * cdf[:, -1]  # [B]
+        probs = self.probs(logits)  # [B, V]
+        idx = inverse_cdf(probs, self.u[:, self.t].to(probs.device))  # [B, 1]
         self.t += 1
-        # right=True: the first a with cdf[a] > u, so zero-probability actions are never chosen
-        idx = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=cdf.shape[-1] - 1)  # [B, 1]
         return torch.zeros_like(probs, dtype=logits.dtype).scatter_(-1, idx, 1.0)
 
 

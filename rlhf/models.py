@@ -1,4 +1,5 @@
-"""Build or load the Hugging Face causal LMs used as prior and policy.
+"""Build or load the Hugging Face models used as prior and policy: causal LMs (GPT-2, Llama)
+and encoder–decoder models (Marian; any ``AutoModelForSeq2SeqLM`` folder: T5, BART, OPUS-MT).
 
 No weights are ever downloaded: a model is either built from this config (tiny, trained
 here) or loaded from a local folder written by ``save_pretrained``.  Users with hub access
@@ -12,21 +13,25 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GPT2Config, LlamaConfig, MarianConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import Section
 from rlhf.errors import UserError
 
 
 class ModelConfig(Section):
-    arch: Literal["gpt2", "llama"] = Field("gpt2", description="Architecture of a model built from config.")
-    n_layer: int = Field(4, ge=1, le=48, description="Transformer blocks.")
+    arch: Literal["gpt2", "llama", "marian"] = Field(
+        "gpt2", description="Architecture of a model built from config: gpt2 or llama (decoder-only: the prompt is a prefix) or marian "
+        "(encoder–decoder: the encoder reads the prompt, the decoder writes the completion; post-layer-norm, sinusoidal positions, "
+        "tied embeddings).")
+    n_layer: int = Field(4, ge=1, le=48, description="Transformer blocks (marian: this many in the encoder and in the decoder).")
     n_embd: int = Field(128, ge=8, le=8192, description="Hidden width; must be divisible by n_head.")
     n_head: int = Field(4, ge=1, le=128, description="Attention heads.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
-    max_positions: int = Field(128, ge=8, le=65536, description="Longest sequence (prompt + completion) in tokens.")
+    max_positions: int = Field(128, ge=8, le=65536, description="Longest sequence in tokens (decoder-only: prompt + completion; marian: each of them).")
     path: str | None = Field(
-        None, description="Load a pre-trained causal LM from this folder (or hub id) instead of building one."
+        None, description="Load a pre-trained model from this folder (or hub id) instead of building one: a causal LM or an "
+        "encoder–decoder (AutoModelForSeq2SeqLM), told apart by its config.json."
     )
 
     @model_validator(mode="after")
@@ -36,10 +41,15 @@ class ModelConfig(Section):
         return self
 
 
-def build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A freshly initialised causal LM sized by ``cfg`` with the tokenizer's vocabulary."""
+def is_seq2seq(model: PreTrainedModel) -> bool:
+    """Whether ``model`` is an encoder–decoder (the prompt goes to its encoder)."""
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A freshly initialised model sized by ``cfg`` with the tokenizer's vocabulary."""
     if cfg.path is not None:
-        return load_causal_lm(cfg.path)
+        return load_model(cfg.path)
     vocab = len(tokenizer)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if cfg.arch == "gpt2":
@@ -47,6 +57,23 @@ def build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
             vocab_size=vocab, n_positions=cfg.max_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
             resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **ids,
         )
+    elif cfg.arch == "marian":
+        # The decoder starts from <bos> (Marian's own checkpoints start from <pad>; any id works
+        # as long as training and decoding agree, and both read it from the config).
+        # Initialisation as in fairseq / Marian: weights N(0, d^-1/2) and token embeddings scaled
+        # by √d, so tokens weigh as much as the unit-size sinusoidal positions. transformers'
+        # default (std 0.02, no scaling) drowns the tokens in the positions: such a model
+        # learned only the target's unigram statistics in 600 steps of a copy task.
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
+        config = MarianConfig(
+            vocab_size=vocab, d_model=cfg.n_embd, encoder_layers=cfg.n_layer, decoder_layers=cfg.n_layer,
+            encoder_attention_heads=cfg.n_head, decoder_attention_heads=cfg.n_head, encoder_ffn_dim=4 * cfg.n_embd,
+            decoder_ffn_dim=4 * cfg.n_embd, max_position_embeddings=cfg.max_positions, dropout=cfg.dropout,
+            attention_dropout=cfg.dropout, activation_dropout=0.0, decoder_start_token_id=start, forced_eos_token_id=None,
+            share_encoder_decoder_embeddings=True, tie_word_embeddings=True, scale_embedding=True,
+            init_std=cfg.n_embd**-0.5, **ids,
+        )
+        return AutoModelForSeq2SeqLM.from_config(config)
     else:
         config = LlamaConfig(
             vocab_size=vocab, hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd, num_hidden_layers=cfg.n_layer,
@@ -55,16 +82,17 @@ def build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
     return AutoModelForCausalLM.from_config(config)
 
 
-def load_causal_lm(path: str | Path) -> PreTrainedModel:
+def load_model(path: str | Path) -> PreTrainedModel:
     p = Path(path)
     if p.exists() and not (p / "config.json").is_file():
         raise UserError(f"{p}: not a model folder (no config.json). Point --model at a folder written by save_pretrained, e.g. runs/counterpoint/models/prior.")
     if not p.exists() and (str(path).startswith((".", "/")) or p.suffix):
         raise UserError(f"{p}: model folder not found. Run `rlhf pretrain` first or fix the path.")
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path))
-    except OSError as e:
-        raise UserError(f"{path}: could not load a causal LM ({e}).") from None
+        seq2seq = bool(getattr(AutoConfig.from_pretrained(str(path)), "is_encoder_decoder", False))
+        return (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: could not load a causal LM or an encoder-decoder model ({e}).") from None
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -2,7 +2,9 @@
 
 The loss is taken on completion tokens only (the counterpoint given the cantus, the
 melody events given ``<bos>``): the prior is p(completion | prompt), the distribution the
-KL term later keeps the policy close to.
+KL term later keeps the policy close to. A decoder-only model reads prompt + completion as one
+sequence; an encoder–decoder model reads the prompt with its encoder and is teacher-forced on
+the completion (Vaswani et al. 2017), optionally with label smoothing (Szegedy et al. 2016).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pydantic import Field
 from transformers import GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from rlhf import distributed
+from rlhf.models import is_seq2seq
 from rlhf.config import CheckpointEvery, EvalEvery, GradClip, KeepCheckpoints, LearningRate, Section, Steps, WarmupSteps, WeightDecay
 from rlhf.runs import Run
 from rlhf.trainer import TrainLoop
@@ -37,6 +40,11 @@ class PretrainConfig(Section):
     eval_every: EvalEvery = 250
     checkpoint_every: CheckpointEvery = 500
     keep_checkpoints: KeepCheckpoints = 2
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1,
+        description="ε of label smoothing: the training loss is the cross-entropy against (1 − ε)·one-hot + ε·uniform over the "
+        "vocabulary (Szegedy et al. 2016); loss/train reports it, loss/val stays the plain NLL. 0 = plain MLE.",
+    )
     length_chunks: int = Field(
         1, ge=1,
         description="Sort each batch by length and run it as this many chunks, each padded only to its own "
@@ -45,8 +53,11 @@ class PretrainConfig(Section):
     )
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and labels (-100 on prompt and padding)."""
+def collate(examples: Sequence[Example], pad_id: int, start_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (-100 on prompt and padding). With
+    ``start_id`` (an encoder–decoder's decoder start token), :func:`seq2seq_collate` instead."""
+    if start_id is not None:
+        return seq2seq_collate(examples, pad_id, start_id)
     seqs = [list(p) + list(c) for p, c in examples]
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
@@ -57,6 +68,20 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         mask[i, : len(s)] = 1
         labels[i, len(p) : len(s)] = torch.tensor(list(c))
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def seq2seq_collate(examples: Sequence[Example], pad_id: int, start_id: int) -> dict[str, torch.Tensor]:
+    """Encoder input_ids and attention_mask (the prompts, right-padded), labels [B, T] (the
+    completions, -100 on padding) and decoder_input_ids [B, T] (start token, then labels[:, :-1])."""
+    n, t = max(len(p) for p, _ in examples), max(len(c) for _, c in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    labels = torch.full((len(examples), t), -100, dtype=torch.long)
+    for i, (p, c) in enumerate(examples):
+        ids[i, : len(p)], mask[i, : len(p)] = torch.tensor(list(p)), 1
+        labels[i, : len(c)] = torch.tensor(list(c))
+    dec = torch.cat([torch.full((len(examples), 1), start_id, dtype=torch.long), labels[:, :-1]], dim=1)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "decoder_input_ids": dec.masked_fill(dec == -100, pad_id)}
 
 
 def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -79,12 +104,20 @@ def length_chunks(examples: Sequence[Example], n_chunks: int) -> list[list[Examp
     return [[examples[i] for i in part] for part in np.array_split(order, min(n_chunks, len(examples))) if len(part)]
 
 
-def token_stats(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed NLL, correct next-token predictions, number of predicted tokens) of a batch.
+def token_stats(model: PreTrainedModel, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed NLL, correct next-token predictions, number of predicted tokens) of a batch; with
+    ``label_smoothing`` ε > 0 the first entry is the summed label-smoothed cross-entropy.
 
     A plain GPT-2 (not wrapped for DDP, whose gradient hooks need its own forward) gets the LM
     head only at labelled positions: in translation half the positions are the source or
     padding, and the [positions, vocabulary] logits are the largest tensor of the step."""
+    if "decoder_input_ids" in batch:  # encoder–decoder (seq2seq_collate): labels are not shifted
+        valid = batch["labels"] != -100  # [B, T]
+        target = batch["labels"][valid]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=batch["decoder_input_ids"],
+                       use_cache=False).logits[valid]
+        nll = torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum", label_smoothing=label_smoothing)
+        return nll, (logits.argmax(-1) == target).sum(), valid.sum()
     labels = batch["labels"][:, 1:]
     valid = labels != -100  # [B, T-1]
     target = labels[valid]  # [N]
@@ -93,15 +126,24 @@ def token_stats(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple
         logits = model.lm_head(hidden[:, :-1][valid])  # [N, V]
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][valid]
-    nll = torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum")
+    nll = torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum", label_smoothing=label_smoothing)
     correct = (logits.argmax(-1) == target).sum()
     return nll, correct, valid.sum()
 
 
-def chunked_token_stats(model: PreTrainedModel, examples: Sequence[Example], pad_id: int, device: torch.device, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def start_token(model: PreTrainedModel) -> int | None:
+    """The decoder start token of an encoder–decoder model (None for a decoder-only one)."""
+    model = getattr(model, "module", model)  # under DDP
+    return model.config.decoder_start_token_id if is_seq2seq(model) else None
+
+
+def chunked_token_stats(model: PreTrainedModel, examples: Sequence[Example], pad_id: int, device: torch.device, n_chunks: int,
+                        label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`token_stats` of ``examples`` summed over :func:`length_chunks`: the same sums as
     one padded batch, with less padding."""
-    stats = [token_stats(model, {k: v.to(device) for k, v in collate(c, pad_id).items()}) for c in length_chunks(examples, n_chunks)]
+    start = start_token(model)
+    stats = [token_stats(model, {k: v.to(device) for k, v in collate(c, pad_id, start).items()}, label_smoothing)
+             for c in length_chunks(examples, n_chunks)]
     nll, correct, count = (sum(x) for x in zip(*stats))  # each summed over the chunks
     return nll, correct, count
 
@@ -150,7 +192,8 @@ def pretrain(
     loop.model.train()
     for step in loop.steps():
         idx = batch_indices(len(train), cfg.batch_size, step, seed)
-        nll, correct, count = chunked_token_stats(loop.model, [train[i] for i in idx[shard]], pad_id, loop.device, cfg.length_chunks)
+        nll, correct, count = chunked_token_stats(loop.model, [train[i] for i in idx[shard]], pad_id, loop.device, cfg.length_chunks,
+                                                  cfg.label_smoothing)
         if acc.num_processes == 1:
             loss = nll / count.clamp(min=1)
             metrics = loop.update(loss)

@@ -1,5 +1,12 @@
 """Batched sampling with a KV cache, and per-token log-probabilities of completions.
 
+Decoder-only and encoder–decoder models go through the same functions. A decoder-only model
+reads the prompt as the prefix of the completion (left-padded, positions from the mask); an
+encoder–decoder model reads the prompt with its encoder (right-padded: its positions do not
+look at the mask) once per rollout, and its decoder writes the completion after the
+``decoder_start_token_id``. Prompts are passed left-padded either way (:func:`left_pad`);
+:func:`right_align` turns them round for an encoder.
+
 The action space of a task can be a subset of the vocabulary (a counterpoint note is one
 of 49 interval tokens, never ``<bos>``); ``allowed`` masks the rest.  Sampling and scoring
 both use the *masked* distribution, log p(a|s) = log_softmax(logits masked to allowed),
@@ -12,11 +19,12 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from rlhf import fast_gpt2
-from rlhf.kl import masked_log_softmax
+from rlhf import fast_gpt2, fast_marian
+from rlhf.kl import kl_exact, masked_log_softmax
+from rlhf.models import is_seq2seq
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -56,6 +64,8 @@ def sample(
 
 def completion_logits(model: PreTrainedModel, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
     """Logits that predict each completion token: [B, T, V] for completions [B, T]."""
+    if is_seq2seq(model):
+        return seq2seq_forward(model, prompts, torch.ones_like(prompts), completions)[0]
     seq = torch.cat([prompts, completions], dim=1)
     logits = model(input_ids=seq).logits  # [B, P+T, V]
     p = prompts.shape[1]
@@ -139,11 +149,39 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def right_align(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids [B, P] and mask [B, P] turned right-padded: each row's real tokens moved to
+    the front, in order (padding ids move to the back unchanged)."""
+    p = ids.shape[1]
+    shift = p - mask.long().sum(-1, keepdim=True)  # [B, 1] padding before each row
+    idx = (torch.arange(p, device=ids.device)[None, :] + shift) % p  # [B, P]
+    return ids.gather(1, idx), mask.gather(1, idx)
+
+
+def decoder_inputs(model: PreTrainedModel, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, T] decoder inputs of completions ``tokens`` [B, T]: the start token, then tokens[:, :-1]."""
+    start = torch.full_like(tokens[:, :1], model.config.decoder_start_token_id)
+    return torch.cat([start, tokens[:, :-1]], dim=1)
+
+
+def seq2seq_forward(
+    model: PreTrainedModel, prompts: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor, hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`sequence_forward` of an encoder–decoder: the encoder reads the prompts, the decoder
+    is teacher-forced on ``tokens``. Logits [B, T, V] (decoder hidden states [B, T, H])."""
+    src, src_mask = right_align(prompts, prompt_mask)
+    out = model(input_ids=src, attention_mask=src_mask, decoder_input_ids=decoder_inputs(model, tokens), use_cache=False,
+                output_hidden_states=hidden)
+    return out.logits, (out.decoder_hidden_states[-1] if hidden else None)
+
+
 def sequence_forward(
     model: PreTrainedModel, prompts: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor, hidden: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits [B, T, V] that predict each completion token (and the last hidden states [B, T, H]
     of the same positions if ``hidden``), for left-padded prompts [B, P] and completions [B, T]."""
+    if is_seq2seq(model):
+        return seq2seq_forward(model, prompts, prompt_mask, tokens, hidden)
     attn = torch.cat([prompt_mask, torch.ones_like(tokens)], dim=1)
     p, t = prompts.shape[1], tokens.shape[1]
     if fast_gpt2.supports(model):
@@ -191,9 +229,33 @@ def preallocated_cache(model: PreTrainedModel, max_len: int) -> DynamicCache:
     """The model's ``DynamicCache`` with every plain full-attention layer swapped for a
     :class:`PreallocatedLayer` of ``max_len`` slots (sliding-window or other special layers
     are kept as transformers builds them)."""
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))  # an encoder–decoder's cache: its decoder's layers
     cache.layers = [PreallocatedLayer(max_len) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[B, 1] one action per row of ``probs`` [B, V] (unnormalised, ≥ 0) for uniforms ``u`` [B]
+    in [0, 1), by inverse transform sampling:
+
+        a = min{a : F(a) > u · F(V)},   F(a) = Σ_{a' ≤ a} p(a')
+
+    ``>`` (``searchsorted(right=True)``) never lands on a zero-probability action: F(a) > F(a − 1)
+    there. Sums in float64; the clamp to the last possible action guards u · F(V) rounding up to
+    F(V)."""
+    cdf = probs.double().cumsum(-1)  # [B, V]
+    x = u.to(cdf)[:, None] * cdf[:, -1:]  # [B, 1]
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)  # [B, 1] last action with p > 0
+    return torch.minimum(torch.searchsorted(cdf, x, right=True), last)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B, 1] one sample per row of ``probs`` [B, V]: :func:`inverse_cdf` with one float64
+    uniform per row from ``generator``. The same law as ``torch.multinomial(probs, 1)`` at a
+    small fraction of its CPU cost for a large vocabulary (one cumsum and a binary search)."""
+    device = generator.device if generator is not None else probs.device
+    u = torch.rand(probs.shape[0], generator=generator, dtype=torch.float64, device=device)
+    return inverse_cdf(probs, u.to(probs.device))
 
 
 def next_tokens(
@@ -210,18 +272,18 @@ def next_tokens(
 
     ``probs_fn(logits) -> probs`` if given (e.g. ε-greedy over Q-values), else
     softmax(filter(logits masked to the action space / temperature)); ``blocked`` = ~allowed [V].
-    ``temperature == 0`` is argmax. One ``torch.multinomial`` draw per row and step, so the
+    ``temperature == 0`` is argmax. One :func:`draw` (one uniform) per row and step, so the
     RNG stream is the one a plain, uncached loop over the same logits consumes.
     """
     if probs_fn is not None:
-        return torch.multinomial(probs_fn(logits), 1, generator=generator)
+        return draw(probs_fn(logits), generator)
     if blocked is not None:
         logits = logits.masked_fill(blocked, float("-inf"))
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     if temperature != 1.0:  # x / 1.0 == x exactly: skipping it changes no bit
         logits = logits / temperature
-    return torch.multinomial(torch.softmax(filter_logits(logits, top_k, top_p), dim=-1), 1, generator=generator)
+    return draw(torch.softmax(filter_logits(logits, top_k, top_p), dim=-1), generator)
 
 
 def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
@@ -290,8 +352,12 @@ def decode(
     logits_buf = hidden_buf = None
     done = torch.zeros(b, dtype=torch.bool, device=device)  # [B] row has sampled EOS
 
-    step = _fast_step(model, attn, pos, p + n_new) if fast_gpt2.supports(model) else _hf_step(model, attn, pos, p + n_new, keep_hidden)
-    logits, hid = step(prompts, 0)
+    if is_seq2seq(model):  # the encoder runs once; the decoder starts from its start token
+        step = _seq2seq_step(model, prompts, prompt_mask, n_new, keep_hidden)
+        logits, hid = step(torch.full((b, 1), model.config.decoder_start_token_id, dtype=torch.long, device=device), 0)
+    else:
+        step = _fast_step(model, attn, pos, p + n_new) if fast_gpt2.supports(model) else _hf_step(model, attn, pos, p + n_new, keep_hidden)
+        logits, hid = step(prompts, 0)
     steps = n_new
     for t in range(n_new):
         logits = logits.float()  # [B, V]
@@ -314,17 +380,45 @@ def decode(
                    None if hidden_buf is None else hidden_buf[:, :steps])
 
 
+def _cache_kw(model: PreTrainedModel) -> str:
+    """The name of the KV-cache argument: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _seq2seq_step(model: PreTrainedModel, prompts: torch.Tensor, prompt_mask: torch.Tensor, n_new: int, keep_hidden: bool):
+    """``step(ids [B, 1], start) -> (logits [B, V], last decoder hidden [B, H] or None)`` of an
+    encoder–decoder: the encoder runs here, once; each step runs the decoder on one new token
+    with a :func:`preallocated_cache` for self-attention (the cross-attention keys and values
+    are computed at the first step and kept). A Marian model runs through
+    :mod:`rlhf.fast_marian` (same numbers, far less per-step overhead)."""
+    src, src_mask = right_align(prompts, prompt_mask)
+    if fast_marian.supports(model):
+        decoder = fast_marian.Decoder(model, src, src_mask, n_new)
+        return lambda ids, start: decoder.step(ids)
+    encoded = model.get_encoder()(input_ids=src, attention_mask=src_mask)
+    cache = EncoderDecoderCache(preallocated_cache(model, n_new), DynamicCache(config=model.config.get_text_config(decoder=True)))
+    kw = _cache_kw(model)
+
+    def step(ids: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = model(encoder_outputs=encoded, attention_mask=src_mask, decoder_input_ids=ids, use_cache=True,
+                    output_hidden_states=keep_hidden, **{kw: cache})
+        return out.logits[:, -1, :], (out.decoder_hidden_states[-1][:, -1, :] if keep_hidden else None)
+
+    return step
+
+
 def _hf_step(model: PreTrainedModel, attn: torch.Tensor, pos: torch.Tensor, max_len: int, keep_hidden: bool):
     """``step(ids [B, n], start) -> (logits [B, V], last hidden [B, H] or None)`` of the last of
     n new positions starting at ``start``, through transformers' forward and a
     :func:`preallocated_cache`. Each call gets views of the preallocated mask and positions."""
     cache = preallocated_cache(model, max_len)
     extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}  # no LM head over the prompt
+    kw = _cache_kw(model)
 
     def step(ids: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         end = start + ids.shape[1]
-        out = model(input_ids=ids, attention_mask=attn[:, :end], position_ids=pos[:, start:end], past_key_values=cache,
-                    use_cache=True, output_hidden_states=keep_hidden, **extra)
+        out = model(input_ids=ids, attention_mask=attn[:, :end], position_ids=pos[:, start:end], use_cache=True,
+                    output_hidden_states=keep_hidden, **{kw: cache}, **extra)
         return out.logits[:, -1, :], (out.hidden_states[-1][:, -1, :] if keep_hidden else None)
 
     return step
@@ -394,8 +488,6 @@ def kl_to_reference_many(
 ) -> list[float]:
     """Exact KL(model‖ref) over the action space at each step of each completion, averaged
     per completion: the "KL to the prior per note" of evaluation tables."""
-    from rlhf.kl import kl_exact
-
     device = next(model.parameters()).device
     out: list[float] = []
     for i in range(0, len(prompts), max_batch):

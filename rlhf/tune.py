@@ -25,7 +25,7 @@ from rlhf.config import CheckpointEvery, GradClip, LearningRate, Section, Steps
 from rlhf.errors import UserError
 from rlhf.interfaces import ActionRewards, Algorithm, Completions, RewardFn, Step, Task, as_rewards
 from rlhf.kl import AdaptiveKLController, FixedKLController
-from rlhf.models import load_causal_lm
+from rlhf.models import load_model
 from rlhf.policy import frozen
 from rlhf.prompt_sampling import PromptSampler, PromptSampling
 from rlhf.rewards import task_reward
@@ -137,8 +137,8 @@ class TuneConfig(Section):
 
 def build_algorithm(cfg: TuneConfig, prior_dir: Path, allowed: torch.Tensor | None) -> tuple[Algorithm, torch.nn.Module, torch.nn.Module]:
     """(algorithm, trainable module, frozen prior) for ``cfg.algorithm``; the policy starts as the prior."""
-    prior = frozen(load_causal_lm(prior_dir))
-    policy = load_causal_lm(prior_dir).eval()  # eval: no dropout noise in ratios and TD targets
+    prior = frozen(load_model(prior_dir))
+    policy = load_model(prior_dir).eval()  # eval: no dropout noise in ratios and TD targets
     ctx = BuildContext(cfg.algorithm, cfg.settings, cfg.kl, cfg.temperature, policy, prior, allowed)
     algo, model = ALGORITHMS.get(cfg.algorithm).build(ctx)
     return algo, model, prior

@@ -13,7 +13,7 @@ import pytest
 from music21 import converter
 
 from apps.cli import main
-from rlhf.models import build_causal_lm, load_causal_lm
+from rlhf.models import build_model, load_model
 from apps.pipeline import load_run_config
 from rlhf.config import load_config
 from tasks.counterpoint.cantus import parse_note_names
@@ -83,8 +83,8 @@ def prior_vs_untrained(run_dir):
     cfg = load_run_config(run_dir / "config.yaml")
     prior_dir = run_dir / "models" / "prior"
     task = CounterpointTask(cfg.task, Codec.load(prior_dir))
-    prior = load_causal_lm(prior_dir)
-    untrained = build_causal_lm(cfg.model, task.tokenizer)
+    prior = load_model(prior_dir)
+    untrained = build_model(cfg.model, task.tokenizer)
     return task.evaluate({"prior": prior, "untrained": untrained}, prior, seed=0)["rows"]
 
 

@@ -34,12 +34,14 @@ from rlhf.runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "dist_scripts" / "train.py"
-EQUAL = ("bt", "vpl", "pretrain", "ppo", "rloo")  # 2 processes = 1 process
+EQUAL = ("bt", "vpl", "pretrain", "ppo", "rloo", "pretrain-s2s", "ppo-s2s", "rloo-s2s")  # 2 processes = 1 process
 RUN_ONLY = ("q", "psi", "g")
 TOL = 1e-4
 FINAL = {"bt": "reward-bt", "vpl": "reward-vpl", "pretrain": "prior", "ppo": "ppo", "rloo": "rloo", "q": "q", "psi": "psi", "g": "g"}
 STAGE = {"bt": "reward-bt", "vpl": "reward-vpl", "pretrain": "prior", **{a: f"tune-{a}" for a in ("ppo", "rloo", "q", "psi", "g")}}
 STEPS = {"bt": 4, "vpl": 3, "pretrain": 3, "ppo": 12, "rloo": 3, "q": 6, "psi": 6, "g": 6}  # optimizer steps of each toy run
+for _d in (FINAL, STAGE, STEPS):  # the encoder–decoder runs (toy.PARTS): as their decoder-only twins
+    _d.update({f"{p}-s2s": _d[p] for p in ("pretrain", "ppo", "rloo")})
 LAUNCH_TIMEOUT = 300  # a hang fails the test instead of the suite
 
 
@@ -65,7 +67,7 @@ def one_thread_per_process():
 
 @pytest.fixture(scope="module")
 def prior(tmp_path_factory) -> Path:
-    return toy.save_prior(tmp_path_factory.mktemp("prior") / "prior")
+    return toy.save_priors(tmp_path_factory.mktemp("prior") / "prior")
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +99,8 @@ def test_two_processes_train_like_one(one_process, two_processes, prior, part):
     two, _ = two_processes
     a, b = one_process / part / "models" / FINAL[part], two / part / "models" / FINAL[part]
     assert max_diff(a, b) < TOL, part
-    if part in ("ppo", "rloo"):  # and the runs did move: the tolerance is small against the update
-        assert max_diff(a, prior) > 20 * TOL
+    if part in ("ppo", "rloo", "ppo-s2s", "rloo-s2s"):  # and the runs did move: the tolerance is small against the update
+        assert max_diff(a, prior.parent / "prior-s2s" if part.endswith("-s2s") else prior) > 20 * TOL
     # metrics are the global batch's (adaptive β included), written once by rank 0
     ra, rb = read_metrics(one_process / part / "metrics.jsonl"), read_metrics(two / part / "metrics.jsonl")
     assert [r["step"] for r in rb] == list(range(1, len(ra) + 1)) == [r["step"] for r in ra]
@@ -112,7 +114,7 @@ def test_ranks_hold_identical_parameters_after_every_step(two_processes):
     out, result = two_processes
     assert result["info"]["world_size"] == 2 and result["info"]["distributed_type"] == "DistributedType.MULTI_CPU"
     for part in EQUAL + RUN_ONLY:
-        per_step = result["records"][STAGE[part]]
+        per_step = result["records"][f"{part}:{STAGE[part]}"]
         assert len(per_step) == STEPS[part], part
         for ranks in per_step:
             assert ranks[0] == ranks[1], (part, ranks)  # exact: DDP averages, then identical updates
@@ -136,7 +138,7 @@ def test_zero2_checkpoint_loads_in_one_process(one_process, prior, tmp_path, mon
     assert code == 0, out.err[-3000:]
     result = json.loads((tmp_path / "checksums.json").read_text())
     assert result["info"]["distributed_type"] == "DistributedType.DEEPSPEED"
-    assert all(r[0] == r[1] for r in result["records"]["reward-bt"])
+    assert all(r[0] == r[1] for r in result["records"]["bt:reward-bt"])
     final = tmp_path / "bt" / "models" / "reward-bt"
     model = load_reward_model(final).eval()  # a plain HF folder, one process
     ids, mask = toy.probe_batch(toy.word_tokenizer())

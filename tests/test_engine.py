@@ -36,15 +36,22 @@ def prior(tmp_path_factory):
     return save_prior(tmp_path_factory.mktemp("toy") / "prior")
 
 
+@pytest.fixture(scope="module")
+def seq2seq_prior(tmp_path_factory):
+    """The same toy with an encoder–decoder (Marian) prior: the prompt goes to the encoder."""
+    return save_prior(tmp_path_factory.mktemp("toy-s2s") / "prior", arch="marian")
+
+
 def test_every_builtin_algorithm_is_registered_and_tested():
     assert set(SETTINGS) == {"ppo", "rloo", "mrt", "q", "psi", "g"} <= set(ALGORITHMS.names())
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "marian"])
 @pytest.mark.parametrize("algorithm", list(SETTINGS))
-def test_each_algorithm_raises_the_toy_reward(prior, tmp_path, algorithm):
+def test_each_algorithm_raises_the_toy_reward(prior, seq2seq_prior, tmp_path, algorithm, arch):
     cfg = TuneConfig.model_validate({"algorithm": algorithm, "steps": 30, "batch_size": 32, "checkpoint_every": 100,
                                      "kl": {"beta": 0.01}, **SETTINGS[algorithm]})
-    tuner = Tuner(Run(tmp_path), cfg, ToyTask(), prior, seed=0, progress=False)
+    tuner = Tuner(Run(tmp_path), cfg, ToyTask(), prior if arch == "gpt2" else seq2seq_prior, seed=0, progress=False)
     assert isinstance(tuner.algo, Algorithm)
     rows = []
     for step in tuner.loop.steps():

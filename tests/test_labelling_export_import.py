@@ -273,13 +273,13 @@ def test_conflicts_duplicates_and_atomic_output(export, tmp_path, capsys):
 
 def test_translation_pairs_are_text(tmp_path):
     from apps.labelling.server import pair_view
-    from rlhf.models import ModelConfig, build_causal_lm
+    from rlhf.models import ModelConfig, build_model
     from tasks.translation.tokenizer import TranslationCodec, train_tokenizer
 
     en = ["a man rides a horse .", "two dogs play in the snow .", "a woman sings on a stage .", "children run in the park ."]
     de = ["ein mann reitet ein pferd .", "zwei hunde spielen im schnee .", "eine frau singt auf einer buehne .", "kinder rennen im park ."]
     codec = TranslationCodec(train_tokenizer(en + de, "en", "de", vocab_size=300, min_frequency=1), "en", "de")
-    model = build_causal_lm(ModelConfig(n_layer=1, n_embd=32, n_head=2, dropout=0.0, max_positions=96), codec.tokenizer)
+    model = build_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, dropout=0.0, max_positions=96), codec.tokenizer)
     model.save_pretrained(tmp_path / "mt")
     codec.save(tmp_path / "mt")
     (tmp_path / "src.en").write_text("\n".join(en[:2]) + "\n\n")

@@ -6,7 +6,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from rlhf import fast_gpt2
 from rlhf.algorithms.common import make_rollout
-from rlhf.rollout import completion_logits, decode, eos_lengths, left_pad, sample, sample_padded, sequence_forward
+from rlhf.rollout import completion_logits, decode, draw, eos_lengths, left_pad, sample, sample_padded, sequence_forward
 
 V = 19
 EOS, PAD = 2, 0
@@ -29,7 +29,7 @@ def action_space(*, eos: bool) -> torch.Tensor:
 @torch.no_grad()
 def naive_padded_sample(model, ids, mask, n_new, generator, allowed=None, probs_fn=None):
     """Recompute the whole left-padded batch for every token (no KV cache, no EOS handling);
-    one multinomial draw over [B, V] per step, as the cached sampler does."""
+    one draw over [B, V] per step, as the cached sampler does."""
     seq = ids
     attn = mask
     for _ in range(n_new):
@@ -39,7 +39,7 @@ def naive_padded_sample(model, ids, mask, n_new, generator, allowed=None, probs_
             probs = probs_fn(logits)
         else:
             probs = torch.softmax(logits if allowed is None else logits.masked_fill(~allowed, float("-inf")), -1)
-        seq = torch.cat([seq, torch.multinomial(probs, 1, generator=generator)], 1)
+        seq = torch.cat([seq, draw(probs, generator)], 1)
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
     return seq[:, ids.shape[1]:]
 

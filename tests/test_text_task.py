@@ -18,7 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from apps.pipeline import load_run_config, run_pipeline
 from rlhf.errors import UserError
 from rlhf.interfaces import Completions
-from rlhf.models import load_causal_lm
+from rlhf.models import load_model
 from rlhf.registry import REWARDS, TASKS
 from rlhf.rollout import sample_many
 from rlhf.runs import read_metrics
@@ -289,9 +289,53 @@ def test_rl_on_bleu_raises_the_reward_of_the_prior(tmp_path):
     assert cfg.tune.algorithm == "rloo" and cfg.task.reward.kind == "bleu" and cfg.pretrain.steps == 600
     run_pipeline(cfg)
     task = TextTask.build(cfg.task, model_dir=run_dir / "models" / "prior")
-    prior = mean_train_reward(task, load_causal_lm(run_dir / "models" / "prior"), prompts=128, samples=4, seed=1)
-    tuned = mean_train_reward(task, load_causal_lm(run_dir / "models" / "rloo"), prompts=128, samples=4, seed=1)
+    prior = mean_train_reward(task, load_model(run_dir / "models" / "prior"), prompts=128, samples=4, seed=1)
+    tuned = mean_train_reward(task, load_model(run_dir / "models" / "rloo"), prompts=128, samples=4, seed=1)
     assert tuned > prior + 0.02, (prior, tuned)
     rl = read_metrics(run_dir / "metrics.jsonl", stage="tune-rloo")
     first, last = (sum(r["reward/task"] for r in rs) / len(rs) for rs in (rl[:10], rl[-10:]))
     assert last > first, (first, last)
+
+
+@pytest.mark.integration
+def test_rl_on_bleu_raises_the_reward_of_an_encoder_decoder_prior(tmp_path):
+    """The same end-to-end run with a Marian encoder–decoder prior (the prompt goes to the
+    encoder): MLE, then RLOO on sentence BLEU raises the tuned model's reward on the training
+    prompts above the prior's. 150 MLE steps leave the prior at about 0.54 (600 steps solve
+    the demo by MLE alone, leaving RL nothing to gain). Measured while writing this over seeds
+    0-2: gains of +0.06 to +0.14, so the margin 0.02 is safe."""
+    run_dir = tmp_path / "run"
+    cfg = load_run_config(CONFIG, [f"task.data.path={DEMO}", f"run_dir={run_dir}", "progress=false", "model.arch=marian", "pretrain.steps=150",
+                                   "pretrain.warmup_steps=20", "tune.steps=100",
+                                   "tune.batch_size=256", "tune.checkpoint_every=100", "task.eval.prompts=8", "task.eval.samples=2"])
+    run_pipeline(cfg)
+    task = TextTask.build(cfg.task, model_dir=run_dir / "models" / "prior")
+    prior_model, tuned_model = load_model(run_dir / "models" / "prior"), load_model(run_dir / "models" / "rloo")
+    assert prior_model.config.is_encoder_decoder
+    prior = mean_train_reward(task, prior_model, prompts=128, samples=4, seed=1)
+    tuned = mean_train_reward(task, tuned_model, prompts=128, samples=4, seed=1)
+    assert tuned > prior + 0.02, (prior, tuned)
+
+
+@pytest.mark.integration
+def test_a_marian_folder_of_ones_own_is_prior_and_policy(own_model, tmp_path):
+    """An encoder–decoder in Hugging Face format (a MarianMTModel and its tokenizer saved by
+    save_pretrained, as an OPUS-MT download is) tunes offline with pretrain=null."""
+    from transformers import MarianConfig, MarianMTModel
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(own_model))
+    folder = tmp_path / "marian"
+    torch.manual_seed(0)
+    end = tok.eos_token_id
+    MarianMTModel(MarianConfig(vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                               decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                               pad_token_id=end, eos_token_id=end, decoder_start_token_id=end, forced_eos_token_id=None)).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    run_dir = tmp_path / "run"
+    cfg = load_run_config(CONFIG, own_model_overrides(folder, run_dir))
+    run_pipeline(cfg)
+    for name in ("prior", "rloo"):
+        assert load_model(run_dir / "models" / name).config.is_encoder_decoder
+    rows = json.loads((run_dir / "eval.json").read_text())["rows"]
+    assert rows["prior"]["kl/prior"] == 0.0 and rows["rloo"]["kl/prior"] >= 0.0 and 0.0 <= rows["rloo"]["reward"] <= 1.0
+    assert len(read_metrics(run_dir / "metrics.jsonl", stage="tune-rloo")) == 2

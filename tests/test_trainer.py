@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.models import ModelConfig, build_causal_lm
+from rlhf.models import ModelConfig, build_model
 from rlhf.pretrain import PretrainConfig, batch_indices, collate, pretrain
 from rlhf.runs import Run, latest_checkpoint, read_metrics
 from tasks.counterpoint.tokens import build_codec
@@ -26,7 +26,7 @@ def toy_examples(codec, n, seed):
 def setup(tmp_path, steps, name="run"):
     codec = build_codec("melody")
     torch.manual_seed(0)
-    model = build_causal_lm(ModelConfig(n_layer=1, n_embd=32, n_head=2, max_positions=40), codec.tokenizer)
+    model = build_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, max_positions=40), codec.tokenizer)
     cfg = PretrainConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=5, checkpoint_every=5)
     return codec, model, cfg, Run(tmp_path / name)
 
@@ -127,7 +127,7 @@ def test_chunked_token_stats_equal_a_per_example_loop(arch, n_chunks):
     codec = build_codec("melody")
     torch.manual_seed(0)
     if arch == "gpt2":
-        model = build_causal_lm(ModelConfig(n_layer=2, n_embd=32, n_head=2, max_positions=40, dropout=0.0), codec.tokenizer)
+        model = build_model(ModelConfig(n_layer=2, n_embd=32, n_head=2, max_positions=40, dropout=0.0), codec.tokenizer)
     else:
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(codec.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=2, max_position_embeddings=40, pad_token_id=codec.pad_id))

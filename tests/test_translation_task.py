@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from rlhf.config import apply_overrides, load_config, read_yaml
 from rlhf.errors import UserError
-from rlhf.models import ModelConfig, build_causal_lm, load_causal_lm
+from rlhf.models import ModelConfig, build_model, load_model
 from apps.pipeline import load_run_config
 from rlhf.pretrain import PretrainConfig, evaluate_lm, pretrain
 from rlhf.runs import Run
@@ -145,8 +145,9 @@ def test_configs_load_and_fit_the_model():
 # ----- a tiny prior on a Multi30k slice -----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_prior(tmp_path_factory):
+@pytest.fixture(scope="module", params=["gpt2", "marian"])
+def tiny_prior(tmp_path_factory, request):
+    """A decoder-only and an encoder–decoder prior, each trained briefly on the same slice."""
     d = resolve_data_dir(None)
     if not (d / "train.en.gz").is_file():
         pytest.skip(f"Multi30k not found in {d} (set {MULTI30K_ENV}); see docs/translation.md")
@@ -156,14 +157,14 @@ def tiny_prior(tmp_path_factory):
     task = TranslationTask(cfg)
     train, val = task.corpus(0, run_dir=root)
     torch.manual_seed(0)
-    model = build_causal_lm(ModelConfig(n_layer=2, n_embd=64, n_head=2, max_positions=128), task.tokenizer)
+    model = build_model(ModelConfig(arch=request.param, n_layer=2, n_embd=64, n_head=2, max_positions=128), task.tokenizer)
     val_ex = task.examples(val)
     before = evaluate_lm(model, val_ex, task.codec.pad_id, torch.device("cpu"))["loss/val"]
     run = Run(root / "run")
     pcfg = PretrainConfig(steps=80, batch_size=32, lr=3e-3, warmup_steps=8, eval_every=40, checkpoint_every=100, length_chunks=4)
     final = pretrain(run, pcfg, model, task.tokenizer, task.examples(train), val_ex, seed=0, progress=False)
     task.codec.save(final)
-    after = evaluate_lm(load_causal_lm(final), val_ex, task.codec.pad_id, torch.device("cpu"))["loss/val"]
+    after = evaluate_lm(load_model(final), val_ex, task.codec.pad_id, torch.device("cpu"))["loss/val"]
     return task, final, before, after
 
 
@@ -177,7 +178,11 @@ def test_tiny_prior_lowers_the_validation_loss(tiny_prior):
 def _logprobs(model, prompt, completion, allowed):
     """[T, V] log-probabilities before each completion token, one unpadded sentence."""
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : len(prompt) + len(completion) - 1]
+        if model.config.is_encoder_decoder:
+            start = [model.config.decoder_start_token_id]
+            logits = model(input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([start + completion[:-1]])).logits[0]
+        else:
+            logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : len(prompt) + len(completion) - 1]
     return torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), -1)
 
 
@@ -187,7 +192,7 @@ def test_batched_decoding_matches_one_sentence_at_a_time(tiny_prior):
     near-equal logits may break either way and change the rest of a beam, so beam scores are
     compared, not token lists)."""
     task, final, _, _ = tiny_prior
-    model = load_causal_lm(final).eval()
+    model = load_model(final).eval()
     prompts = [task.prompt(p) for p in task.split("val")[:6]]
     ids, n_new = [p.ids for p in prompts], [p.n_new for p in prompts]
     assert len({len(i) for i in ids}) > 1  # mixed lengths, so the batch is padded
@@ -208,7 +213,7 @@ def test_batched_decoding_matches_one_sentence_at_a_time(tiny_prior):
 
 def test_evaluate_reports_bleu_ratio_and_zero_kl_for_the_prior(tiny_prior):
     task, final, _, _ = tiny_prior
-    model = load_causal_lm(final)
+    model = load_model(final)
     ev = task.evaluate({"prior": model}, model, seed=0)
     assert set(ev["splits"]) == {"val", "test"}
     row = ev["splits"]["test"]["rows"]["prior"]

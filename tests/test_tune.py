@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf.config import load_config
-from rlhf.models import load_causal_lm
+from rlhf.models import load_model
 from apps.pipeline import load_run_config
 from rlhf.rollout import left_pad, sample_padded, sequence_forward
 from rlhf.runs import Run, latest_checkpoint, read_metrics
@@ -113,13 +113,13 @@ def test_centred_psi_and_g_learning_take_the_same_steps(quick_run, tmp_path):
     task, prior = task_and_prior(quick_run)
     prompts = task.train_prompts()[:32]
     ids, pmask = left_pad([p.ids for p in prompts], task.tokenizer.pad_token_id)
-    tokens = sample_padded(load_causal_lm(prior), ids, pmask, 6, allowed=task.allowed, generator=torch.Generator().manual_seed(0))
+    tokens = sample_padded(load_model(prior), ids, pmask, 6, allowed=task.allowed, generator=torch.Generator().manual_seed(0))
     logp = {}
     for values in ["centred", "raw"]:
         for kind in ["psi", "g"]:
             cfg = TuneConfig.model_validate({"algorithm": kind, "steps": 3, "batch_size": 16, "checkpoint_every": 100, "kl_control": {"values": values}})
             final = tune(Run(tmp_path / f"{values}-{kind}"), cfg, task, prior, seed=2, progress=False)
-            logits = sequence_forward(load_causal_lm(final), ids, pmask, tokens)[0].masked_fill(~task.allowed, float("-inf"))
+            logits = sequence_forward(load_model(final), ids, pmask, tokens)[0].masked_fill(~task.allowed, float("-inf"))
             logp[values, kind] = torch.log_softmax(logits, -1).clamp_min(-1e4)  # [B, T, V]
     kl = lambda a, b: float((a.exp() * (a - b)).sum(-1).mean())  # noqa: E731
     assert abs(kl(logp["centred", "psi"], logp["centred", "g"])) < 1e-5

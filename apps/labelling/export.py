@@ -149,7 +149,7 @@ def _names(pitches: Sequence[int | None]) -> str:
 def music_candidates(info: ModelInfo, index: int, cantus: Sequence[tuple[str, tuple[int, ...]]], positions: Sequence[str],
                      samples: int, temperature: float, seed: int) -> list[Candidate]:
     """``samples`` completions per prompt of a counterpoint model (first species or melody)."""
-    from rlhf.models import load_causal_lm
+    from rlhf.models import load_model
     from tasks.counterpoint.config import CounterpointConfig
     from tasks.counterpoint.task import CounterpointTask, Prompt
     from tasks.counterpoint.tokens import Codec
@@ -167,7 +167,7 @@ def music_candidates(info: ModelInfo, index: int, cantus: Sequence[tuple[str, tu
                 except ValueError as e:
                     raise UserError(f"cantus {name!r}: {e}") from None
                 prompts.append(Prompt(f"{name}/{pos}", ids, len(pitches), pitches[-1] % 12))
-    model = load_causal_lm(info.path)
+    model = load_model(info.path)
     rep, comps = task.sample(model, prompts, samples, temperature=temperature, seed=seed)
     items = task.decode(rep, comps)
     tok = codec.tokenizer
@@ -208,13 +208,13 @@ def text_candidates(info: ModelInfo, index: int, sources: Sequence[str], samples
     """``samples`` sampled translations per source sentence (cut at the first ``<eos>``)."""
     import torch
 
-    from rlhf.models import load_causal_lm
+    from rlhf.models import load_model
     from rlhf.rollout import sample_many
     from tasks.translation.decode import max_new_tokens, model_positions
     from tasks.translation.tokenizer import TranslationCodec
 
     codec = TranslationCodec.load(info.path)
-    model = load_causal_lm(info.path)
+    model = load_model(info.path)
     limit = model_positions(model)
     prompts, budgets = [], []
     for i, src in enumerate(sources):

@@ -58,7 +58,7 @@ def synthetic_pieces(seed: int = 0, transpositions: Sequence[int] = (-2, 0, 2), 
 def tiny_prior(run_dir: str | Path, steps: int = 150, seed: int = 0, progress: bool = False) -> Path:
     """A 2-layer GPT-2 counterpoint prior trained by MLE on :func:`synthetic_pieces` for ``steps``
     (0 = untrained); returns ``<run_dir>/models/prior`` (model + tokenizer, as `rlhf pretrain` writes it)."""
-    from rlhf.models import ModelConfig, build_causal_lm
+    from rlhf.models import ModelConfig, build_model
     from rlhf.pretrain import PretrainConfig, pretrain
     from rlhf.runs import Run
     from rlhf.trainer import seed_everything
@@ -68,7 +68,7 @@ def tiny_prior(run_dir: str | Path, steps: int = 150, seed: int = 0, progress: b
     codec = build_codec("first_species")
     pieces = synthetic_pieces(seed)
     examples = [codec.encode(p) for p in pieces]
-    model = build_causal_lm(ModelConfig(n_layer=2, n_embd=64, n_head=4, dropout=0.0, max_positions=64), codec.tokenizer)
+    model = build_model(ModelConfig(n_layer=2, n_embd=64, n_head=4, dropout=0.0, max_positions=64), codec.tokenizer)
     if steps == 0:  # an untrained model: enough for tests of the file formats
         final = Path(run_dir) / "models" / "prior"
         model.save_pretrained(final)
@@ -217,7 +217,7 @@ def win_rate_vs_prior(rater: Rater, tuned: str | Path, prior: str | Path, per_pr
     """Share of prompts × samples where ``rater`` (noiselessly) prefers the tuned model's piece
     to the prior's for the same prompt (ties ½); the prompts are the export's (Fux, both positions)."""
     from apps.simulate import win_rate
-    from rlhf.models import load_causal_lm
+    from rlhf.models import load_model
     from tasks.counterpoint.config import CounterpointConfig
     from tasks.counterpoint.task import CounterpointTask
     from tasks.counterpoint.tokens import Codec
@@ -226,7 +226,7 @@ def win_rate_vs_prior(rater: Rater, tuned: str | Path, prior: str | Path, per_pr
     prompts = task.train_prompts()
     items = {}
     for name, path in (("tuned", tuned), ("prior", prior)):
-        rep, comps = task.sample(load_causal_lm(path), prompts, per_prompt, temperature=1.0, seed=seed)
+        rep, comps = task.sample(load_model(path), prompts, per_prompt, temperature=1.0, seed=seed)
         items[name] = task.decode(rep, comps)
     return win_rate(rater, items["tuned"], items["prior"])
 

@@ -79,12 +79,15 @@ class TranslationConfig(TaskConfig):
             raise ValueError(f"data.src_lang and data.tgt_lang are both {self.data.src_lang!r}; give two languages, e.g. en and de")
         return self
 
-    def positions_needed(self) -> int:
-        """Longest training sequence: <bos> <src> source <tgt> + target <eos> or a generation budget."""
-        return 3 + self.data.max_src_tokens + max(self.data.max_tgt_tokens + 1, self.length.cap)
+    def positions_needed(self, seq2seq: bool = False) -> int:
+        """Longest sequence a model must hold: <bos> <src> source <tgt> + target <eos> or a
+        generation budget (decoder-only); the longer of the two sides (encoder–decoder)."""
+        src, tgt = 3 + self.data.max_src_tokens, max(self.data.max_tgt_tokens + 1, self.length.cap)
+        return max(src, tgt + 1) if seq2seq else src + tgt
 
     def check_run(self, run) -> None:
-        check_positions(self, run.model.max_positions)
+        if run.model.path is None:  # a loaded model's own config decides
+            check_positions(self, run.model.max_positions, seq2seq=run.model.arch == "marian")
         t = run.tune
         if self.reward.level == "corpus" and t is not None and getattr(t.settings, "baseline", None) == "greedy":
             raise ValueError(
@@ -93,12 +96,12 @@ class TranslationConfig(TaskConfig):
             )
 
 
-def check_positions(task: TranslationConfig, max_positions: int) -> None:
+def check_positions(task: TranslationConfig, max_positions: int, seq2seq: bool = False) -> None:
     """ValueError unless the model's ``max_positions`` holds the longest sequence the task makes
     (for a RunConfig validator: ``model.max_positions`` vs ``task``)."""
-    need = task.positions_needed()
+    need = task.positions_needed(seq2seq)
     if max_positions < need:
-        raise ValueError(
-            f"model.max_positions ({max_positions}) is shorter than the longest translation sequence ({need} = 3 + "
-            f"task.data.max_src_tokens + max(task.data.max_tgt_tokens + 1, task.length.cap)); raise model.max_positions or lower those"
-        )
+        how = ("max(3 + task.data.max_src_tokens, max(task.data.max_tgt_tokens + 1, task.length.cap) + 1)" if seq2seq else
+               "3 + task.data.max_src_tokens + max(task.data.max_tgt_tokens + 1, task.length.cap)")
+        raise ValueError(f"model.max_positions ({max_positions}) is shorter than the longest translation sequence ({need} = {how}); "
+                         "raise model.max_positions or lower those")

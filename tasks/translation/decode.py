@@ -1,9 +1,11 @@
-"""Greedy and beam-search translation with a decoder-only model, and translating files.
+"""Greedy and beam-search translation, and translating files.
 
-Decoding uses Hugging Face ``generate`` on left-padded prompts (``<bos> <en> source <de>``):
-with left padding every row's next token is predicted from the last column, and ``generate``
-derives position ids from the attention mask, so a padded batch translates each sentence
-exactly as it would alone (tested). Sentences are sorted by length before batching so a
+Decoding uses Hugging Face ``generate`` on the prompts (``<bos> <en> source <de>``). A
+decoder-only model gets them left-padded: every row's next token is predicted from the last
+column, and ``generate`` derives position ids from the attention mask. An encoder–decoder
+gets them right-padded (an encoder's positions ignore the mask) and writes the translation
+after its decoder start token. Either way a padded batch translates each sentence exactly as
+it would alone (tested). Sentences are sorted by length before batching so a
 batch carries little padding. Tokens the action space excludes (``<pad>``, ``<bos>``,
 ``<unk>``, language tags) are suppressed, as in sampling for RL.
 
@@ -21,6 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from rlhf.errors import UserError
+from rlhf.models import is_seq2seq
 from rlhf.runs import atomic_write_text
 from tasks.translation.tokenizer import TranslationCodec
 
@@ -52,22 +55,25 @@ def generate(
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), n_new[i]))
+    seq2seq = is_seq2seq(model)
     out: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):  # left padding: the last column is every row's last prompt token
-            ids[row, width - len(prompts[i]) :] = torch.tensor(list(prompts[i]), dtype=torch.long)
-            mask[row, width - len(prompts[i]) :] = 1
+        for row, i in enumerate(idx):  # decoder-only: left padding, the last column is every row's last prompt token
+            at = slice(0, len(prompts[i])) if seq2seq else slice(width - len(prompts[i]), width)
+            ids[row, at] = torch.tensor(list(prompts[i]), dtype=torch.long)
+            mask[row, at] = 1
         gen = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(n_new[i] for i in idx),
             do_sample=False, num_beams=beam, early_stopping=beam > 1, eos_token_id=eos_id, pad_token_id=pad_id,
             suppress_tokens=list(suppress) or None,
-        )  # [b, width + new]
+        )  # [b, width + new] (decoder-only) or [b, 1 + new] (encoder–decoder: the start token first)
+        first = 1 if seq2seq else width
         for row, i in enumerate(idx):
-            toks = gen[row, width:].tolist()[: n_new[i]]
+            toks = gen[row, first:].tolist()[: n_new[i]]
             out[i] = toks[: toks.index(eos_id) + 1] if eos_id in toks else toks
     model.train(was_training)
     return out
@@ -80,14 +86,15 @@ def translate(
     """Translations of ``sentences`` (empty in, empty out). A source too long for the model's
     positions is cut to fit (logged with the count)."""
     limit = model_positions(model)
+    seq2seq = is_seq2seq(model)  # the source and the translation each have the model's positions
     prompts, n_new, cut = [], [], 0
     for s in sentences:
         src = codec.encode_text(s)
-        room = limit - 3 - max_new_tokens(len(src), ratio, extra, cap)  # 3 = <bos>, source tag, target tag
+        room = limit - 3 - (0 if seq2seq else max_new_tokens(len(src), ratio, extra, cap))  # 3 = <bos>, source tag, target tag
         if len(src) > room:
             src, cut = src[: max(room, 1)], cut + 1
         prompts.append([codec.bos_id, codec.src_tag_id, *src, codec.tgt_tag_id])
-        n_new.append(min(max_new_tokens(len(src), ratio, extra, cap), limit - len(prompts[-1])))
+        n_new.append(min(max_new_tokens(len(src), ratio, extra, cap), limit - 1 if seq2seq else limit - len(prompts[-1])))
     if cut:
         log.warning("%d of %d source sentences were cut to fit the model's %d positions", cut, len(sentences), limit)
     keep = [i for i, s in enumerate(sentences) if s.strip()]
@@ -103,7 +110,7 @@ def translate(
 def translate_file(model_dir: str | Path, input_path: str | Path, output_path: str | Path, beam: int = 1, batch_size: int = 64) -> int:
     """Translate ``input_path`` line by line (UTF-8, .gz allowed) with the model and tokenizer in
     ``model_dir``; write line i's translation to line i of ``output_path``. Returns the line count."""
-    from rlhf.models import load_causal_lm
+    from rlhf.models import load_model
     from tasks.translation.data import read_sentences
 
     if beam < 1:
@@ -111,7 +118,7 @@ def translate_file(model_dir: str | Path, input_path: str | Path, output_path: s
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
     codec = TranslationCodec.load(model_dir)
-    model = load_causal_lm(model_dir)
+    model = load_model(model_dir)
     sentences = read_sentences(input_path)
     hyps = translate(model, codec, sentences, beam=beam, batch_size=batch_size)
     atomic_write_text(Path(output_path), "".join(h + "\n" for h in hyps))

@@ -18,7 +18,7 @@ from reward_models.bradley_terry import BTConfig
 from reward_models.data import Preference, build_word_tokenizer
 from reward_models.vpl import VPLTrainConfig
 from rlhf.interfaces import Completions, Rewards
-from rlhf.models import ModelConfig, build_causal_lm
+from rlhf.models import ModelConfig, build_model
 from rlhf.pretrain import PretrainConfig
 from rlhf.tune import TuneConfig
 from tasks.counterpoint.tokens import Codec, build_codec
@@ -60,11 +60,12 @@ class ToyTask:
         self.codec.save(path)
 
 
-def save_prior(folder: Path) -> Path:
-    """A randomly initialised tiny GPT-2 with the melody tokenizer (what `tune` loads)."""
+def save_prior(folder: Path, arch: str = "gpt2") -> Path:
+    """A randomly initialised tiny GPT-2 (or Marian encoder–decoder) with the melody tokenizer
+    (what `tune` loads)."""
     codec = build_codec("melody")
     torch.manual_seed(SEED)
-    model = build_causal_lm(TINY, codec.tokenizer)
+    model = build_model(TINY.model_copy(update={"arch": arch}), codec.tokenizer)
     model.save_pretrained(folder)
     codec.save(folder)
     return folder
@@ -121,7 +122,15 @@ def pretrain_examples(codec: Codec, n: int = 32) -> list[tuple[list[int], list[i
     return [(bos, [ids[(i + t) % len(ids)] for t in range(4 + i % 5)] + [codec.eos_id]) for i in range(n)]
 
 
-PARTS = ("bt", "vpl", "pretrain", "ppo", "rloo", "q", "psi", "g")
+PARTS = ("bt", "vpl", "pretrain", "ppo", "rloo", "q", "psi", "g", "pretrain-s2s", "ppo-s2s", "rloo-s2s")
+"""``<part>-s2s``: the same run with an encoder–decoder (Marian) model, whose prior lies in
+``prior.parent / "prior-s2s"`` (:func:`save_priors` writes both)."""
+
+
+def save_priors(folder: Path) -> Path:
+    """The GPT-2 prior in ``folder`` and the Marian one beside it (``prior-s2s``)."""
+    save_prior(folder.parent / "prior-s2s", arch="marian")
+    return save_prior(folder)
 
 
 def run_part(part: str, root: Path, prior: Path, **over) -> Path:
@@ -136,6 +145,9 @@ def run_part(part: str, root: Path, prior: Path, **over) -> Path:
     from rlhf.tune import tune
 
     run = Run(root / part, is_main=distributed.env_rank() == 0)
+    arch = "gpt2"
+    if part.endswith("-s2s"):
+        part, arch, prior = part[: -len("-s2s")], "marian", prior.parent / "prior-s2s"
     if part == "bt":
         tok = word_tokenizer()
         return train_bt(run, BT.model_copy(update=over), bt_model(tok), tok, bt_records(), seed=SEED, progress=False)
@@ -148,7 +160,7 @@ def run_part(part: str, root: Path, prior: Path, **over) -> Path:
     if part == "pretrain":
         codec = build_codec("melody")
         torch.manual_seed(SEED)
-        model = build_causal_lm(TINY, codec.tokenizer)
+        model = build_model(TINY.model_copy(update={"arch": arch}), codec.tokenizer)
         return pretrain(run, PRETRAIN.model_copy(update=over), model, codec.tokenizer, pretrain_examples(codec), [], seed=SEED, progress=False)
     return tune(run, tune_config(part, **over), ToyTask(), prior, seed=SEED, progress=False)
 

@@ -42,6 +42,7 @@ def main() -> None:
     (out / f"pid-{distributed.env_rank()}").write_text(str(os.getpid()))  # the kill test checks that no rank outlives the job
     records: dict[str, list] = {}
     n_steps = {"n": 0}
+    current = {"part": ""}  # records are keyed "<part>:<stage>" (an -s2s part repeats its twin's stages)
     loops: dict[str, TrainLoop] = {}
     real_step = TrainLoop.optimizer_step
 
@@ -51,13 +52,14 @@ def main() -> None:
         if args.die_rank is not None and distributed.rank() == args.die_rank and n_steps["n"] >= args.die_after:
             print(f"rank {args.die_rank}: killing myself (SIGKILL) after {n_steps['n']} optimizer steps", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        records.setdefault(self.stage, []).append(distributed.gather_objects(distributed.checksum(self.unwrapped)))
+        records.setdefault(f"{current['part']}:{self.stage}", []).append(distributed.gather_objects(distributed.checksum(self.unwrapped)))
         loops[self.stage] = self
         return metrics
 
     TrainLoop.optimizer_step = checked_step
     info = {"world_size": None, "distributed_type": None}
     for part in args.parts:
+        current["part"] = part
         over = {"steps": args.steps} if args.steps else {}
         toy.run_part(part, out, Path(args.prior), **over)
         if args.probe and part == "bt":
