@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rlhf.rollout import inverse_cdf
 from rlhf.advantages import masked_mean, masked_sum, whiten
+from rlhf.rollout import inverse_cdf
 
 log = logging.getLogger("rlhf")
 

@@ -55,9 +55,8 @@ class Decoder:
         self.cross = [(_heads(layer.encoder_attn.k_proj(memory), self.h), _heads(layer.encoder_attn.v_proj(memory), self.h)) for layer in dec.layers]
         self.src_mask = src_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
         b, d = src.shape[0], c.d_model // self.h
-        p = memory
-        self.keys = [p.new_empty((b, self.h, max_len, d)) for _ in dec.layers]
-        self.values = [p.new_empty((b, self.h, max_len, d)) for _ in dec.layers]
+        self.keys = [memory.new_empty((b, self.h, max_len, d)) for _ in dec.layers]  # [B, h, max_len, d] per layer
+        self.values = [memory.new_empty((b, self.h, max_len, d)) for _ in dec.layers]
         self.filled = 0
 
     def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

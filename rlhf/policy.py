@@ -22,7 +22,7 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 def _unsaved(model: PreTrainedModel, key: str) -> bool:
     """Whether ``save_pretrained`` leaves ``key`` out: a tied weight (saved once, under the key it
     is tied to) or one the model rebuilds itself (e.g. Marian's sinusoidal positions)."""
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) | {"lm_head.weight"}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     patterns = [*(getattr(model, "_keys_to_ignore_on_save", None) or []), *(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
     return key in tied or key.endswith("lm_head.weight") or any(re.search(p, key) for p in patterns)
 

@@ -20,8 +20,9 @@ from pydantic import Field
 from transformers import GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from rlhf import distributed
-from rlhf.models import is_seq2seq
 from rlhf.config import CheckpointEvery, EvalEvery, GradClip, KeepCheckpoints, LearningRate, Section, Steps, WarmupSteps, WeightDecay
+from rlhf.models import is_seq2seq
+from rlhf.rollout import shift_right
 from rlhf.runs import Run
 from rlhf.trainer import TrainLoop
 
@@ -80,8 +81,8 @@ def seq2seq_collate(examples: Sequence[Example], pad_id: int, start_id: int) -> 
     for i, (p, c) in enumerate(examples):
         ids[i, : len(p)], mask[i, : len(p)] = torch.tensor(list(p)), 1
         labels[i, : len(c)] = torch.tensor(list(c))
-    dec = torch.cat([torch.full((len(examples), 1), start_id, dtype=torch.long), labels[:, :-1]], dim=1)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "decoder_input_ids": dec.masked_fill(dec == -100, pad_id)}
+    dec = shift_right(labels.masked_fill(labels == -100, pad_id), start_id)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "decoder_input_ids": dec}
 
 
 def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:

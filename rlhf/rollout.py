@@ -158,10 +158,10 @@ def right_align(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, to
     return ids.gather(1, idx), mask.gather(1, idx)
 
 
-def decoder_inputs(model: PreTrainedModel, tokens: torch.Tensor) -> torch.Tensor:
-    """[B, T] decoder inputs of completions ``tokens`` [B, T]: the start token, then tokens[:, :-1]."""
-    start = torch.full_like(tokens[:, :1], model.config.decoder_start_token_id)
-    return torch.cat([start, tokens[:, :-1]], dim=1)
+def shift_right(tokens: torch.Tensor, start_id: int) -> torch.Tensor:
+    """[B, T] teacher-forced decoder inputs of completions ``tokens`` [B, T]: the start token,
+    then tokens[:, :-1]."""
+    return torch.cat([torch.full_like(tokens[:, :1], start_id), tokens[:, :-1]], dim=1)
 
 
 def seq2seq_forward(
@@ -170,7 +170,7 @@ def seq2seq_forward(
     """:func:`sequence_forward` of an encoder–decoder: the encoder reads the prompts, the decoder
     is teacher-forced on ``tokens``. Logits [B, T, V] (decoder hidden states [B, T, H])."""
     src, src_mask = right_align(prompts, prompt_mask)
-    out = model(input_ids=src, attention_mask=src_mask, decoder_input_ids=decoder_inputs(model, tokens), use_cache=False,
+    out = model(input_ids=src, attention_mask=src_mask, decoder_input_ids=shift_right(tokens, model.config.decoder_start_token_id), use_cache=False,
                 output_hidden_states=hidden)
     return out.logits, (out.decoder_hidden_states[-1] if hidden else None)
 
@@ -241,12 +241,12 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         a = min{a : F(a) > u · F(V)},   F(a) = Σ_{a' ≤ a} p(a')
 
     ``>`` (``searchsorted(right=True)``) never lands on a zero-probability action: F(a) > F(a − 1)
-    there. Sums in float64; the clamp to the last possible action guards u · F(V) rounding up to
-    F(V)."""
+    there. Sums in float64; u · F(V) is kept strictly below F(V) (it could round up to it), so
+    the last action with p > 0 is the furthest the search can reach."""
     cdf = probs.double().cumsum(-1)  # [B, V]
-    x = u.to(cdf)[:, None] * cdf[:, -1:]  # [B, 1]
-    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)  # [B, 1] last action with p > 0
-    return torch.minimum(torch.searchsorted(cdf, x, right=True), last)
+    total = cdf[:, -1:]  # [B, 1]
+    x = torch.minimum(u.to(cdf)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # [B, 1]
+    return torch.searchsorted(cdf, x, right=True)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

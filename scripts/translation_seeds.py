@@ -45,7 +45,6 @@ def table(evals: dict[int, dict], name: str) -> tuple[str, dict]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     gains: dict[str, list[float]] = {f"{s}/{k}": [] for s, k in COLS}
     extra: dict[str, list[float]] = {"ratio": [], "kl": []}
-    prior_row = None
     for seed, ev in sorted(evals.items()):
         cells = [str(seed)]
         for s, k in COLS:
@@ -58,11 +57,11 @@ def table(evals: dict[int, dict], name: str) -> tuple[str, dict]:
         extra["kl"].append(t["kl/prior"])
         cells += [f"{t['ratio']:.3f}", f"{t['kl/prior']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
-        prior_row = [ev["splits"][s]["rows"]["prior"][k] for s, k in COLS]
 
     def ms(v: list[float], fmt: str = "+.2f") -> str:
         return f"{np.mean(v):{fmt}} ± {np.std(v, ddof=1) if len(v) > 1 else 0.0:.2f}"
 
+    prior_row = [next(iter(evals.values()))["splits"][s]["rows"]["prior"][k] for s, k in COLS] if evals else None  # one prior for every seed
     lines.append("| **mean gain ± std** | " + " | ".join(ms(gains[f"{s}/{k}"]) for s, k in COLS) + f" | {ms(extra['ratio'], '.3f')} | {ms(extra['kl'], '.3f')} |")
     if prior_row is not None:
         lines.append("| prior | " + " | ".join(f"{v:.2f}" for v in prior_row) + " | | 0 |")
