@@ -367,10 +367,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        from rlhf.runs import discard_stubs
+
+        discard_stubs()  # a run folder holding only its config and log would block the next try
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rlhf config-help | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush cannot fail again
+        return 141  # 128 + SIGPIPE, as a tool killed by the broken pipe would
 
 
 if __name__ == "__main__":

@@ -121,7 +121,10 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *, q
 
 
 def make_task(cfg: RunConfig, model_dir: Path | None = None) -> PipelineTask:
-    """The task of ``cfg``; with ``model_dir``, with the tokenizer saved beside that model."""
+    """The task of ``cfg``; with ``model_dir``, with the tokenizer saved beside that model. A
+    ``model.path`` folder with a tokenizer in it brings that tokenizer (its ids are the model's)."""
+    if model_dir is None and cfg.model.path is not None and (Path(cfg.model.path) / "tokenizer_config.json").is_file():
+        model_dir = Path(cfg.model.path)
     return TASKS.get(cfg.task.name).build(cfg.task, model_dir)
 
 

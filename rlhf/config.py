@@ -91,8 +91,9 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], i
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e)
         raise UserError(f"{p}{where}: not valid YAML ({problem}). Fix the syntax at that line.") from None
-    if data is None:
-        data = {}
+    if data is None or data == {}:  # an empty file would silently start the whole default run (hours)
+        raise UserError(f"{p}: the config is empty (no keys, or only comments). Start from a preset such as configs/counterpoint.yaml "
+                        "or configs/translation.yaml, or write the keys you want to set.")
     if not isinstance(data, dict):
         raise UserError(f"{p}: the top level must be a mapping of keys to values, got {type(data).__name__}.")
     return data, lines

@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GPT2Config, LlamaConfig, MarianConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import Section
@@ -93,6 +94,21 @@ def load_model(path: str | Path) -> PreTrainedModel:
         return (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: could not load a causal LM or an encoder-decoder model ({e}).") from None
+    except SafetensorError as e:  # a truncated, empty or foreign model.safetensors
+        raise UserError(f"{p / 'model.safetensors'}: the weights file is damaged ({e}); copy the model folder again, or retrain it "
+                        "(a run resumes from its last checkpoint with --resume).") from None
+
+
+def special_layout(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the special tokens ``tokenizer`` puts around a text of its own accord,
+    found by encoding a probe with and without them: ``([], [</s>])`` for OPUS-MT's Marian,
+    ``([<s>], [</s>])`` for BART, ``([<s>], [])`` for LLaMA, ``([], [])`` for GPT-2."""
+    probe = tokenizer("a b", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a b", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(probe) + 1):
+        if full[i : i + len(probe)] == probe:
+            return [int(t) for t in full[:i]], [int(t) for t in full[i + len(probe):]]
+    return [], []  # a tokenizer that changes the text itself when adding tokens: no layout of its own assumed
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -229,8 +229,19 @@ def preallocated_cache(model: PreTrainedModel, max_len: int) -> DynamicCache:
     """The model's ``DynamicCache`` with every plain full-attention layer swapped for a
     :class:`PreallocatedLayer` of ``max_len`` slots (sliding-window or other special layers
     are kept as transformers builds them)."""
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))  # an encoder–decoder's cache: its decoder's layers
+    cache = decoder_cache(model)
     cache.layers = [PreallocatedLayer(max_len) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def decoder_cache(model: PreTrainedModel) -> DynamicCache:
+    """A ``DynamicCache`` with one layer per decoder layer. (An encoder–decoder's text config
+    may count its encoder's layers: T5's ``num_layers`` with a deeper ``num_decoder_layers``.)"""
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    c = model.config
+    n = (getattr(c, "num_decoder_layers", None) or getattr(c, "decoder_layers", None)) if c.is_encoder_decoder else None
+    if n is not None and len(cache.layers) < n:  # plain full-attention layers, as such models have
+        cache.layers += [DynamicLayer() for _ in range(n - len(cache.layers))]
     return cache
 
 
@@ -396,7 +407,7 @@ def _seq2seq_step(model: PreTrainedModel, prompts: torch.Tensor, prompt_mask: to
         decoder = fast_marian.Decoder(model, src, src_mask, n_new)
         return lambda ids, start: decoder.step(ids)
     encoded = model.get_encoder()(input_ids=src, attention_mask=src_mask)
-    cache = EncoderDecoderCache(preallocated_cache(model, n_new), DynamicCache(config=model.config.get_text_config(decoder=True)))
+    cache = EncoderDecoderCache(preallocated_cache(model, n_new), decoder_cache(model))
     kw = _cache_kw(model)
 
     def step(ids: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -155,16 +155,41 @@ def prune_checkpoints(stage_dir: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+_FRESH: list[Path] = []  # run folders this process started from nothing: discard_stubs() may remove them
+STUB_FILES = {"config.yaml", "run.log", "metrics.jsonl"}  # what open_run and the logger write before any result
+
+
+def discard_stubs() -> list[Path]:
+    """Remove the run folders this process started that hold nothing but the config, the log
+    and no metrics: what a command that failed before any result leaves. The next try then
+    needs no ``--overwrite``. Returns the folders removed."""
+    removed = []
+    for root in _FRESH:
+        files = [f for f in root.rglob("*") if f.is_file()] if root.is_dir() else None
+        if files is None or any(f.parent != root or f.name not in STUB_FILES or (f.name == "metrics.jsonl" and f.stat().st_size) for f in files):
+            continue
+        for h in [h for h in log.handlers if getattr(h, "baseFilename", None) == str((root / "run.log").resolve())]:
+            log.removeHandler(h)
+            h.close()
+        shutil.rmtree(root, ignore_errors=True)
+        removed.append(root)
+    _FRESH.clear()
+    return removed
+
+
 def open_run(cfg: BaseModel, *, resume: bool, overwrite: bool) -> Run:
     """The run folder ``cfg.run_dir``, refusing to mix two runs: an existing non-empty folder
     needs ``resume`` (continue it) or ``overwrite`` (delete it first). Writes the resolved config."""
     root = Path(cfg.run_dir)  # type: ignore[attr-defined]
+    fresh = not root.exists() or not any(root.iterdir())
     run = Run(root)
-    if run.is_main and root.exists() and any(root.iterdir()) and not resume:  # under a launcher: rank 0 checks and clears
+    if run.is_main and not fresh and not resume:  # under a launcher: rank 0 checks and clears
         if not overwrite:
             raise UserError(f"{root}: run folder already exists. Pass --resume to continue it, --overwrite to start afresh, or run_dir=<new folder>.")
         shutil.rmtree(root)
-        run = Run(root)
+        run, fresh = Run(root), True
+    if run.is_main and fresh:
+        _FRESH.append(root)
     run.attach_log()
     run.write_config(cfg)
     return run

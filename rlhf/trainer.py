@@ -22,11 +22,12 @@ import random
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -128,17 +129,30 @@ class TrainLoop:
     def optimizer_step(self, loss: torch.Tensor) -> dict[str, float]:
         """Backward, clip, optimizer and scheduler step, without advancing the training step
         (an RL iteration takes several optimizer steps). Returns ``grad/norm`` and ``lr``."""
+        return self.accumulate_step([loss])[1]
+
+    def accumulate_step(self, losses: Iterable[torch.Tensor]) -> tuple[float, dict[str, float]]:
+        """:meth:`optimizer_step` on the sum of ``losses`` (micro-batches' shares of one loss),
+        each backpropagated as it comes, so one micro-batch's graph is freed before the next is
+        built. Returns (the summed loss, the step's metrics). DeepSpeed steps inside every
+        backward, so there it takes one loss only."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
+        total, n = 0.0, 0
+        for loss in losses:
+            if n and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+                raise UserError("micro-batches (tune.rloo.micro_batch) accumulate gradients over several backward passes, which DeepSpeed "
+                                "would step after each; under DeepSpeed set tune.rloo.micro_batch: null")
+            self.accelerator.backward(loss)
+            total, n = total + float(loss.detach()), n + 1
         norm = float("nan")
         if self.grad_clip is not None:
             # under DeepSpeed, backward() already clipped and stepped; this returns its norm (or None)
-            n = self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            norm = float("nan") if n is None else float(n)
+            g = self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            norm = float("nan") if g is None else float(g)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        return {"grad/norm": norm, "lr": self.optimizer.param_groups[0]["lr"]}
+        return total, {"grad/norm": norm, "lr": self.optimizer.param_groups[0]["lr"]}
 
     def advance(self) -> None:
         """Count one training step (what checkpoints, resume and the progress bar count)."""

@@ -1,6 +1,8 @@
 """Tune one translation prior with several seeds and tabulate BLEU gains over the prior.
 
-    python scripts/translation_seeds.py OUT [--seeds 0 1 2] [--prior DIR] [--config configs/translation.yaml] [key=value ...]
+    python scripts/translation_seeds.py OUT [key=value ...] [--seeds 0 1 2] [--prior DIR] [--config configs/translation.yaml]
+
+(the key=value overrides come before the options: ``--seeds`` takes every number after it)
 
 Without ``--prior`` the prior is trained first (``rlhf pretrain`` with seed 0, into OUT/prior).
 Then, one seed after the other (each run uses every core): ``rlhf tune CONFIG seed=S

@@ -188,3 +188,70 @@ def test_melody_mode_end_to_end(tmp_path):
     assert len(mids) == 6
     rows = prior_vs_untrained(run_dir)
     assert rows["prior"]["table1/notes_not_in_key"] < 0.5 * rows["untrained"]["table1/notes_not_in_key"], rows
+
+
+def _translation_model(folder: Path) -> Path:
+    """A tiny untrained decoder-only translation model with its tokenizer (no corpus needed)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tasks.translation.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["a dog runs .", "ein Hund rennt ."] * 20, "en", "de", vocab_size=300, min_frequency=1)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_layer=1, n_embd=16, n_head=2)).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "random"])
+def test_a_damaged_weights_file_is_a_clear_error(tmp_path, damage):
+    folder = _translation_model(tmp_path / "model")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "random": os.urandom(5000)}[damage])
+    src = tmp_path / "in.en"
+    src.write_text("a dog runs .\n", encoding="utf-8")
+    r = rlhf("translate", "--model", folder, "--input", src, "--output", tmp_path / "out.de", check=False)
+    assert r.returncode == 2 and str(weights) in r.stderr and "damaged" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out.de").exists()
+
+
+def test_translate_refuses_a_folder_or_its_own_input_as_output(tmp_path):
+    folder = _translation_model(tmp_path / "model")
+    src = tmp_path / "in.en"
+    src.write_text("a dog runs .\n", encoding="utf-8")
+    r = rlhf("translate", "--model", folder, "--input", src, "--output", tmp_path, check=False)
+    assert r.returncode == 2 and "--output is a folder" in r.stderr
+    r = rlhf("translate", "--model", folder, "--input", src, "--output", src, check=False)
+    assert r.returncode == 2 and "would be overwritten" in r.stderr and src.read_text(encoding="utf-8") == "a dog runs .\n"
+    r = rlhf("translate", "--model", folder, "--input", src, "--output", tmp_path / "no" / "out.de", check=False)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_an_empty_config_is_an_error_not_the_default_run(tmp_path):
+    for text in ("", "# only a comment\n"):
+        cfg = tmp_path / "empty.yaml"
+        cfg.write_text(text, encoding="utf-8")
+        r = rlhf("run", cfg, f"run_dir={tmp_path / 'run'}", check=False)
+        assert r.returncode == 2 and f"{cfg}: the config is empty" in r.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`rlhf config-help | head`: the reader goes away before the writer is done."""
+    p = subprocess.Popen([sys.executable, "-m", "apps.cli", "config-help"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    p.stdout.close()  # before the command has written anything
+    err = p.stderr.read()
+    assert p.wait(timeout=300) == 141 and "Traceback" not in err, err
+
+
+def test_a_command_that_fails_before_any_result_leaves_no_run_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    r = rlhf("run", "configs/translation.yaml", f"run_dir={run_dir}", f"task.data.dir={tmp_path / 'no-corpus'}", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert not run_dir.exists()  # so the same command, fixed, needs no --overwrite
+    kept = tmp_path / "kept"  # a folder that holds results is never removed
+    (kept / "models").mkdir(parents=True)
+    (kept / "models" / "x.txt").write_text("result", encoding="utf-8")
+    r = rlhf("run", "configs/translation.yaml", f"run_dir={kept}", f"task.data.dir={tmp_path / 'no-corpus'}", "--resume", check=False)
+    assert r.returncode == 2 and (kept / "models" / "x.txt").is_file()

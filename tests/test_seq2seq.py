@@ -4,8 +4,9 @@ rows alone (padding), and transformers' own label loss (MLE)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from transformers import MarianConfig, MarianMTModel
+from transformers import BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel, T5Config, T5ForConditionalGeneration
 
 from rlhf.kl import masked_log_softmax
 from rlhf.models import ModelConfig, build_model, is_seq2seq, load_model
@@ -27,6 +28,27 @@ def marian(seed: int = 0) -> MarianMTModel:
     return MarianMTModel(cfg).eval()
 
 
+def t5(seed: int = 0, encoder_layers: int = 2) -> T5ForConditionalGeneration:
+    """A tiny random T5 (relative position buckets, no position embeddings), with a decoder
+    deeper than its encoder (its text config counts the encoder's layers)."""
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=V, d_model=32, d_kv=16, d_ff=64, num_layers=encoder_layers, num_decoder_layers=3, num_heads=2, pad_token_id=PAD,
+                   eos_token_id=EOS, decoder_start_token_id=BOS, dropout_rate=0.0, initializer_factor=2.0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def bart(seed: int = 0) -> BartForConditionalGeneration:
+    """A tiny random BART (learned positions with BART's offset of 2, pre-computed layer norms)."""
+    torch.manual_seed(seed)
+    cfg = BartConfig(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=2, decoder_attention_heads=2,
+                     encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS,
+                     decoder_start_token_id=BOS, forced_eos_token_id=None, forced_bos_token_id=None, init_std=0.3, dropout=0.0)
+    return BartForConditionalGeneration(cfg).eval()
+
+
+KINDS = {"marian": marian, "t5": t5, "bart": bart}  # Marian takes the lean step of rlhf/fast_marian.py; T5 and BART transformers' forward
+
+
 def test_right_align_matches_a_loop():
     ids, mask = left_pad(PROMPTS, PAD)
     r_ids, r_mask = right_align(ids, mask)
@@ -34,8 +56,9 @@ def test_right_align_matches_a_loop():
         assert r_ids[b, : len(p)].tolist() == p and r_mask[b].tolist() == [1] * len(p) + [0] * (ids.shape[1] - len(p))
 
 
-def test_greedy_rollout_equals_generate():
-    model = marian()
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_rollout_equals_generate(kind):
+    model = t5(encoder_layers=3) if kind == "t5" else KINDS[kind]()  # transformers' generate wants T5's two stacks equally deep
     ids, mask = left_pad(PROMPTS, PAD)
     got = decode(model, ids, mask, 12, temperature=0).tokens  # [B, 12]
     rows = set()
@@ -47,8 +70,9 @@ def test_greedy_rollout_equals_generate():
     assert len(rows) > 1  # the outputs depend on the source: the check is not vacuous
 
 
-def test_sampled_logprobs_equal_a_teacher_forced_forward_and_padding_changes_nothing():
-    model = marian(1)
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampled_logprobs_equal_a_teacher_forced_forward_and_padding_changes_nothing(kind):
+    model = KINDS[kind](1)
     ids, mask = left_pad(PROMPTS, PAD)
     d = decode(model, ids, mask, 9, generator=torch.Generator().manual_seed(3), keep_logits=True)
     lp_rollout = masked_log_softmax(d.logits, None).gather(-1, d.tokens[..., None])[..., 0]  # [B, T]
@@ -56,18 +80,20 @@ def test_sampled_logprobs_equal_a_teacher_forced_forward_and_padding_changes_not
     lp_forward = masked_log_softmax(logits.float(), None).gather(-1, d.tokens[..., None])[..., 0]
     torch.testing.assert_close(lp_rollout, lp_forward, atol=1e-5, rtol=1e-5)
     assert hidden.shape == (len(PROMPTS), d.tokens.shape[1], 32)
+    assert lp_rollout.std() > 0.1  # the check is not vacuous: the log-probs vary
     for b, p in enumerate(PROMPTS):  # each row alone, unpadded
         alone, _ = sequence_forward(model, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), d.tokens[b : b + 1])
-        torch.testing.assert_close(alone[0], logits[b], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone[0], logits[b], atol=1e-4, rtol=1e-4)  # logits of |x| up to ~20; padding mistakes move them by O(1)
     # the list helpers (equal-shape groups, no padding) agree with the padded batch
     lists = logprobs_many(model, PROMPTS, d.tokens.tolist())
     torch.testing.assert_close(torch.tensor(lists), lp_forward, atol=1e-5, rtol=1e-5)
 
 
-def test_cached_sampling_equals_an_uncached_loop():
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_sampling_equals_an_uncached_loop(kind):
     """The same generator stream through a plain loop that re-runs the whole model on the
     decoder prefix at every step: the KV caches change no token."""
-    model = marian(2)
+    model = KINDS[kind](2)
     ids, mask = left_pad(PROMPTS, PAD)
     allowed = torch.ones(V, dtype=torch.bool)
     allowed[[PAD, BOS]] = False
@@ -132,3 +158,37 @@ def test_a_built_marian_saves_loads_and_carries_a_value_head(tmp_path):
     again = PolicyWithValue(load_model(tmp_path / "m"))
     again.load_checkpoint(tmp_path / "p")  # tied embeddings are saved once and still load
     torch.testing.assert_close(again(ids, mask, toks)[0], logits)
+
+
+@pytest.mark.parametrize("kind", ["marian", "gpt2"])
+def test_scoring_in_length_groups_equals_one_padded_forward(kind):
+    """``score_logits`` (rows sorted by length, groups of SCORE_ROWS, each cut to its own
+    longest row) and ``gather_logp`` on real tokens only: the numbers of one padded forward."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhf.algorithms.common import SCORE_ROWS, gather_logp, score_logits
+    from rlhf.rollout import length_mask
+
+    if kind == "gpt2":
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_layer=2, n_embd=32, n_head=2)).eval()
+    else:
+        model = marian(5)
+    g = torch.Generator().manual_seed(0)
+    b = SCORE_ROWS * 2 + 37
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b)]
+    lengths = torch.randint(1, 13, (b,), generator=g).tolist()
+    lengths[5] = 12  # one long row
+    tokens = torch.randint(3, V, (b, 12), generator=g)
+    ids, pmask = left_pad(prompts, PAD)
+    mask = length_mask(lengths, 12, torch.device("cpu"))
+    with torch.no_grad():
+        whole = sequence_forward(model, ids, pmask, tokens)[0]
+        grouped = score_logits(model, ids, pmask, tokens, lengths)
+    keep = mask.bool()
+    torch.testing.assert_close(grouped[keep], whole[keep], atol=1e-4, rtol=1e-4)
+    assert (grouped[~keep] == 0).all(-1).float().mean() > 0.5  # most padding skipped: a group stops at its own longest row
+    allowed = torch.ones(V, dtype=torch.bool)
+    allowed[PAD] = False
+    full = gather_logp(whole, tokens, allowed)
+    torch.testing.assert_close(gather_logp(whole, tokens, allowed, mask), full * mask)

@@ -44,7 +44,7 @@ PAIRS = [  # (hypothesis, reference)
 
 def completions_of(codec: TextCodec, hyps, prompts) -> Completions:
     """Completions whose texts are ``hyps`` (each ended by eos), as the tuner would build them."""
-    rows = [codec.target_ids(ids) for ids in codec.encode_texts(list(hyps))]
+    rows = [codec.target_ids(ids) for ids in codec.encode_targets(list(hyps))]
     t = max(len(r) for r in rows)
     tokens = torch.full((len(rows), t), codec.pad_id, dtype=torch.long)
     for b, r in enumerate(rows):
@@ -338,4 +338,26 @@ def test_a_marian_folder_of_ones_own_is_prior_and_policy(own_model, tmp_path):
         assert load_model(run_dir / "models" / name).config.is_encoder_decoder
     rows = json.loads((run_dir / "eval.json").read_text())["rows"]
     assert rows["prior"]["kl/prior"] == 0.0 and rows["rloo"]["kl/prior"] >= 0.0 and 0.0 <= rows["rloo"]["reward"] <= 1.0
+    assert len(read_metrics(run_dir / "metrics.jsonl", stage="tune-rloo")) == 2
+
+
+@pytest.mark.integration
+def test_an_opus_mt_folder_keeps_its_token_layout_in_the_text_task(tmp_path):
+    """An OPUS-MT-style folder (``tests/opus_like.py``: a ``MarianTokenizer`` with SentencePiece
+    source and target vocabularies) as prior and policy of the text task: prompts are laid out
+    as the tokenizer lays out a source (``x </s>``), answers are encoded with the target
+    vocabulary, and a tune runs with ``pretrain=null``."""
+    pytest.importorskip("sentencepiece")
+    import opus_like
+
+    rows = make_rows(600)
+    folder, tok = opus_like.build(tmp_path / "opus", [r["prompt"] for r in rows], [r["reference"] for r in rows], vocab_size=40)
+    task = TextTask.build(TextConfig.model_validate({"data": {"path": str(DEMO)}}), model_dir=folder)
+    prompts = task.train_prompts()[:5]
+    assert [p.ids for p in prompts] == tok([p.text for p in prompts])["input_ids"] and prompts[0].ids[-1] == tok.eos_token_id
+    refs = [p.reference for p in prompts]
+    assert task.codec.encode_targets(refs) == tok(text_target=refs, add_special_tokens=False)["input_ids"]
+    run_dir = tmp_path / "run"
+    run_pipeline(load_run_config(CONFIG, own_model_overrides(folder, run_dir)))
+    assert (run_dir / "models" / "rloo" / "target.spm").is_file()
     assert len(read_metrics(run_dir / "metrics.jsonl", stage="tune-rloo")) == 2

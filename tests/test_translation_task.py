@@ -254,3 +254,86 @@ def test_tuner_accepts_the_task(tiny_prior, tmp_path):
     rows = read_metrics(tmp_path / "rl" / "metrics.jsonl", "tune-rloo")
     assert len(rows) == 2 and all(0 <= r["reward/task"] <= 1 for r in rows)
     assert TranslationCodec.load(out).tgt_lang == "de"
+
+
+# ----- a model trained elsewhere: an OPUS-MT-style Marian folder ----------------------------
+
+
+@pytest.fixture(scope="module")
+def opus_like(tmp_path_factory):
+    """An OPUS-MT-style folder (``tests/opus_like.py``) whose SentencePiece vocabularies are
+    trained on a Multi30k slice. The model is untrained: these tests check token layout and
+    decoding, not quality."""
+    pytest.importorskip("sentencepiece")
+    import opus_like
+
+    from tasks.translation.data import load_split
+
+    d = resolve_data_dir(None)
+    if not (d / "train.en.gz").is_file():
+        pytest.skip(f"Multi30k not found in {d} (set {MULTI30K_ENV}); see docs/translation.md")
+    pairs = load_split(d, "train", "text", "en", "de")[0][:2000]
+    folder, tok = opus_like.build(tmp_path_factory.mktemp("opus"), [p.src for p in pairs], [p.tgt for p in pairs])
+    assert not (folder / "tokenizer.json").exists()  # a slow SentencePiece tokenizer, as OPUS-MT ships
+    return folder, tok, pairs
+
+
+def test_an_opus_mt_folder_keeps_its_own_token_layout(opus_like):
+    """Source ``x </s>`` as the tokenizer lays it out, targets in the target vocabulary, and
+    ``rlhf translate`` (greedy and beam) equal to transformers' ``generate`` on the same
+    tokenizer's batch, with pad (the decoder start) and unk never written. (OPUS-MT's config
+    forces ``</s>`` as the last token of a translation cut by the length budget; ours leaves
+    the cut translation as written, so ``generate`` is called without that rule.)"""
+    from transformers import MarianMTModel
+
+    from tasks.translation.decode import max_new_tokens
+    from tasks.translation.tokenizer import ModelCodec
+
+    folder, tok, pairs = opus_like
+    codec = TranslationCodec.load(folder)
+    assert isinstance(codec, ModelCodec) and (codec.src_lang, codec.tgt_lang) == ("en", "de")
+    src, tgt = [p.src for p in pairs[:5]], [p.tgt for p in pairs[:5]]
+    assert [codec.encode_prompt(s) for s in src] == tok(src)["input_ids"]  # ... </s>, as OPUS-MT was trained
+    assert [codec.encode_target(t) for t in tgt] == tok(text_target=tgt)["input_ids"]
+    assert codec.decode(codec.encode_target(tgt[0])) == tok.decode(tok(text_target=tgt[0])["input_ids"], skip_special_tokens=True)
+    assert not codec.allowed()[[tok.pad_token_id, tok.unk_token_id]].any() and codec.allowed()[tok.eos_token_id]
+
+    model = MarianMTModel.from_pretrained(str(folder)).eval()
+    inp = tmp = folder.parent / "in.en"
+    inp.write_text("".join(s + "\n" for s in src), encoding="utf-8")
+    for beam in (1, 2):
+        n = translate_file(folder, inp, tmp.with_suffix(f".b{beam}.de"), beam=beam, batch_size=1)  # unpadded, as generate below
+        ours = tmp.with_suffix(f".b{beam}.de").read_text(encoding="utf-8").splitlines()
+        theirs = []
+        for s in src:  # one at a time: each source has its own budget
+            enc = tok([s], return_tensors="pt")
+            budget = max_new_tokens(enc["input_ids"].shape[1] - 1)
+            out = model.generate(**enc, do_sample=False, num_beams=beam, max_new_tokens=budget, early_stopping=beam > 1,
+                                 suppress_tokens=[tok.unk_token_id, tok.pad_token_id], forced_eos_token_id=None)  # ours never forces </s> at the budget's end
+            theirs.append(tok.batch_decode(out, skip_special_tokens=True)[0].strip())
+        assert n == 5 and ours == theirs, (beam, ours, theirs)
+
+
+@pytest.mark.integration
+def test_an_opus_mt_folder_is_prior_and_policy(opus_like, tmp_path):
+    """``rlhf run`` with ``model.path`` = the folder and ``pretrain: null`` tunes it offline: the
+    tuned model is saved with the same SentencePiece tokenizer and evaluates like the prior."""
+    folder, tok, _ = opus_like
+    run_dir = tmp_path / "run"
+    cfg = load_run_config(REPO / "configs" / "translation.yaml", [
+        f"model.path={folder}", "pretrain=null", f"run_dir={run_dir}", "progress=false", "task.data.max_train_pairs=200",
+        "task.data.max_eval_pairs=20", "task.rl_prompts=64", "task.eval.beam=2", "task.eval.examples=2", "tune.steps=2", "tune.batch_size=8",
+        "tune.checkpoint_every=2", "sweep.betas=[]"])
+    from apps.pipeline import run_pipeline
+
+    run_pipeline(cfg)
+    tuned = run_dir / "models" / "rloo"
+    assert (tuned / "source.spm").is_file() and (tuned / "target.spm").is_file()
+    assert TranslationCodec.load(tuned).encode_prompt("A dog runs .") == tok(["A dog runs ."])["input_ids"][0]
+    assert load_model(tuned).config.decoder_start_token_id == tok.pad_token_id
+    import json
+
+    ev = json.loads((run_dir / "eval.json").read_text())
+    for split in ("val", "test"):
+        rows = ev["splits"][split]["rows"]
+        assert rows["prior"]["kl/prior"] == 0.0 and rows["rloo"]["kl/prior"] >= 0.0 and 0 <= rows["rloo"]["bleu"] <= 100

@@ -50,8 +50,18 @@ class Rollout:
         if temperature == 1.0:
             return self
         logits, logits_prior = self.logits / temperature, self.logits_prior / temperature
-        return replace(self, logits=logits, logits_prior=logits_prior, logp=gather_logp(logits, self.tokens, allowed),
-                       logp_prior=gather_logp(logits_prior, self.tokens, allowed))
+        return replace(self, logits=logits, logits_prior=logits_prior, logp=gather_logp(logits, self.tokens, allowed, self.mask),
+                       logp_prior=gather_logp(logits_prior, self.tokens, allowed, self.mask))
+
+    def take(self, rows: torch.Tensor) -> "Rollout":
+        """Rows ``rows`` only, cut to their own longest completion and prompt (a micro-batch)."""
+        lengths = [self.lengths[i] for i in rows.tolist()]
+        t = max(lengths)
+        pm = self.prompt_mask[rows]
+        p0 = int((pm.sum(0) > 0).nonzero().min()) if bool(pm.any()) else 0  # prompts are left-padded
+        cut = lambda x: None if x is None else x[rows, :t]  # noqa: E731
+        return Rollout(self.prompts[rows, p0:], pm[:, p0:], cut(self.tokens), cut(self.mask), cut(self.logits), cut(self.logits_prior),
+                       cut(self.logp), cut(self.logp_prior), lengths, cut(self.hidden))
 
     def kl(self, estimator: KLEstimator, allowed: torch.Tensor | None) -> torch.Tensor:
         """[B, T] per-token KL(π‖p) estimate, 0 on padding."""
@@ -59,9 +69,44 @@ class Rollout:
         return kl * self.mask
 
 
-def gather_logp(logits: torch.Tensor, tokens: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-    """log π(a_t|s_t) [B, T] from logits [B, T, V] over the masked action space."""
-    return masked_log_softmax(logits.float(), allowed).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def row_chunks(lengths: list[int], size: int | None) -> list[torch.Tensor]:
+    """Row indices in micro-batches of at most ``size`` rows (None: one), sorted by length so
+    each is padded only to its own longest row: with a few long samples in a large batch, most
+    of a single padded pass is padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    size = size or len(order)
+    return [torch.tensor(order[i : i + size]) for i in range(0, len(order), size)]
+
+
+def gather_logp(logits: torch.Tensor, tokens: torch.Tensor, allowed: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log π(a_t|s_t) [B, T] from logits [B, T, V] over the masked action space; with ``mask``
+    [B, T], computed at its real tokens only (0 on padding: most of a batch whose longest
+    sample is far longer than the rest)."""
+    if mask is None:
+        return masked_log_softmax(logits.float(), allowed).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    keep = mask.bool()
+    out = torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
+    out[keep] = masked_log_softmax(logits[keep].float(), allowed).gather(-1, tokens[keep].unsqueeze(-1)).squeeze(-1)  # [N] real tokens
+    return out
+
+
+SCORE_ROWS = 128  # rows per forward when the prior scores a rollout (sorted by length: each group padded to its own longest)
+
+
+def score_logits(model, ids: torch.Tensor, pmask: torch.Tensor, tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """[B, T, V] logits of ``model`` before each of ``tokens`` (0 past a row's length), in
+    groups of :data:`SCORE_ROWS` rows of similar length: the same numbers as one padded
+    forward, without computing the padding of a batch with a few long rows."""
+    if len(lengths) <= SCORE_ROWS:
+        return sequence_forward(model, ids, pmask, tokens)[0]
+    out = None
+    for rows in row_chunks(lengths, SCORE_ROWS):
+        t = max(lengths[i] for i in rows.tolist())
+        logits, _ = sequence_forward(model, ids[rows], pmask[rows], tokens[rows, :t])  # [b, t, V]
+        if out is None:
+            out = logits.new_zeros((*tokens.shape, logits.shape[-1]))
+        out[rows, :t] = logits
+    return out
 
 
 @torch.no_grad()
@@ -83,10 +128,10 @@ def make_rollout(
                generator=generator, eos_id=eos_id, pad_id=pad_id, keep_logits=True, keep_hidden=hidden)
     lengths = eos_lengths(d.tokens, eos_id, torch.tensor(n_new, device=device)).tolist()
     mask = length_mask(lengths, d.tokens.shape[1], device)  # [B, T]
-    logits_prior, _ = sequence_forward(prior, ids, pmask, d.tokens)
+    logits_prior = score_logits(prior, ids, pmask, d.tokens, lengths)
     logits, logits_prior = d.logits.float(), logits_prior.float()
-    return Rollout(ids, pmask, d.tokens, mask, logits, logits_prior, gather_logp(logits, d.tokens, allowed),
-                   gather_logp(logits_prior, d.tokens, allowed), lengths, d.hidden)
+    return Rollout(ids, pmask, d.tokens, mask, logits, logits_prior, gather_logp(logits, d.tokens, allowed, mask),
+                   gather_logp(logits_prior, d.tokens, allowed, mask), lengths, d.hidden)
 
 
 @torch.no_grad()

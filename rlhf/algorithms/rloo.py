@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from rlhf import distributed
 from rlhf.advantages import discounted_returns, masked_sum, rloo_advantages, self_critical_advantages
-from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, Rollout, TemperedScoring, rl_metrics
+from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, Rollout, TemperedScoring, rl_metrics, row_chunks
 from rlhf.interfaces import Step
 from rlhf.kl import masked_log_softmax
 from rlhf.losses import expected_reward_loss, reinforce_loss
@@ -39,6 +39,12 @@ class RLOOConfig(AlgorithmSettings):
         1.0, ge=0, le=1,
         description="Discount of the reward-to-go with credit token or all_actions: γ < 1 weighs a step's later consequences less "
         "(biased toward near-term rewards, with less variance); 1 = the undiscounted return.",
+    )
+    micro_batch: int | None = Field(
+        None, ge=1,
+        description="Rows per forward/backward pass of the update, sorted by length so each pass is padded only to its own longest "
+        "sample; the gradients of the passes add up to the one-pass gradient (up to float rounding) and the optimizer steps once. "
+        "Saves time and memory when a few long samples pad a large batch (translation); null = the whole batch in one pass.",
     )
     positive_only: bool = Field(
         False,
@@ -114,16 +120,23 @@ class RLOO:
             adv = adv.clamp(min=0.0)
         losses = []
         model = distributed.training_forward(loop, self.model)  # through DDP / DeepSpeed: synchronised gradients
-        scale = distributed.token_share(ro.mask)[0] if distributed.world_size() > 1 else None  # global token mean
+        scale = distributed.token_share(ro.mask)[0] if distributed.world_size() > 1 else 1.0  # global token mean
+        chunks = row_chunks(ro.lengths, self.cfg.micro_batch) if self.cfg.micro_batch else [torch.arange(len(ro.lengths))]
+        tokens = ro.mask.sum()
+
+        def chunk_losses():  # each micro-batch's share of the token-mean loss (its tokens / the batch's)
+            for rows in chunks:
+                c = ro.take(rows) if len(chunks) > 1 else ro  # [b, t] with t its longest sample
+                t = c.tokens.shape[1]
+                logits, logp = sc.fresh_logp(model, c)
+                loss = reinforce_loss(logp, adv[rows] if adv.ndim == 1 else adv[rows, :t], c.mask) + beta * sc.kl_loss(logits, logp, c)
+                if action_rewards is not None:
+                    loss = loss + expected_reward_loss(masked_log_softmax(logits.float(), self.allowed), action_rewards[rows, :t] / self.kl_cfg.c,
+                                                       c.mask)
+                yield loss * (c.mask.sum() / tokens) * scale
+
         for _ in range(self.cfg.epochs):
-            logits, logp = sc.fresh_logp(model, ro)
-            loss = reinforce_loss(logp, adv, ro.mask) + beta * sc.kl_loss(logits, logp, ro)
-            if action_rewards is not None:
-                loss = loss + expected_reward_loss(masked_log_softmax(logits.float(), self.allowed), action_rewards / self.kl_cfg.c, ro.mask)
-            if scale is not None:
-                loss = loss * scale
-            loop.optimizer_step(loss)
-            losses.append(float(loss.detach()))
+            losses.append(loop.accumulate_step(chunk_losses())[0])
         out = {"loss/policy": sum(losses) / len(losses)}
         out.update(rl_metrics(ro, task_reward, kl, shaped))
         if greedy is not None:

@@ -148,7 +148,7 @@ class TextTask:
         (the target plus its eos); the rest counted in ``skips[key]`` and logged."""
         c = self.codec
         prompts = c.encode_texts([it.prompt for it in items])
-        targets = c.encode_texts([it.target or "" for it in items])
+        targets = c.encode_targets([it.target or "" for it in items])
         long_prompt = [len(p) > self.cfg.data.max_prompt_tokens for p in prompts]
         long_target = [not lp and len(t) + 1 > self.cfg.max_new_tokens for lp, t in zip(long_prompt, targets)]
         self.skips[key] = {"prompt too long": sum(long_prompt), "target too long": sum(long_target)}
@@ -172,7 +172,7 @@ class TextTask:
                             "prior has nothing to learn by MLE; add answers to the data, or start from a model of yours with model.path "
                             "and pretrain: null")
         c = self.codec
-        prompts, targets = c.encode_texts([it.prompt for it in with_target]), c.encode_texts([it.target for it in with_target])  # type: ignore[misc]
+        prompts, targets = c.encode_texts([it.prompt for it in with_target]), c.encode_targets([it.target for it in with_target])  # type: ignore[misc]
         return [(c.prompt_ids(p), c.target_ids(t)) for p, t in zip(prompts, targets)]
 
     def data_stats(self, train: Sequence[TextItem], val: Sequence[TextItem]) -> dict[str, Any]:

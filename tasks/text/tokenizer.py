@@ -15,7 +15,11 @@ Sequence layout::
 
     prompt      [<bos>] p_1 ... p_n [<sep>]        completion   y_1 ... y_m <eos>
 
-with ``<bos>`` / ``<sep>`` where the tokenizer has them.
+with ``<bos>`` / ``<sep>`` where the tokenizer has them. A tokenizer that adds special tokens of
+its own (``rlhf.models.special_layout``: an OPUS-MT ``MarianTokenizer`` ends a source with
+``</s>``, BART's wraps it in ``<s> … </s>``) lays out the prompt its own way instead, the way its
+model was trained. Answers are encoded as targets (``text_target``), so a tokenizer with a
+separate target vocabulary (OPUS-MT's ``target.spm``) encodes them with it, and decodes with it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from rlhf.errors import UserError
+from rlhf.models import special_layout
 
 PAD, BOS, EOS, UNK, SEP = "<pad>", "<bos>", "<eos>", "<unk>", "<sep>"
 SPECIALS = (PAD, BOS, EOS, UNK, SEP)  # ids 0..4 of a trained tokenizer
@@ -96,6 +101,7 @@ class TextCodec:
         self.bos_id: int | None = tokenizer.bos_token_id
         self.sep_id: int | None = tokenizer.sep_token_id
         self.vocab = max(len(tokenizer), vocab or 0)
+        self.layout = special_layout(tokenizer)  # the special tokens it puts around a source itself, if any
 
     def __len__(self) -> int:
         return len(self.tokenizer)
@@ -106,8 +112,17 @@ class TextCodec:
             return []
         return self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
+    def encode_targets(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each answer, encoded as a target (a Marian tokenizer's target vocabulary)."""
+        if not texts:
+            return []
+        return self.tokenizer(text_target=list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
     def prompt_ids(self, encoded: Sequence[int]) -> list[int]:
-        """``[<bos>] p_1..p_n [<sep>]`` from the prompt's encoded text."""
+        """``[<bos>] p_1..p_n [<sep>]`` from the prompt's encoded text, or the tokenizer's own
+        layout where it adds special tokens itself (``p_1..p_n </s>`` for OPUS-MT)."""
+        if self.layout != ([], []):
+            return [*self.layout[0], *encoded, *self.layout[1]]
         return [*([self.bos_id] if self.bos_id is not None else []), *encoded, *([self.sep_id] if self.sep_id is not None else [])]
 
     def target_ids(self, encoded: Sequence[int]) -> list[int]:

@@ -70,6 +70,9 @@ def generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(n_new[i] for i in idx),
             do_sample=False, num_beams=beam, early_stopping=beam > 1, eos_token_id=eos_id, pad_token_id=pad_id,
             suppress_tokens=list(suppress) or None,
+            # the model's scores alone, as in the RL rollouts: none of the rules a downloaded
+            # generation_config may carry (OPUS-MT forces </s> as the budget's last token)
+            forced_eos_token_id=None, forced_bos_token_id=None, no_repeat_ngram_size=0, repetition_penalty=1.0, bad_words_ids=None,
         )  # [b, width + new] (decoder-only) or [b, 1 + new] (encoder–decoder: the start token first)
         first = 1 if seq2seq else width
         for row, i in enumerate(idx):
@@ -90,10 +93,11 @@ def translate(
     prompts, n_new, cut = [], [], 0
     for s in sentences:
         src = codec.encode_text(s)
-        room = limit - 3 - (0 if seq2seq else max_new_tokens(len(src), ratio, extra, cap))  # 3 = <bos>, source tag, target tag
+        # room for the source: the positions less the layout's own tokens (<bos> and the tags; </s> for OPUS-MT)
+        room = limit - codec.n_layout - (0 if seq2seq else max_new_tokens(len(src), ratio, extra, cap))
         if len(src) > room:
             src, cut = src[: max(room, 1)], cut + 1
-        prompts.append([codec.bos_id, codec.src_tag_id, *src, codec.tgt_tag_id])
+        prompts.append(codec.prompt_ids(src))
         n_new.append(min(max_new_tokens(len(src), ratio, extra, cap), limit - 1 if seq2seq else limit - len(prompts[-1])))
     if cut:
         log.warning("%d of %d source sentences were cut to fit the model's %d positions", cut, len(sentences), limit)
@@ -117,6 +121,13 @@ def translate_file(model_dir: str | Path, input_path: str | Path, output_path: s
         raise UserError(f"--beam must be at least 1 (1 = greedy), got {beam}.")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
+    out = Path(output_path)
+    if out.is_dir():
+        raise UserError(f"{out}: --output is a folder; give a file path, e.g. {out / 'translations.de'}.")
+    if out.exists() and Path(input_path).exists() and out.resolve() == Path(input_path).resolve():
+        raise UserError(f"{out}: --output is the --input file, which would be overwritten; write the translations to another file.")
+    if not out.parent.is_dir():
+        raise UserError(f"{out.parent}: the folder of --output does not exist; create it first or write elsewhere.")
     codec = TranslationCodec.load(model_dir)
     model = load_model(model_dir)
     sentences = read_sentences(input_path)

@@ -115,11 +115,11 @@ class TranslationTask:
         if self._codec is None:
             t = self.cfg.tokenizer
             saved = Path(t.path) if t.path else tokenizer_dir
-            if saved is not None and (saved / "tokenizer.json").is_file():
+            if saved is not None and (saved / "tokenizer_config.json").is_file():
                 self._codec = TranslationCodec.load(saved)
                 self._check_langs(self._codec, f"the tokenizer in {saved}")
             elif t.path:
-                raise UserError(f"{t.path}: no tokenizer.json there; set task.tokenizer.path to a model or tokenizer folder, or null to train one.")
+                raise UserError(f"{t.path}: no tokenizer_config.json there; set task.tokenizer.path to a model or tokenizer folder, or null to train one.")
             else:
                 train = self.split("train")
                 d = self.cfg.data
@@ -152,7 +152,7 @@ class TranslationTask:
     def _fits(self, pairs: Sequence[Pair], key: str) -> list[Pair]:
         """Pairs within the token limits; the rest counted in ``length_skips[key]`` and logged."""
         d, c = self.cfg.data, self.codec
-        src, tgt = c.encode_texts([p.src for p in pairs]), c.encode_texts([p.tgt for p in pairs])
+        src, tgt = c.encode_texts([p.src for p in pairs]), c.encode_targets([p.tgt for p in pairs])
         keep = [p for p, s, t in zip(pairs, src, tgt) if len(s) <= d.max_src_tokens and len(t) <= d.max_tgt_tokens]
         self.length_skips[key] = len(pairs) - len(keep)
         if self.length_skips[key]:
@@ -168,19 +168,20 @@ class TranslationTask:
     def examples(self, items: Sequence[Pair]) -> list[tuple[list[int], list[int]]]:
         """(prompt ids, completion ids ending in ``<eos>``) for MLE."""
         c = self.codec
-        src, tgt = c.encode_texts([p.src for p in items]), c.encode_texts([p.tgt for p in items])
-        return [([c.bos_id, c.src_tag_id, *s, c.tgt_tag_id], [*t, c.eos_id]) for s, t in zip(src, tgt)]
+        src, tgt = c.encode_texts([p.src for p in items]), c.encode_targets([p.tgt for p in items])
+        return [(c.prompt_ids(s), [*t, c.eos_id]) for s, t in zip(src, tgt)]
 
     def data_stats(self, train: Sequence[Pair], val: Sequence[Pair]) -> dict[str, Any]:
         """Sizes, skips and token counts of the corpus, as written to ``data_stats.json``."""
-        out: dict[str, Any] = {"tokenizer": {"vocab": len(self.codec), "kind": "joint byte-level BPE"}}
+        out: dict[str, Any] = {"tokenizer": {"vocab": len(self.codec), "kind": self.codec.kind}}
+        n_layout = self.codec.n_layout  # the prompt's tokens around the source (<bos> and the tags, or </s>)
         for key, pairs in (("train", train), ("val", val)):
             ex = self.examples(pairs)
             words = sum(len(p.src.split()) + len(p.tgt.split()) for p in pairs)
             tokens = sum(len(a) + len(b) for a, b in ex)
             rep = self.load_reports.get(key)
-            out[key] = {"examples": len(pairs), "src_tokens": sum(len(a) - 3 for a, _ in ex), "tgt_tokens": sum(len(b) - 1 for _, b in ex),
-                        "tokens": tokens, "tokens_per_word": round((tokens - 4 * len(ex)) / max(words, 1), 3),
+            out[key] = {"examples": len(pairs), "src_tokens": sum(len(a) - n_layout for a, _ in ex), "tgt_tokens": sum(len(b) - 1 for _, b in ex),
+                        "tokens": tokens, "tokens_per_word": round((tokens - (n_layout + 1) * len(ex)) / max(words, 1), 3),
                         "skipped": {**(rep.as_dict()["skipped"] if rep else {}), "too long": self.length_skips.get(key, 0)}}
         return out
 
@@ -189,7 +190,7 @@ class TranslationTask:
         """The prompt of a source sentence with its generation budget (``task.length``)."""
         ln = self.cfg.length
         ids = self.codec.encode_prompt(pair.src)
-        return TranslationPrompt(ids, max_new_tokens(len(ids) - 3, ln.ratio, ln.extra, ln.cap), pair.src, pair.tgt)
+        return TranslationPrompt(ids, max_new_tokens(len(ids) - self.codec.n_layout, ln.ratio, ln.extra, ln.cap), pair.src, pair.tgt)
 
     def train_prompts(self) -> list[TranslationPrompt]:
         """RL prompts: the training pairs within the token limits (first ``rl_prompts`` of them);

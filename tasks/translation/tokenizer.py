@@ -28,6 +28,7 @@ write, so the same tokenizer can serve both directions. The tokenizer is saved w
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -36,6 +37,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from rlhf.errors import UserError
+from rlhf.models import special_layout
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0..3
@@ -76,6 +78,8 @@ class TranslationCodec:
     """Sentences <-> token ids for one language pair; the tokenizer is the saved artefact
     (``save(dir)`` is what the pipeline calls after training a model)."""
 
+    kind = "joint byte-level BPE"
+
     def __init__(self, tokenizer: PreTrainedTokenizerFast, src_lang: str, tgt_lang: str):
         self.tokenizer = tokenizer
         self.src_lang, self.tgt_lang = src_lang, tgt_lang
@@ -97,13 +101,26 @@ class TranslationCodec:
             return []
         return self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
+    def encode_targets(self, texts: Sequence[str]) -> list[list[int]]:
+        """Subword ids of target sentences (one joint vocabulary: the same as :meth:`encode_texts`)."""
+        return self.encode_texts(texts)
+
+    def prompt_ids(self, src: Sequence[int]) -> list[int]:
+        """``<bos> <src_lang> x_1..x_n <tgt_lang>`` around the source's subword ids."""
+        return [self.bos_id, self.src_tag_id, *src, self.tgt_tag_id]
+
+    @property
+    def n_layout(self) -> int:
+        """How many tokens :meth:`prompt_ids` adds around a source."""
+        return len(self.prompt_ids([]))
+
     def encode_prompt(self, src: str) -> list[int]:
-        """``<bos> <src_lang> x_1..x_n <tgt_lang>``."""
-        return [self.bos_id, self.src_tag_id, *self.encode_text(src), self.tgt_tag_id]
+        """:meth:`prompt_ids` of a source sentence."""
+        return self.prompt_ids(self.encode_text(src))
 
     def encode_target(self, tgt: str) -> list[int]:
         """``y_1..y_m <eos>``."""
-        return [*self.encode_text(tgt), self.eos_id]
+        return [*self.encode_targets([tgt])[0], self.eos_id]
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of a completion: tokens up to the first ``<eos>``, special tokens dropped."""
@@ -133,15 +150,79 @@ class TranslationCodec:
 
     @classmethod
     def load(cls, path: str | Path) -> "TranslationCodec":
-        """Reload a codec saved by :meth:`save` (or beside a model)."""
+        """Reload a codec saved by :meth:`save` (or beside a model); the tokenizer of a model
+        trained elsewhere (OPUS-MT's ``MarianTokenizer``) gives a :class:`ModelCodec`."""
         try:
-            tok = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: no translation tokenizer found ({e}). Point to a model folder written by `rlhf pretrain`.") from None
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError, ImportError) as e:
+            raise UserError(f"{path}: no translation tokenizer found ({e}). Point to a model folder written by `rlhf pretrain`, or to a "
+                            "translation model saved with save_pretrained (its tokenizer beside it).") from None
         src, tgt = tok.init_kwargs.get("src_lang"), tok.init_kwargs.get("tgt_lang")
         if not src or not tgt:
-            raise UserError(f"{path}/tokenizer_config.json has no src_lang/tgt_lang: not a translation tokenizer. Use a model folder written by `rlhf pretrain` with a translation config.")
+            src, tgt = tok.init_kwargs.get("source_lang"), tok.init_kwargs.get("target_lang")  # MarianTokenizer's names
+            if src and tgt and tok.eos_token_id is not None:
+                return ModelCodec(tok, src, tgt, model_vocab_size(path))
+            raise UserError(f"{path}/tokenizer_config.json has no src_lang/tgt_lang (nor source_lang/target_lang): not a translation tokenizer. "
+                            "Use a model folder written by `rlhf pretrain` with a translation config, or an OPUS-MT-style Marian folder.")
         try:
             return cls(tok, src, tgt)
         except ValueError as e:
             raise UserError(f"{path}: {e}.") from None
+
+
+def model_vocab_size(folder: str | Path) -> int | None:
+    """``vocab_size`` in the model config saved in ``folder`` (None without one)."""
+    try:
+        v = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return v if isinstance(v, int) else None
+
+
+class ModelCodec(TranslationCodec):
+    """The codec of a translation model trained elsewhere, with its own tokenizer (an OPUS-MT
+    ``MarianTokenizer``: SentencePiece source and target vocabularies, ``</s>`` ends a source,
+    no language tags since the model translates one pair)::
+
+        prompt (encoder)   x_1 ... x_n </s>        (the tokenizer's own layout)
+        completion         y_1 ... y_m </s>        (encoded with the target vocabulary)
+
+    The action space is every id the tokenizer has (the model may have more rows) but its
+    special tokens other than eos, so ``<pad>`` (OPUS-MT's decoder start) is never written."""
+
+    def __init__(self, tokenizer, src_lang: str, tgt_lang: str, vocab: int | None = None):
+        self.tokenizer = tokenizer
+        self.src_lang, self.tgt_lang = src_lang, tgt_lang
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        self.bos_id, self.unk_id = tokenizer.bos_token_id, tokenizer.unk_token_id
+        self.vocab = max(len(tokenizer), vocab or 0)
+        self.kind = f"{type(tokenizer).__name__} of the model"
+        self.layout = special_layout(tokenizer)  # ([], [</s>]) for OPUS-MT
+
+    def __len__(self) -> int:
+        return self.vocab
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.encode_texts([text])[0]
+
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def encode_targets(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(text_target=list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def prompt_ids(self, src: Sequence[int]) -> list[int]:
+        return [*self.layout[0], *src, *self.layout[1]]
+
+    def allowed(self) -> torch.Tensor:
+        mask = torch.ones(self.vocab, dtype=torch.bool)
+        mask[len(self.tokenizer):] = False
+        for i in self.tokenizer.all_special_ids:
+            if i is not None and i != self.eos_id:
+                mask[i] = False
+        return mask
