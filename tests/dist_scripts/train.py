@@ -44,10 +44,10 @@ def main() -> None:
     n_steps = {"n": 0}
     current = {"part": ""}  # records are keyed "<part>:<stage>" (an -s2s part repeats its twin's stages)
     loops: dict[str, TrainLoop] = {}
-    real_step = TrainLoop.optimizer_step
+    real_step = TrainLoop.accumulate_step  # every optimizer step goes through it (optimizer_step too)
 
-    def checked_step(self: TrainLoop, loss: torch.Tensor) -> dict[str, float]:
-        metrics = real_step(self, loss)
+    def checked_step(self: TrainLoop, losses) -> tuple[float, dict[str, float]]:
+        metrics = real_step(self, losses)
         n_steps["n"] += 1
         if args.die_rank is not None and distributed.rank() == args.die_rank and n_steps["n"] >= args.die_after:
             print(f"rank {args.die_rank}: killing myself (SIGKILL) after {n_steps['n']} optimizer steps", file=sys.stderr, flush=True)
@@ -56,7 +56,7 @@ def main() -> None:
         loops[self.stage] = self
         return metrics
 
-    TrainLoop.optimizer_step = checked_step
+    TrainLoop.accumulate_step = checked_step
     info = {"world_size": None, "distributed_type": None}
     for part in args.parts:
         current["part"] = part
