@@ -9,7 +9,7 @@ can pass a hub id as ``path``; it is handed to ``from_pretrained`` unchanged.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from pydantic import Field, model_validator
@@ -109,6 +109,26 @@ def special_layout(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[
         if full[i : i + len(probe)] == probe:
             return [int(t) for t in full[:i]], [int(t) for t in full[i + len(probe):]]
     return [], []  # a tokenizer that changes the text itself when adding tokens: no layout of its own assumed
+
+
+def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, target: bool = False) -> list[list[int]]:
+    """Token ids of each text, no special tokens added (a literal "</s>" in a text is text);
+    ``target``: encoded as targets (``text_target``: a Marian tokenizer's target vocabulary)."""
+    if not texts:
+        return []
+    kw = {"text_target" if target else "text": list(texts)}
+    return tokenizer(**kw, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def action_mask(tokenizer: PreTrainedTokenizerBase, vocab: int, eos_id: int) -> torch.Tensor:
+    """[vocab] bool: every id the tokenizer has but its special tokens other than eos (the model
+    may have more rows than the tokenizer has tokens: those are never allowed)."""
+    mask = torch.ones(vocab, dtype=torch.bool)
+    mask[len(tokenizer):] = False
+    for i in tokenizer.all_special_ids:
+        if i is not None and i != eos_id and i < vocab:
+            mask[i] = False
+    return mask
 
 
 def count_parameters(model: torch.nn.Module) -> int:

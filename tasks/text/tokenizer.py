@@ -33,7 +33,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from rlhf.errors import UserError
-from rlhf.models import special_layout
+from rlhf.models import action_mask, encode_batch, special_layout
 
 PAD, BOS, EOS, UNK, SEP = "<pad>", "<bos>", "<eos>", "<unk>", "<sep>"
 SPECIALS = (PAD, BOS, EOS, UNK, SEP)  # ids 0..4 of a trained tokenizer
@@ -108,15 +108,11 @@ class TextCodec:
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, no special tokens added (a literal "<eos>" in a text is text)."""
-        if not texts:
-            return []
-        return self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return encode_batch(self.tokenizer, texts)
 
     def encode_targets(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each answer, encoded as a target (a Marian tokenizer's target vocabulary)."""
-        if not texts:
-            return []
-        return self.tokenizer(text_target=list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return encode_batch(self.tokenizer, texts, target=True)
 
     def prompt_ids(self, encoded: Sequence[int]) -> list[int]:
         """``[<bos>] p_1..p_n [<sep>]`` from the prompt's encoded text, or the tokenizer's own
@@ -139,11 +135,7 @@ class TextCodec:
     def allowed(self) -> torch.Tensor | None:
         """[vocab] bool: every token but the special tokens other than eos (pad, bos, unk, sep…,
         where they differ from eos) and ids past the tokenizer's; None when that is every token."""
-        mask = torch.ones(self.vocab, dtype=torch.bool)
-        mask[len(self.tokenizer):] = False
-        for i in self.tokenizer.all_special_ids:
-            if i is not None and i != self.eos_id and i < self.vocab:
-                mask[i] = False
+        mask = action_mask(self.tokenizer, self.vocab, self.eos_id)
         return None if bool(mask.all()) else mask
 
     def save(self, path: str | Path) -> None:

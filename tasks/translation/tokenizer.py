@@ -37,7 +37,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from rlhf.errors import UserError
-from rlhf.models import special_layout
+from rlhf.models import action_mask, encode_batch, special_layout
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0..3
@@ -96,10 +96,8 @@ class TranslationCodec:
         return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
-        """:meth:`encode_text` of many sentences in one batched Rust call."""
-        if not texts:
-            return []
-        return self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        """:meth:`encode_text` of many sentences in one batched call."""
+        return encode_batch(self.tokenizer, texts)
 
     def encode_targets(self, texts: Sequence[str]) -> list[list[int]]:
         """Subword ids of target sentences (one joint vocabulary: the same as :meth:`encode_texts`)."""
@@ -203,26 +201,11 @@ class ModelCodec(TranslationCodec):
     def __len__(self) -> int:
         return self.vocab
 
-    def encode_text(self, text: str) -> list[int]:
-        return self.encode_texts([text])[0]
-
-    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
     def encode_targets(self, texts: Sequence[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return self.tokenizer(text_target=list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return encode_batch(self.tokenizer, texts, target=True)
 
     def prompt_ids(self, src: Sequence[int]) -> list[int]:
         return [*self.layout[0], *src, *self.layout[1]]
 
     def allowed(self) -> torch.Tensor:
-        mask = torch.ones(self.vocab, dtype=torch.bool)
-        mask[len(self.tokenizer):] = False
-        for i in self.tokenizer.all_special_ids:
-            if i is not None and i != self.eos_id:
-                mask[i] = False
-        return mask
+        return action_mask(self.tokenizer, self.vocab, self.eos_id)
