@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import Literal, Sequence
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from reward_models.bradley_terry import BTConfig
 from reward_models.data import SplitKey
@@ -55,6 +55,7 @@ overrides): a smoke run of about a minute; too short for VPL to learn a useful z
 class SplitConfig(Section):
     by: list[SplitKey] = Field(default_factory=lambda: ["rater"], description="Hold out a share of each: rater, prompt, source (origin before '#'); records mixing held-out and training values are dropped.")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of the raters / prompts / sources held out for testing.")
+    stratify: bool = Field(False, description="Hold out that share of each rater group (rater_group), so the test raters keep the data's mix (needs 'rater' in by).")
 
 
 class RewardDataConfig(Section):
@@ -66,6 +67,8 @@ class RewardDataConfig(Section):
 class RewardEvalConfig(Section):
     context_sizes: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8], description="VPL context sizes reported (labelled pairs of the held-out rater).")
     context_pool: int = Field(8, ge=0, description="Pairs of each held-out rater reserved as its context pool; the rest are the targets every method is scored on.")
+    active: bool = Field(False, description="Also score VPL with context pairs chosen from the pool by expected information gain about z (reward_models/active.py) instead of at random.")
+    active_samples: int = Field(64, ge=2, description="Samples of z ~ q(z|C) per query choice (the EIG estimate).")
 
 
 def _tiny_model() -> ModelConfig:
@@ -79,10 +82,24 @@ class RewardRunConfig(Section):
     methods: list[Method] = Field(default_factory=lambda: ["bt", "vpl"], description="Reward models to train and compare: bt (Bradley-Terry), vpl (variational preference learning).")
     data: RewardDataConfig = Field(..., description="The preference data.")
     model: ModelConfig = Field(default_factory=_tiny_model, description="Backbone of the reward models (built tiny with the data's tokenizer, or model.path).")
+    backbone: str | None = Field(None, description="A registered reward backbone built from model's sizes instead of model.arch, e.g. counterpoint_columns "
+                                 "(GPT-2 whose counterpoint tokens also embed both voices' pitches and moves; tasks/counterpoint/reward_model.py).")
     bt: BTConfig = Field(default_factory=BTConfig, description="Bradley-Terry training.")
     vpl: VPLTrainConfig = Field(default_factory=VPLTrainConfig, description="VPL model and training.")
     eval: RewardEvalConfig = Field(default_factory=RewardEvalConfig, description="Held-out evaluation.")
     simulate: SimulateConfig | None = Field(None, description="Simulated raters for `rlhf simulate-preferences` (writes data.path); null = real data.")
+
+    @model_validator(mode="after")
+    def _backbone(self) -> "RewardRunConfig":
+        from reward_models.backbone import BACKBONES
+
+        if self.backbone is None:
+            return self
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone {self.backbone!r} is not registered; use one of {', '.join(BACKBONES.names()) or '(none)'} or leave it null")
+        if self.model.path is not None:
+            raise ValueError("model.path loads a model folder with its own architecture; set either model.path or backbone, not both")
+        return self
 
 
 def load_tokenizer(spec: str, texts: Sequence[str] = ()):
@@ -142,7 +159,7 @@ def train_reward_main(config_path: str | None, overrides: Sequence[str] = (), re
     cfg = load_config(RewardRunConfig, config_path, overrides)
     records = load_preferences(cfg.data.path)
     run = open_run(cfg, resume=resume, overwrite=overwrite)
-    train, test, dropped = split_preferences(records, cfg.data.split.by, cfg.data.split.test_fraction, cfg.seed)
+    train, test, dropped = split_preferences(records, cfg.data.split.by, cfg.data.split.test_fraction, cfg.seed, cfg.data.split.stratify)
     if run.is_main:
         save_preferences(train, run.root / "data" / "train.jsonl")
         save_preferences(test, run.root / "data" / "test.jsonl")
@@ -159,23 +176,24 @@ def train_reward_main(config_path: str | None, overrides: Sequence[str] = (), re
         else:
             seed_everything(cfg.seed)
             if method == "bt":
-                model = build_reward_model(cfg.model, tokenizer)
+                model = build_reward_model(cfg.model, tokenizer, cfg.backbone)
                 train_bt(run, cfg.bt, model, tokenizer, train, test, seed=cfg.seed, resume=resume, progress=cfg.progress, max_length=max_len)
             else:
-                backbone = build_backbone(cfg.model, tokenizer)
+                backbone = build_backbone(cfg.model, tokenizer, cfg.backbone)
                 bt_dir = run.final_model_dir("reward-bt")
                 if cfg.vpl.init_from_bt and (bt_dir / "config.json").is_file():
                     backbone.load_state_dict(load_reward_model(bt_dir).base_model.state_dict())
                     log.info("vpl: backbone initialised from %s", bt_dir)
                 v = cfg.vpl
-                model = build_vpl(backbone, v.latent_dim, v.pair_hidden, v.head_hidden, v.pooling)
+                model = build_vpl(backbone, v.latent_dim, v.pair_hidden, v.head_hidden, v.pooling, head=v.head, encoder=v.encoder)
                 train_vpl(run, cfg.vpl, model, tokenizer, train, test, seed=cfg.seed, resume=resume, progress=cfg.progress,
                           max_length=max_len, eval_context=cfg.eval.context_pool)
         models[method] = load_reward_model(final)
     if not run.is_main:  # under a launcher: rank 0 evaluates and reports
         return run.root
     result = evaluate_reward_models(models, tokenizer, test, context_sizes=cfg.eval.context_sizes, context_pool=cfg.eval.context_pool,
-                                    seed=cfg.seed, sidecar=load_sidecar(cfg.data.path), max_length=max_len)
+                                    seed=cfg.seed, sidecar=load_sidecar(cfg.data.path), max_length=max_len,
+                                    active=cfg.eval.active, active_samples=cfg.eval.active_samples)
     result["data"] = {"path": cfg.data.path, "records": len(records), "train": len(train), "test": len(test), "dropped": dropped,
                       "ties": sum(r.is_tie for r in records), "split_by": list(cfg.data.split.by),
                       "train_raters": len({r.rater_id for r in train}), "test_raters": len({r.rater_id for r in test})}

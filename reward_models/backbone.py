@@ -6,6 +6,12 @@ is read at the last real token, as ``GPT2ForSequenceClassification`` does with
 task's tokenizer, or from ``model.path``: a folder written by ``save_pretrained`` (a causal-LM
 prior, e.g. ``runs/counterpoint/models/prior``, or a reward model). VPL uses the bare backbone
 (``AutoModel``) and its own heads (see ``reward_models/vpl.py``). Nothing is downloaded.
+
+A task can bring its own backbone architecture (:data:`BACKBONES`, ``backbone:`` of a reward
+config): a function (model config, tokenizer) → Hugging Face config whose module registers its
+model classes with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForSequenceClassification``. Its
+name is the config's ``model_type``, so a saved folder of that type finds its module again
+(:func:`ensure_model_type`).
 """
 
 from __future__ import annotations
@@ -21,12 +27,40 @@ from transformers.utils import logging as hf_logging
 
 from rlhf.errors import UserError
 from rlhf.models import ModelConfig, build_model
+from rlhf.registry import Registry
 
 hf_logging.disable_progress_bar()  # as rlhf.trainer: no "Loading weights" bars from from_pretrained
 
 
-def backbone_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
-    """The HF config of a backbone built from ``cfg`` (the prior's builder, so both agree)."""
+BACKBONES: Registry = Registry("reward backbone", "rlhf.reward_backbones")
+"""Backbone name (= its ``model_type``) -> function (ModelConfig, tokenizer) -> PretrainedConfig;
+the built-in ``counterpoint_columns`` is an entry point (``tasks/counterpoint/reward_model.py``)."""
+
+
+def ensure_model_type(model_type: str | None) -> None:
+    """Import the module of a registered backbone, so that transformers can build ``model_type``
+    (a no-op for transformers' own types)."""
+    from transformers import CONFIG_MAPPING
+
+    if model_type and model_type not in CONFIG_MAPPING and model_type in BACKBONES:
+        BACKBONES.get(model_type)
+
+
+def _folder_model_type(path: str) -> str | None:
+    p = Path(path) / "config.json"
+    try:
+        return json.loads(p.read_text()).get("model_type") if p.is_file() else None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p}: not readable as JSON ({e}); point model.path at a folder written by save_pretrained.") from None
+
+
+def backbone_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, backbone: str | None = None) -> PretrainedConfig:
+    """The HF config of a backbone built from ``cfg`` (the prior's builder, so both agree), or of
+    the registered ``backbone``."""
+    if backbone is not None:
+        config = BACKBONES.get(backbone)(cfg, tokenizer)
+        config.pad_token_id = tokenizer.pad_token_id
+        return config
     with torch.device("meta"):  # no weights are materialised: only the config is wanted
         config = build_model(cfg.model_copy(update={"path": None}), tokenizer).config
     config.pad_token_id = tokenizer.pad_token_id
@@ -44,17 +78,19 @@ def _check_path(path: str) -> None:
         raise UserError(f"{p}: model.path not found; train a prior first (`rlhf pretrain`) or fix the path.")
 
 
-def build_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A ``*ForSequenceClassification`` with one output, tiny from config or from ``cfg.path``."""
+def build_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, backbone: str | None = None) -> PreTrainedModel:
+    """A ``*ForSequenceClassification`` with one output, tiny from config (GPT-2/Llama, or the
+    registered ``backbone``) or from ``cfg.path``."""
     if cfg.path is not None:
         _check_path(cfg.path)
+        ensure_model_type(_folder_model_type(cfg.path))
         try:
             model = AutoModelForSequenceClassification.from_pretrained(cfg.path, num_labels=1)
         except (OSError, ValueError) as e:
             raise UserError(f"{cfg.path}: could not load a sequence-classification model ({e}).") from None
         set_dropout(model, cfg.dropout)
     else:
-        config = backbone_config(cfg, tokenizer)
+        config = backbone_config(cfg, tokenizer, backbone)
         config.num_labels = 1
         model = AutoModelForSequenceClassification.from_config(config)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -63,17 +99,18 @@ def build_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> 
     return model
 
 
-def build_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def build_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, backbone: str | None = None) -> PreTrainedModel:
     """The bare transformer (``AutoModel``: hidden states, no head), for VPL."""
     if cfg.path is not None:
         _check_path(cfg.path)
+        ensure_model_type(_folder_model_type(cfg.path))
         try:
             model = AutoModel.from_pretrained(cfg.path)
         except (OSError, ValueError) as e:
             raise UserError(f"{cfg.path}: could not load a backbone ({e}).") from None
         set_dropout(model, cfg.dropout)
     else:
-        model = AutoModel.from_config(backbone_config(cfg, tokenizer))
+        model = AutoModel.from_config(backbone_config(cfg, tokenizer, backbone))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

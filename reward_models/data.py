@@ -385,25 +385,46 @@ def _key(r: Preference, by: SplitKey) -> str:
     return r.origin
 
 
-def held_out_keys(keys: Sequence[str], fraction: float, seed: int) -> set[str]:
-    """``round(fraction * n)`` distinct keys chosen at random (at least 1, at most n - 1)."""
+def held_out_keys(keys: Sequence[str], fraction: float, seed: int, strata: dict[str, str] | None = None) -> set[str]:
+    """``round(fraction * n)`` distinct keys chosen at random (at least 1, at most n - 1); with
+    ``strata`` (key -> stratum) that share of each stratum's keys, so the held-out keys keep the
+    strata's mix (each stratum of two or more keys keeps at least one in training)."""
     uniq = sorted(set(keys))
     if len(uniq) < 2:
         raise UserError(f"cannot hold out a share of {len(uniq)} distinct value(s); a split needs at least two.")
+    if strata:
+        groups: dict[str, list[str]] = {}
+        for k in uniq:
+            groups.setdefault(strata.get(k, ""), []).append(k)
+        out: set[str] = set()
+        for i, (_, ks) in enumerate(sorted(groups.items())):
+            n = min(max(round(fraction * len(ks)), 1), max(len(ks) - 1, 1))
+            out |= set(random.Random(seed * 1000 + i).sample(ks, n))
+        if len(out) < len(uniq):
+            return out
     n = min(max(round(fraction * len(uniq)), 1), len(uniq) - 1)
     return set(random.Random(seed).sample(uniq, n))
 
 
 def split_preferences(
-    records: Sequence[Preference], by: Sequence[SplitKey], test_fraction: float, seed: int
+    records: Sequence[Preference], by: Sequence[SplitKey], test_fraction: float, seed: int, stratify: bool = False
 ) -> tuple[list[Preference], list[Preference], int]:
     """(train, test, dropped): for each key in ``by`` a random share of its values is held out;
     test = records whose every key is held out, train = records with no held-out key, and records
     that mix (a held-out rater on a training prompt) are dropped, so no held-out rater, prompt
-    or source ever appears in training."""
+    or source ever appears in training. ``stratify`` holds out that share of each rater group
+    (``rater_group``) when splitting by rater, so the test raters keep the data's group mix."""
     if not by:
         raise UserError("split.by is empty; give at least one of rater, prompt, source.")
-    held = {k: held_out_keys([_key(r, k) for r in records], test_fraction, seed + i) for i, k in enumerate(by)}
+    strata = None
+    if stratify:
+        if "rater" not in by:
+            raise UserError("split.stratify balances held-out raters by rater_group; it needs 'rater' in split.by.")
+        missing = next((r for r in records if r.rater_group is None), None)
+        if missing is not None:
+            raise UserError(f"{missing.where}: rater_group: missing; split.stratify needs rater_group in every record (or set split.stratify: false).")
+        strata = {str(r.rater_id): str(r.rater_group) for r in records}
+    held = {k: held_out_keys([_key(r, k) for r in records], test_fraction, seed + i, strata if k == "rater" else None) for i, k in enumerate(by)}
     train, test = [], []
     for r in records:
         flags = [_key(r, k) in held[k] for k in by]

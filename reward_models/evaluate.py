@@ -13,6 +13,10 @@ Ceilings stated beside the accuracies:
   follows, ≈ 0 for the other).
 * ``noise_ceiling`` -- share of target labels that agree with the labelling rater's own
   noiseless utility (the simulator's temperature flips the rest): no model can beat it.
+
+With ``active`` VPL is also scored with context pairs chosen by expected information gain
+(``reward_models/active.py``) from the same pool, instead of the pool's random order:
+``by_context_active`` beside ``by_context``.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reward_models.bradley_terry import pair_tensors, score_pairs
 from reward_models.data import Preference, comparable
 from reward_models.metrics import accuracy_by, summary
+from reward_models.active import active_order
 from reward_models.vpl import HeldOut, VPLRewardModel, active_units, vpl_deltas
 
 
@@ -46,6 +52,8 @@ def evaluate_reward_models(
     seed: int,
     sidecar: dict[str, Any] | None = None,
     max_length: int | None = None,
+    active: bool = False,
+    active_samples: int = 64,
 ) -> dict[str, Any]:
     """Scores of every model on the held-out targets; JSON-serialisable (written to eval.json)."""
     recs = comparable(test)
@@ -71,6 +79,14 @@ def evaluate_reward_models(
                 delta, mu = vpl_deltas(model, pairs, held, k)
                 per_k[str(k)] = {**breakdown(delta, groups, kinds, raters), "active_units": active_units(mu)}
             result["methods"][name] = {"kind": "vpl", "by_context": per_k}
+            if active:
+                gen = torch.Generator().manual_seed(seed)
+                n = max(context_sizes)
+                chosen = HeldOut(held.raters, [np.asarray(active_order(model, pairs, c, n, samples=active_samples, generator=gen)) for c in held.context],
+                                 held.targets)
+                result["methods"][name]["by_context_active"] = {
+                    str(k): {**breakdown(delta, groups, kinds, raters), "active_units": active_units(mu)}
+                    for k in context_sizes for delta, mu in [vpl_deltas(model, pairs, chosen, k)]}
         else:
             delta = score_pairs(model, pairs)[tidx] if len(tidx) else np.zeros(0)
             result["methods"][name] = {"kind": "bt", **breakdown(delta, groups, kinds, raters)}

@@ -30,7 +30,7 @@ import torch
 from pydantic import Field, model_validator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from reward_models.backbone import PairTensors, pad_sequences
+from reward_models.backbone import PairTensors, ensure_model_type, pad_sequences
 from reward_models.data import Preference, comparable, encode_pairs
 from reward_models.vpl import VPLRewardModel, win_probability
 from rlhf.config import Section
@@ -50,8 +50,10 @@ def model_type_of(path: str | Path) -> str:
 
 def load_reward_model(path: str | Path) -> PreTrainedModel:
     """A trained BT (sequence classification) or VPL reward model from its folder, in eval mode."""
-    if model_type_of(path) == "vpl_reward":
+    kind = model_type_of(path)
+    if kind == "vpl_reward":
         return VPLRewardModel.from_pretrained(str(path)).eval()
+    ensure_model_type(kind)
     model = AutoModelForSequenceClassification.from_pretrained(str(path))
     if model.config.num_labels != 1:
         raise UserError(f"{path}: a reward model needs num_labels=1, this one has {model.config.num_labels}.")

@@ -8,7 +8,17 @@ Feedback with Variational Preference Learning", NeurIPS 2024 (sec. 4, eqs. 3-5).
   last real token's hidden state), the e_k are pooled permutation-invariantly (mean, or
   attention with a learned query), and linear maps give μ and log σ².
 * Reward r(x, z) = head([h(x); z]), an MLP (a linear head would add u·z to both rewards of a
-  pair, which cancels in r_c − r_r: z could not change any preference).
+  pair, which cancels in r_c − r_r: z could not change any preference); or, with
+  ``head: bilinear``, r(x, z) = u(h(x)) + z · v(h(x)) with u an MLP and v a linear map to D
+  reward directions: each latent dim weighs one learned reward, so the gradient of a pair's
+  Δ with respect to z, v(c) − v(r), reaches the encoder from the first step (an MLP head can
+  learn to ignore z before the encoder says anything; on the music set it did).
+* With ``encoder: reward`` (bilinear head only) the encoder reads each context pair through
+  those same rewards, e_k = MLP([v(c_k) − v(r_k); u(c_k) − u(r_k)]): how the rater's choice
+  lines up with each learned reward direction, the sufficient statistic of a logistic model
+  in z. What the head learns to tell raters apart, the encoder can read at once; from a
+  backbone's pooled state alone (``encoder: pair``) it could not on the music set, where the
+  groups differ in features the population reward hardly uses.
 * Loss per rater u with targets T_u (disjoint from C_u), z = μ + σ ⊙ ε, ε ~ N(0, I):
 
       L_u = (1/|T_u|) Σ_{t ∈ T_u} −log σ(r(c_t, z) − r(r_t, z) − m_t)  +  β · KL(q(z|C_u) ‖ N(0, I))
@@ -39,7 +49,7 @@ from pydantic import Field, model_validator
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from reward_models.backbone import PairTensors, last_token_hidden
+from reward_models.backbone import PairTensors, ensure_model_type, last_token_hidden
 from reward_models.bradley_terry import PairTrainer
 from reward_models.data import Preference, by_rater, comparable
 from reward_models.metrics import summary
@@ -126,6 +136,8 @@ class VPLConfig(PreTrainedConfig):
     head_hidden: int = 64
     pooling: str = "mean"
     logvar_init: float = 0.0
+    head: str = "mlp"  # mlp: MLP([h; z]); bilinear: MLP(h) + z · Linear(h)
+    encoder: str = "pair"  # pair: MLP([h_c; h_r]); reward: MLP([v(c) − v(r); u(c) − u(r)]) (bilinear head)
 
 
 class VPLRewardModel(PreTrainedModel):
@@ -135,13 +147,19 @@ class VPLRewardModel(PreTrainedModel):
     def __init__(self, config: VPLConfig):
         super().__init__(config)
         bcfg = dict(config.backbone or {})
+        ensure_model_type(bcfg.get("model_type"))  # a task's own backbone registers on import
         self.backbone = AutoModel.from_config(AutoConfig.for_model(**bcfg))
         h, p, d = self.backbone.config.hidden_size, config.pair_hidden, config.latent_dim
-        self.pair_mlp = nn.Sequential(nn.Linear(2 * h, p), nn.GELU(), nn.Linear(p, p), nn.GELU())
+        self.bilinear = getattr(config, "head", "mlp") == "bilinear"
+        self.reward_encoder = getattr(config, "encoder", "pair") == "reward"
+        if self.reward_encoder and not self.bilinear:
+            raise ValueError("VPL encoder 'reward' reads the bilinear head's reward directions; set head: bilinear")
+        self.pair_mlp = nn.Sequential(nn.Linear(d + 1 if self.reward_encoder else 2 * h, p), nn.GELU(), nn.Linear(p, p), nn.GELU())
         self.attn_score = nn.Linear(p, 1) if config.pooling == "attention" else None
         self.to_mu = nn.Linear(p, d)
         self.to_logvar = nn.Linear(p, d)
-        self.head = nn.Sequential(nn.Linear(h + d, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, 1))
+        self.head = nn.Sequential(nn.Linear(h if self.bilinear else h + d, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, 1))
+        self.directions = nn.Linear(h, d) if self.bilinear else None  # v(h): one reward per latent dim
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -163,9 +181,15 @@ class VPLRewardModel(PreTrainedModel):
     def encode(self, h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ, log σ²) [B, D] of q(z | C) from context pairs [B, C, H] (``mask`` [B, C]);
         raters with no context get the prior (0, 0)."""
-        e = self.pair_mlp(torch.cat([h_chosen, h_rejected], dim=-1))  # [B, C, P]
+        if self.reward_encoder:  # the pair through the reward's own directions: [B, C, D + 1]
+            x = torch.cat([self.directions(h_chosen) - self.directions(h_rejected), self.head(h_chosen) - self.head(h_rejected)], dim=-1)
+        else:
+            x = torch.cat([h_chosen, h_rejected], dim=-1)
+        e = self.pair_mlp(x)  # [B, C, P]
         if self.attn_score is not None:
             pooled = attention_pool(e, mask, self.attn_score(e).squeeze(-1))
+        elif self.config.pooling == "sum":  # evidence adds up, as natural parameters of a posterior do
+            pooled = (e * mask.to(e.dtype).unsqueeze(-1)).sum(1)
         else:
             pooled = masked_mean(e, mask)
         has = mask.any(-1, keepdim=True)
@@ -173,8 +197,11 @@ class VPLRewardModel(PreTrainedModel):
         return torch.where(has, self.to_mu(pooled), zero), torch.where(has, self.to_logvar(pooled), zero)
 
     def reward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """r(x, z) = head([h(x); z]) for h [..., H] and z broadcastable to [..., D]."""
+        """r(x, z) = head([h(x); z]), or u(h) + z · v(h) (bilinear), for h [..., H] and z
+        broadcastable to [..., D]."""
         z = z.expand(*h.shape[:-1], z.shape[-1])
+        if self.bilinear:
+            return self.head(h).squeeze(-1) + (self.directions(h) * z).sum(-1)
         return self.head(torch.cat([h, z], dim=-1)).squeeze(-1)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, z: torch.Tensor | None = None,
@@ -209,10 +236,10 @@ AutoModel.register(VPLConfig, VPLRewardModel, exist_ok=True)
 
 
 def build_vpl(backbone: PreTrainedModel, latent_dim: int, pair_hidden: int, head_hidden: int, pooling: str,
-              logvar_init: float = 0.0) -> VPLRewardModel:
+              logvar_init: float = 0.0, head: str = "mlp", encoder: str = "pair") -> VPLRewardModel:
     """A VPL model around ``backbone`` (its weights are copied in)."""
     config = VPLConfig(backbone=backbone.config.to_dict(), latent_dim=latent_dim, pair_hidden=pair_hidden, head_hidden=head_hidden,
-                       pooling=pooling, logvar_init=logvar_init)
+                       pooling=pooling, logvar_init=logvar_init, head=head, encoder=encoder)
     model = VPLRewardModel(config)
     model.backbone.load_state_dict(backbone.state_dict())
     return model
@@ -290,7 +317,9 @@ class VPLTrainConfig(Section):
     latent_dim: int = Field(8, ge=1, le=256, description="Dimension of the rater latent z.")
     pair_hidden: int = Field(64, ge=4, description="Width of the pair-embedding MLP of the encoder.")
     head_hidden: int = Field(64, ge=4, description="Hidden width of the reward head MLP([h(x); z]).")
-    pooling: Literal["mean", "attention"] = Field("mean", description="Permutation-invariant pooling of the context pair embeddings.")
+    pooling: Literal["mean", "sum", "attention"] = Field("mean", description="Permutation-invariant pooling of the context pair embeddings: mean, sum (each pair adds its evidence, as in a Bayesian posterior; an uninformative pair can add nothing), or attention.")
+    head: Literal["mlp", "bilinear"] = Field("mlp", description="Reward head: mlp, r = MLP([h; z]); bilinear, r = MLP(h) + z · Linear(h) (z weighs D learned rewards).")
+    encoder: Literal["pair", "reward"] = Field("pair", description="Context pair embedding: pair, MLP([h_c; h_r]); reward, MLP of the pair's reward differences along the bilinear head's directions (needs head: bilinear).")
     beta: float = Field(0.003, ge=0, description="Weight β of KL(q(z|C) ‖ N(0, I)) against the mean target NLL.")
     beta_warmup_steps: int = Field(200, ge=0, description="Ramp β and the sampling noise of z linearly from 0 over this many steps (against posterior collapse).")
     free_bits: float = Field(0.25, ge=0, description="Free nats λ per latent dim: the KL term is β·Σ_j max(KL_j, λ) (0 = plain β·KL), against posterior collapse.")
@@ -307,6 +336,8 @@ class VPLTrainConfig(Section):
     def _sizes(self) -> "VPLTrainConfig":
         if not self.context_sizes or min(self.context_sizes) < 0:
             raise ValueError(f"context_sizes must be non-negative and non-empty, got {self.context_sizes}")
+        if self.encoder == "reward" and self.head != "bilinear":
+            raise ValueError("vpl.encoder: reward reads the bilinear head's reward directions; set vpl.head: bilinear (or vpl.encoder: pair)")
         return self
 
 

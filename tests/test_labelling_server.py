@@ -285,3 +285,75 @@ def test_serve_refuses_unsafe_settings(pairs_file, tmp_path, capsys):
     assert "bad.jsonl:1: pair_id" in capsys.readouterr().err
     assert label_main(["serve", "--pairs", str(path), "--db", str(tmp_path)]) == 2
     assert label_main(["bogus"]) == 2
+
+
+def test_active_serving_asks_the_most_informative_pair(tmp_path):
+    """With --active, /api/next is the unlabelled pair of largest EIG under q(z | the rater's
+    labels) — the same pair as a naive loop over the candidates with the same z draws — and a
+    labelled pair is never served again."""
+    import torch
+
+    from apps.labelling.active import ActiveChooser
+    from reward_models.active import expected_information_gain
+    from reward_models.backbone import build_backbone
+    from reward_models.vpl import build_vpl
+    from rlhf.models import ModelConfig
+    from tasks.counterpoint.tokens import build_codec
+
+    pairs = [CandidatePair(p.pair_id, p.prompt.split(" #")[0], p.a, p.b, p.source, p.metadata) for p in music_pairs(6)]  # the task's tokens only
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(pairs_jsonl(pairs))
+    tok = build_codec("first_species").tokenizer
+    torch.manual_seed(0)
+    vpl = build_vpl(build_backbone(ModelConfig(n_layer=1, n_embd=32, n_head=2, dropout=0.0, max_positions=48), tok), 3, 16, 16, "mean",
+                    head="bilinear", encoder="reward")
+    with torch.no_grad():
+        vpl.directions.weight.mul_(20)  # z matters, so the pairs differ in what their labels tell
+    vpl.save_pretrained(tmp_path / "vpl")
+    tok.save_pretrained(tmp_path / "vpl")
+    chooser = ActiveChooser(tmp_path / "vpl", pairs)
+
+    def naive(labels):
+        torch.manual_seed(0)
+        mu, logvar = torch.zeros(1, 3), torch.zeros(1, 3)
+        if labels:
+            won = torch.stack([chooser.h_a[i] if c == "A" else chooser.h_b[i] for i, c in labels])
+            lost = torch.stack([chooser.h_b[i] if c == "A" else chooser.h_a[i] for i, c in labels])
+            mu, logvar = vpl.encode(won[None], lost[None], torch.ones(1, len(labels), dtype=torch.bool))
+        eps = torch.randn(64, 3, generator=torch.Generator().manual_seed(len(labels)))
+        z = mu + (0.5 * logvar).exp() * eps
+        done = {i for i, _ in labels}
+        gains = {}
+        for i in range(len(pairs)):
+            if i in done:
+                continue
+            with torch.no_grad():
+                p = torch.sigmoid(vpl.reward(chooser.h_a[i].expand(64, -1), z) - vpl.reward(chooser.h_b[i].expand(64, -1), z))
+            gains[i] = float(expected_information_gain(p[:, None])[0])
+        return pairs[max(gains, key=gains.get)].pair_id
+
+    db = tmp_path / "labels.sqlite"
+    with serving(path, db, token=TOKEN, active=tmp_path / "vpl") as url:
+        given = []
+        for step in range(4):
+            status, body, _ = call(url, "GET", "/api/next?rater=ann")
+            assert status == 200
+            pid = body["pair"]["pair_id"]
+            assert pid == naive(given) and pid not in {pairs[i].pair_id for i, _ in given}
+            choice = "A" if step % 2 == 0 else "B"
+            assert call(url, "POST", "/api/labels", {"pair_id": pid, "rater": "ann", "choice": choice})[0] == 200
+            given.append((next(i for i, p in enumerate(pairs) if p.pair_id == pid), choice))
+
+
+def test_active_serving_needs_a_vpl_model(tmp_path):
+    from apps.labelling.active import ActiveChooser
+    from reward_models.backbone import build_reward_model
+    from rlhf.errors import UserError
+    from rlhf.models import ModelConfig
+    from tasks.counterpoint.tokens import build_codec
+
+    tok = build_codec("first_species").tokenizer
+    build_reward_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, dropout=0.0, max_positions=48), tok).save_pretrained(tmp_path / "bt")
+    tok.save_pretrained(tmp_path / "bt")
+    with pytest.raises(UserError, match="needs a VPL reward model"):
+        ActiveChooser(tmp_path / "bt", music_pairs(2))

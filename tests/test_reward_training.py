@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from reward_models.backbone import PairTensors, build_backbone, build_reward_model
 from reward_models.reward_source import load_reward_model
@@ -150,6 +151,36 @@ def test_vpl_beats_bt_on_divergent_raters(pets_run):
     assert "BT ceiling on disputed pairs" in report and (run_dir / "plots" / "accuracy_vs_context.png").is_file()
     kl = [r["vpl/kl"] for r in read_metrics(run_dir / "metrics.jsonl", "reward-vpl")]
     assert len(kl) == 450
+
+
+def test_active_queries_ask_disputed_pairs_first(pets_run):
+    """With no context, the pair whose label says most about z is one the two groups dispute; the
+    choice is the argmax of a naive loop over the candidate pairs (EIG from sampled z)."""
+    from reward_models.active import active_order, expected_information_gain
+    from reward_models.data import load_preferences
+    from apps.simulate import load_sidecar
+
+    run_dir, over = pets_run
+    model = load_reward_model(run_dir / "models" / "reward-vpl")
+    tok = AutoTokenizer.from_pretrained(str(run_dir / "models" / "reward-vpl"))
+    recs = [r for r in load_preferences(run_dir / "data" / "test.jsonl") if not r.is_tie][:40]
+    disputed = load_sidecar(over[0].split("=", 1)[1])["pairs"]
+    kinds = [disputed[r.pair_id]["disputed"] for r in recs]
+    assert 0 < sum(kinds) < len(kinds)
+    pairs = pair_tensors(recs, tok)
+    order = active_order(model, pairs, range(len(recs)), 4, samples=2048, generator=torch.Generator().manual_seed(0))
+    assert len(set(order)) == 4 and kinds[order[0]]
+    z = torch.randn(2048, model.latent_dim, generator=torch.Generator().manual_seed(1))  # q(z | {}) = N(0, I)
+    naive = []
+    with torch.no_grad():
+        for i in range(len(recs)):
+            b = pairs.batch([i])
+            h = model.embed(b["input_ids"], b["attention_mask"])
+            p = torch.sigmoid(model.reward(h[0:1].expand(len(z), -1), z) - model.reward(h[1:2].expand(len(z), -1), z))
+            naive.append(float(expected_information_gain(p[:, None])[0]))
+    naive = np.array(naive)
+    assert naive[order[0]] >= naive.max() - 0.02
+    assert naive[np.array(kinds)].mean() > 3 * naive[~np.array(kinds)].mean()
 
 
 def test_train_reward_run_folder_resume_and_errors(pets_run, tmp_path):

@@ -192,6 +192,8 @@ def label_parser() -> argparse.ArgumentParser:
     s.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                    help=f"access token the page must present ('auto' = a random one; default ${TOKEN_ENV}, else none on 127.0.0.1)")
     s.add_argument("--max-body", type=int, default=16 * 1024, help="largest request body in bytes (default 16384)")
+    s.add_argument("--active", metavar="VPL_MODEL", help="serve each rater the pair whose label says most about their taste under this VPL reward "
+                   "model (models/reward-vpl of `rlhf train-reward`), instead of the file order")
     e = sub.add_parser("export", help="write the stored labels in the preference schema",
                        description="Write the labels in --db as preference records (chosen = the preferred candidate; ties as label: tie; skips left out), atomically.")
     e.add_argument("--pairs", required=True, metavar="PAIRS_JSONL", help="the pairs file the session served")
@@ -219,7 +221,12 @@ def _serve(args: argparse.Namespace) -> int:
         raise UserError("--token: use at least 8 characters (or --token auto).")
     pairs = read_pairs(args.pairs)
     store = LabelStore(args.db)
-    app = create_app(pairs, store, token=token, max_body=args.max_body, check_host=loopback)
+    chooser = None
+    if args.active:
+        from apps.labelling.active import ActiveChooser
+
+        chooser = ActiveChooser(args.active, pairs)
+    app = create_app(pairs, store, token=token, max_body=args.max_body, check_host=loopback, chooser=chooser)
     sock = bind_socket(args.host, args.port)
     port = sock.getsockname()[1]
     shown = f"[{args.host}]" if ":" in args.host else args.host

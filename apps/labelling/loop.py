@@ -158,13 +158,20 @@ def label_through_api(base_url: str, pairs: Sequence[CandidatePair], raters: Seq
 
 
 @contextmanager
-def serving(pairs_path: str | Path, db_path: str | Path, token: str | None = None) -> Iterator[str]:
-    """Run the labelling app in a background thread on a free loopback port; yields its URL."""
+def serving(pairs_path: str | Path, db_path: str | Path, token: str | None = None, active: str | Path | None = None) -> Iterator[str]:
+    """Run the labelling app in a background thread on a free loopback port; yields its URL.
+    ``active``: a VPL model folder; each rater is then served the most informative pair."""
     from apps.labelling.pairs import read_pairs
     from apps.labelling.server import bind_socket, create_app, make_server
     from apps.labelling.store import LabelStore
 
-    app = create_app(read_pairs(pairs_path), LabelStore(db_path), token=token)
+    pairs = read_pairs(pairs_path)
+    chooser = None
+    if active is not None:
+        from apps.labelling.active import ActiveChooser
+
+        chooser = ActiveChooser(active, pairs)
+    app = create_app(pairs, LabelStore(db_path), token=token, chooser=chooser)
     sock = bind_socket("127.0.0.1", 0)
     server = make_server(app, sock)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -192,13 +199,17 @@ def train_rewards(data: str | Path, run_dir: str | Path, *, bt_steps: int = 150,
             "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
             f"bt.steps={bt_steps}", "bt.batch_size=32", "bt.lr=3e-3", "bt.warmup_steps=10", f"bt.eval_every={bt_steps}", f"bt.checkpoint_every={bt_steps}",
             f"vpl.steps={vpl_steps}", "vpl.raters_per_batch=4", f"vpl.eval_every={vpl_steps}", f"vpl.checkpoint_every={vpl_steps}",
-            "vpl.latent_dim=4", "vpl.pair_hidden=32", "vpl.head_hidden=32", "vpl.beta_warmup_steps=20"]
+            "vpl.latent_dim=4", "vpl.pair_hidden=32", "vpl.head_hidden=32", "vpl.beta_warmup_steps=20",
+            # a few labels per rater and no rater groups: the plain backbone and VPL, context from 8 pairs
+            "backbone=null", "data.split.stratify=false", "vpl.head=mlp", "vpl.encoder=pair", "vpl.init_from_bt=true",
+            "vpl.context_sizes=[0,1,2,4,8]", "eval.context_sizes=[0,1,2,4,8]", "eval.context_pool=8", "eval.active=false"]
     return train_reward_main("configs/reward-music.yaml", over, overwrite=True)
 
 
 def tune_with_reward(prior: str | Path, reward_model: str | Path, run_dir: str | Path, *, steps: int = 30, batch_size: int = 32,
-                     beta: float = 0.05, seed: int = 0) -> Path:
-    """PPO from the prior against the learned reward (KL-penalised); returns the tuned model folder."""
+                     beta: float = 0.05, seed: int = 0, context: Sequence[Any] | None = None) -> Any:
+    """PPO from the prior against the learned reward (KL-penalised); returns the tuned model
+    folder, or with ``context`` (a rater's labelled pairs, for a VPL model) the folder and z."""
     from reward_models.reward_source import RewardSource
     from rlhf.runs import Run
     from rlhf.tune import TuneConfig, tune
@@ -207,10 +218,11 @@ def tune_with_reward(prior: str | Path, reward_model: str | Path, run_dir: str |
     from tasks.counterpoint.tokens import Codec
 
     task = CounterpointTask(CounterpointConfig(rl_prompts="fux", train_cantus_transpositions=[0]), Codec.load(prior))
-    source = RewardSource.from_pretrained(reward_model)
+    source = RewardSource.from_pretrained(reward_model, context=context)
     cfg = TuneConfig.model_validate({"algorithm": "ppo", "steps": steps, "batch_size": batch_size, "checkpoint_every": steps,
                                      "kl": {"beta": beta}})
-    return tune(Run(run_dir), cfg, task, Path(prior), reward=source, seed=seed, progress=False, name="ppo-learned")
+    tuned = tune(Run(run_dir), cfg, task, Path(prior), reward=source, seed=seed, progress=False, name="ppo-learned")
+    return tuned if context is None else (tuned, [float(x) for x in source.z])
 
 
 def win_rate_vs_prior(rater: Rater, tuned: str | Path, prior: str | Path, per_prompt: int = 8, seed: int = 1) -> float:
@@ -229,6 +241,53 @@ def win_rate_vs_prior(rater: Rater, tuned: str | Path, prior: str | Path, per_pr
         rep, comps = task.sample(load_model(path), prompts, per_prompt, temperature=1.0, seed=seed)
         items[name] = task.decode(rep, comps)
     return win_rate(rater, items["tuned"], items["prior"])
+
+
+def label_actively(base_url: str, pairs: Sequence[CandidatePair], rater: Rater, n: int, *, token: str | None = None, seed: int = 0) -> list[str]:
+    """One rater labels the ``n`` pairs the page serves them one after the other (``GET
+    /api/next``: with ``--active``, the most informative pair given their labels so far), each
+    with a noisy BT choice on their utility of the two pieces. Returns the pair ids as served."""
+    from urllib.parse import quote
+
+    by_id = {p.pair_id: p for p in pairs}
+    rng = np.random.default_rng(seed)
+    served: list[str] = []
+    for _ in range(n):
+        req = urllib.request.Request(f"{base_url}/api/next?rater={quote(rater.rater_id)}", headers={"X-Access-Token": token} if token else {})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            view = json.loads(r.read())["pair"]
+        if view is None:
+            break
+        u = rater.utility(list(pair_pieces(by_id[view["pair_id"]])))
+        p_a = 1.0 / (1.0 + np.exp(-(u[0] - u[1]) / rater.temperature))
+        post_json(f"{base_url}/api/labels", {"pair_id": view["pair_id"], "rater": rater.rater_id, "choice": "A" if rng.random() < p_a else "B"}, token)
+        served.append(view["pair_id"])
+    return served
+
+
+def one_rater_loop(out: str | Path, pairs: Sequence[CandidatePair], reward_model: str | Path, prior: str | Path, rater: Rater, *,
+                   labels: int = 8, tune_steps: int = 30, beta: float = 0.1, seed: int = 0) -> dict[str, Any]:
+    """A new rater's loop: the page serves them the pairs a VPL reward model finds most
+    informative about their taste (``rlhf label serve --active``); their exported labels give
+    z = μ(C); the prior is tuned against r(x, z) (PPO, KL to the prior); the rater compares the
+    tuned model's pieces with the prior's. Returns the pairs served, z, the tuned model folder and
+    the rater's win rate against the prior."""
+    from apps.labelling.cli import label_main
+    from apps.labelling.pairs import pairs_jsonl
+    from reward_models.data import load_preferences
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs_file, db, exported = out / "pairs.jsonl", out / "labels.sqlite", out / "labels.jsonl"
+    pairs_file.write_text(pairs_jsonl(pairs))
+    with serving(pairs_file, db, active=reward_model) as url:
+        served = label_actively(url, pairs, rater, labels, seed=seed)
+    _ok(label_main, ["export", "--pairs", str(pairs_file), "--db", str(db), "--out", str(exported), "--overwrite"])
+    context = load_preferences(exported)
+    tuned, z = tune_with_reward(prior, reward_model, out / "tune", steps=tune_steps, beta=beta, seed=seed, context=context)
+    result = {"served": served, "z": z, "tuned": str(tuned), "win_rate": win_rate_vs_prior(rater, tuned, prior)}
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 # --------------------------------------------------------------------------- all of it

@@ -27,7 +27,7 @@ import json
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 from fastapi import FastAPI, HTTPException, Path as PathParam, Query
 from fastapi.responses import JSONResponse, Response
@@ -156,8 +156,10 @@ def _label_out(lb: Label | None) -> dict[str, Any] | None:
 
 
 def create_app(pairs: Sequence[CandidatePair], store: LabelStore, *, token: str | None = None, max_body: int = MAX_BODY,
-               check_host: bool = True) -> Any:
-    """The ASGI app (FastAPI behind :class:`Guard`) over the loaded pairs and the label store."""
+               check_host: bool = True, chooser: Callable[[list[Label]], str | None] | None = None) -> Any:
+    """The ASGI app (FastAPI behind :class:`Guard`) over the loaded pairs and the label store;
+    ``chooser`` (e.g. :class:`apps.labelling.active.ActiveChooser`) picks each rater's next pair
+    from their labels so far, instead of the file order."""
     order = [p.pair_id for p in pairs]
     by_id = {p.pair_id: (i, p) for i, p in enumerate(pairs)}
     total = len(pairs)
@@ -202,8 +204,11 @@ def create_app(pairs: Sequence[CandidatePair], store: LabelStore, *, token: str 
 
     @app.get("/api/next")
     def next_pair(rater: Rater) -> dict[str, Any]:
-        done = store.done(rater)
-        nxt = next((pid for pid in order if pid not in done), None)
+        if chooser is not None:
+            nxt = chooser(store.labels(rater))
+        else:
+            done = store.done(rater)
+            nxt = next((pid for pid in order if pid not in done), None)
         view = pair_view(by_id[nxt][1], by_id[nxt][0], total) if nxt else None
         return {"pair": view, "progress": progress(rater)}
 
