@@ -28,8 +28,10 @@ INTEGRATION_MODULES = {"test_cli.py", "test_distributed.py", "test_labelling_bro
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tiers: a test is `integration` when its module is one above or it needs the shared
-    pipeline run (`quick_run`); `make test-fast` runs the rest (math and engine, no corpus run)."""
+    """Tiers: a test is `integration` when its module is one above or it needs a shared
+    pipeline run (`quick_run`, `music_vpl`); `make test-fast` runs the rest (math and engine,
+    no corpus run)."""
+    heavy = {"quick_run", "music_vpl"}
     for item in items:
-        if item.path.name in INTEGRATION_MODULES or "quick_run" in getattr(item, "fixturenames", ()):
+        if item.path.name in INTEGRATION_MODULES or heavy & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
