@@ -17,6 +17,7 @@ algorithm-specific math lives elsewhere; a trainer's loop reads::
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import shutil
@@ -144,15 +145,28 @@ class TrainLoop:
                                 "would step after each; under DeepSpeed set tune.rloo.micro_batch: null")
             self.accelerator.backward(loss)
             total, n = total + float(loss.detach()), n + 1
+        self.check_finite("loss", total)  # before the optimizer moves a weight
         norm = float("nan")
         if self.grad_clip is not None:
             # under DeepSpeed, backward() already clipped and stepped; this returns its norm (or None)
             g = self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             norm = float("nan") if g is None else float(g)
+            if g is not None:
+                self.check_finite("grad/norm", norm)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         return total, {"grad/norm": norm, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def check_finite(self, name: str, value: float) -> None:
+        """Stop with a clear error when ``value`` is NaN or ±Inf, before anything is updated or
+        saved: the last checkpoint stays the last good one."""
+        if math.isfinite(value):
+            return
+        last = self.run.latest_checkpoint(self.stage)
+        kept = f"the last checkpoint, {last}, is intact (resume from it with --resume)" if last else "no checkpoint was written yet"
+        raise UserError(f"stage {self.stage}, step {self.step + 1}: {name} is {value}; the run stopped before the optimizer step and {kept}. "
+                        "Lower the learning rate, check the reward for NaN/Inf, or set a KL guard (tune.kl.max).")
 
     def advance(self) -> None:
         """Count one training step (what checkpoints, resume and the progress bar count)."""

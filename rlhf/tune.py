@@ -205,6 +205,22 @@ class Tuner:
         self.prompts = task.train_prompts()
         self.sampler = PromptSampler(len(self.prompts), cfg.prompt_sampling, cfg.priority_alpha, cfg.priority_uniform, cfg.priority_ema)
         self.gen = torch.Generator()
+        self.kl_window: list[float] = []
+
+    def guard_kl(self, kl_per_token: float) -> None:
+        """``tune.kl.max``: stop when the mean KL per token over the last ``max_window``
+        iterations exceeds it. Runs before this iteration's checkpoint could be written, so the
+        last checkpoint is one from before the drift."""
+        kl = self.cfg.kl
+        self.kl_window.append(kl_per_token)
+        del self.kl_window[: -kl.max_window]
+        mean = sum(self.kl_window) / len(self.kl_window)
+        if kl.max is not None and len(self.kl_window) == kl.max_window and mean > kl.max:
+            last = self.loop.run.latest_checkpoint(self.loop.stage)
+            raise UserError(f"stage {self.loop.stage}, step {self.loop.step + 1}: KL to the prior {mean:.3f} nats per token (kl/mean over "
+                            f"{kl.max_window} iterations) exceeds tune.kl.max={kl.max}; the run stopped"
+                            + (f"; the last checkpoint, {last}, is from before (resume from it with a larger tune.kl.beta or a lower tune.lr)"
+                               if last else "") + ".")
 
     def resume(self) -> bool:
         if not self.loop.resume():
@@ -241,11 +257,14 @@ class Tuner:
         comps = self.completions(picked, ro)
         rewards = as_rewards(self.reward(comps))
         task_reward = rewards.per_step(comps)  # [B, T]
+        self.loop.check_finite("reward/task", float(task_reward.sum()))  # a NaN/Inf reward stops the run here
         self.sampler.update(torch.tensor(index[self.start : self.end]), task_reward.sum(-1).cpu())
         action_rewards = lambda: self.reward.action_rewards(comps)  # noqa: E731  [B, T, V], for algorithms that ask
         metrics = algo.update(self.loop, Step(ro, task_reward, self.ctl.value, comps, sampling, self.score, action_rewards))
         metrics.update({f"reward/{k}": v for k, v in rewards.diagnostics.items()})
         metrics["kl/coef"] = self.ctl.value
+        if "kl/mean" in metrics:  # every built-in algorithm reports it (rl_metrics)
+            self.guard_kl(metrics["kl/mean"])
         self.ctl.update(metrics["kl/seq"], cfg.batch_size)  # kl/seq is the global batch's mean (rl_metrics)
         self.loop.extra_state["kl_ctl"] = self.ctl.state_dict()
         # callables: evaluated (on every rank) only when a checkpoint is written

@@ -139,3 +139,44 @@ def save_prior_weights(folder):
     from rlhf.models import load_model
 
     return {k: v for k, v in load_model(folder).state_dict().items()}
+
+
+class _PoisonedToy(ToyTask):
+    """The toy whose reward turns NaN from its ``bad``-th call on."""
+
+    def __init__(self, bad: int):
+        super().__init__()
+        self.calls, self.bad = 0, bad
+
+    def reward(self, completions: Completions) -> Rewards:
+        self.calls += 1
+        r = super().reward(completions)
+        return Rewards(r.values * float("nan")) if self.calls >= self.bad else r
+
+
+def test_a_nan_reward_or_loss_stops_the_run_and_keeps_the_last_good_checkpoint(prior, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = TuneConfig.model_validate({"algorithm": "rloo", "steps": 6, "batch_size": 16, "checkpoint_every": 2, "lr": 3e-3, "rloo": {"k": 4}})
+    run = Run(tmp_path / "nan")
+    with pytest.raises(UserError, match=r"step 3: reward/task is nan.*step-000002.*intact"):
+        tune(run, cfg, _PoisonedToy(bad=3), prior, seed=0, progress=False)
+    ckpt = run.latest_checkpoint("tune-rloo")
+    assert ckpt is not None and ckpt.name == "step-000002"
+    assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "model.safetensors")).values())
+    # a NaN loss: the optimizer never steps, so the weights are the ones before
+    tuner = Tuner(Run(tmp_path / "loss"), cfg, ToyTask(), prior, seed=0, progress=False)
+    before = {k: v.clone() for k, v in tuner.loop.model.state_dict().items()}
+    loss = sum(p.sum() for p in tuner.loop.model.parameters()) * float("nan")
+    with pytest.raises(UserError, match="step 1: loss is nan.*no checkpoint was written yet"):
+        tuner.loop.optimizer_step(loss)
+    assert all(torch.equal(before[k], v) for k, v in tuner.loop.model.state_dict().items())
+
+
+def test_the_kl_guard_stops_a_run_that_drifts_from_the_prior(prior, tmp_path):
+    cfg = TuneConfig.model_validate({"algorithm": "rloo", "steps": 30, "batch_size": 16, "checkpoint_every": 100, "lr": 3e-2,
+                                     "rloo": {"k": 4}, "kl": {"beta": 0.0, "max": 0.05, "max_window": 2}})
+    with pytest.raises(UserError, match=r"exceeds tune.kl.max=0.05"):
+        tune(Run(tmp_path / "kl"), cfg, ToyTask(), prior, seed=0, progress=False)
+    rows = read_metrics(tmp_path / "kl" / "metrics.jsonl", "tune-rloo")
+    assert 0 < len(rows) < 29  # it stopped at the iteration whose window mean crossed the bound

@@ -23,6 +23,8 @@ class KLConfig(Section):
     target_kl: float = Field(2.0, gt=0, description="Adaptive β: target KL per sequence (nats).")
     horizon: float = Field(2000.0, gt=0, description="Adaptive β: controller horizon in sequences.")
     c: float = Field(1.0, gt=0, description="Reward scale: the task reward enters as r / c (Sequence Tutor's c).")
+    max: float | None = Field(None, gt=0, description="KL guard: stop the run with an error when the KL to the prior, in nats per token (kl/mean) averaged over the last max_window iterations, exceeds this; the last checkpoint stays as it was. null = no guard.")
+    max_window: int = Field(10, ge=1, description="KL guard: iterations averaged before comparing with max.")
 
 
 @dataclass
