@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import importlib.metadata
 import json
 import math
 import os
@@ -162,6 +163,8 @@ def test_help_reads_well():
     assert "pretrain.lr" in rlhf("config-help").stdout
     for cmd in ["export-pairs", "import-labels", "label", "launch", "personalise", "train-reward"]:
         assert cmd in r.stdout
+    v = rlhf_process("--version")
+    assert v.returncode == 0 and v.stdout.strip() == f"rlhf-kl {importlib.metadata.version('rlhf-kl')}"
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
