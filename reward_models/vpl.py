@@ -5,8 +5,10 @@ Feedback with Variational Preference Learning", NeurIPS 2024 (sec. 4, eqs. 3-5).
 
 * Encoder q(z | C) over a rater's context set C = {(c_k, r_k)} of labelled pairs: each pair is
   embedded as e_k = MLP([h(c_k); h(r_k)]) from the backbone's pooled representation h (the
-  last real token's hidden state), the e_k are pooled permutation-invariantly (mean, or
-  attention with a learned query), and linear maps give μ and log σ².
+  last real token's hidden state), the e_k are pooled permutation-invariantly (mean,
+  sum, or attention with a learned query), and linear maps give μ and log σ²; or (``bayes``)
+  linear maps give each pair's Gaussian observation of z, combined with the prior in closed
+  form (:func:`bayesian_aggregation`).
 * Reward r(x, z) = head([h(x); z]), an MLP (a linear head would add u·z to both rewards of a
   pair, which cancels in r_c − r_r: z could not change any preference); or, with
   ``head: bilinear``, r(x, z) = u(h(x)) + z · v(h(x)) with u an MLP and v a linear map to D
@@ -108,6 +110,16 @@ def vpl_loss(delta: torch.Tensor, target_mask: torch.Tensor, mu: torch.Tensor, l
     return nll + beta * penalty, nll, kl
 
 
+def bayesian_aggregation(r: torch.Tensor, logvar_k: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, log σ²) [B, D] of q(z | C) from per-pair observations r_k ~ N(z, σ_k²) ([B, C, D] each,
+    ``mask`` [B, C]) and the prior N(0, I): the Gaussian posterior (Volpp et al. 2021, "Bayesian
+    context aggregation for neural processes", eq. 8), σ² = 1 / (1 + Σ_k σ_k⁻²),
+    μ = σ² Σ_k σ_k⁻² r_k. A pair with large σ_k² adds nothing; no context gives the prior."""
+    prec = torch.exp(-logvar_k) * mask.to(r.dtype).unsqueeze(-1)  # [B, C, D]
+    total = 1.0 + prec.sum(1)
+    return (prec * r).sum(1) / total, -torch.log(total)
+
+
 def win_probability(r_x: torch.Tensor, r_ref: torch.Tensor) -> torch.Tensor:
     """Reward scaled for RL: s(x) = (1/M) Σ_m σ(r(x, z) − r(y_m, z)), the expected probability
     that x beats a reference sample y under the rater's BT model; in [0, 1] for every rater."""
@@ -186,6 +198,8 @@ class VPLRewardModel(PreTrainedModel):
         else:
             x = torch.cat([h_chosen, h_rejected], dim=-1)
         e = self.pair_mlp(x)  # [B, C, P]
+        if self.config.pooling == "bayes":
+            return bayesian_aggregation(self.to_mu(e), self.to_logvar(e), mask)
         if self.attn_score is not None:
             pooled = attention_pool(e, mask, self.attn_score(e).squeeze(-1))
         elif self.config.pooling == "sum":  # evidence adds up, as natural parameters of a posterior do
@@ -317,7 +331,7 @@ class VPLTrainConfig(Section):
     latent_dim: int = Field(8, ge=1, le=256, description="Dimension of the rater latent z.")
     pair_hidden: int = Field(64, ge=4, description="Width of the pair-embedding MLP of the encoder.")
     head_hidden: int = Field(64, ge=4, description="Hidden width of the reward head MLP([h(x); z]).")
-    pooling: Literal["mean", "sum", "attention"] = Field("mean", description="Permutation-invariant pooling of the context pair embeddings: mean, sum (each pair adds its evidence, as in a Bayesian posterior; an uninformative pair can add nothing), or attention.")
+    pooling: Literal["mean", "sum", "attention", "bayes"] = Field("mean", description="Permutation-invariant pooling of the context pair embeddings: mean, sum (each pair adds its evidence; an uninformative pair can add nothing), attention, or bayes (each pair a Gaussian observation of z, combined with the prior in closed form: bayesian_aggregation).")
     head: Literal["mlp", "bilinear"] = Field("mlp", description="Reward head: mlp, r = MLP([h; z]); bilinear, r = MLP(h) + z · Linear(h) (z weighs D learned rewards).")
     encoder: Literal["pair", "reward"] = Field("pair", description="Context pair embedding: pair, MLP([h_c; h_r]); reward, MLP of the pair's reward differences along the bilinear head's directions (needs head: bilinear).")
     beta: float = Field(0.003, ge=0, description="Weight β of KL(q(z|C) ‖ N(0, I)) against the mean target NLL.")

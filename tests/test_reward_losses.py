@@ -137,3 +137,29 @@ def test_ece_is_small_for_calibrated_predictions():
     oriented = np.where(won, d, -d)
     assert expected_calibration_error(oriented) < 0.02
     assert expected_calibration_error(oriented * 5) > 0.1  # the same ranking, overconfident
+
+
+def test_bayesian_aggregation_is_the_gaussian_posterior():
+    """Prior N(0, 1) times N(r_k, σ_k²) per unmasked pair, per latent dim, by a naive loop; no
+    context gives the prior; a pair with huge σ_k² changes nothing."""
+    from reward_models.vpl import bayesian_aggregation
+
+    g = torch.Generator().manual_seed(0)
+    r, lv = torch.randn(3, 5, 2, generator=g, dtype=torch.float64), torch.randn(3, 5, 2, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    mu, logvar = bayesian_aggregation(r, lv, mask)
+    for b in range(3):
+        for d in range(2):
+            prec, weighted = 1.0, 0.0  # the prior N(0, 1)
+            for k in range(5):
+                if mask[b, k]:
+                    prec += math.exp(-float(lv[b, k, d]))
+                    weighted += math.exp(-float(lv[b, k, d])) * float(r[b, k, d])
+            assert float(mu[b, d]) == pytest.approx(weighted / prec)
+            assert float(logvar[b, d]) == pytest.approx(-math.log(prec))
+    assert torch.all(mu[2] == 0) and torch.all(logvar[2] == 0)
+    lv2 = lv.clone()
+    lv2[0, 2] = 60.0  # σ² = e^60: no information
+    mask2 = mask.clone()
+    mask2[0, 2] = False
+    assert torch.allclose(bayesian_aggregation(r, lv2, mask)[0][0], bayesian_aggregation(r, lv, mask2)[0][0])
