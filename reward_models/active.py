@@ -16,7 +16,7 @@ answer, C grows and q(z | C) is inferred again.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -38,12 +38,8 @@ def expected_information_gain(p: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def posterior(model: VPLRewardModel, h_chosen: torch.Tensor, h_rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(μ, log σ²) [1, D] of q(z | C) for context pairs given as pooled states [C, H] (C may be 0:
-    the prior N(0, I))."""
-    device = h_chosen.device
-    if not len(h_chosen):
-        zero = torch.zeros(1, model.latent_dim, device=device)
-        return zero, zero
-    mask = torch.ones(1, len(h_chosen), dtype=torch.bool, device=device)
+    the encoder then returns the prior N(0, I))."""
+    mask = torch.ones(1, len(h_chosen), dtype=torch.bool, device=h_chosen.device)
     return model.encode(h_chosen[None], h_rejected[None], mask)
 
 
@@ -60,26 +56,31 @@ def information_gains(model: VPLRewardModel, h_a: torch.Tensor, h_b: torch.Tenso
 
 
 @torch.no_grad()
-def active_order(model: VPLRewardModel, pairs: PairTensors, pool: Sequence[int], n: int, *, samples: int = 64,
-                 generator: torch.Generator | None = None, answer: Callable[[int], int] | None = None) -> list[int]:
-    """The first ``n`` pairs of ``pool`` (indices into ``pairs``) in the order of greedy EIG.
+def next_query(model: VPLRewardModel, h_a: torch.Tensor, h_b: torch.Tensor, answered: Sequence[tuple[int, bool]], left: Sequence[int],
+               samples: int, generator: torch.Generator | None = None) -> int:
+    """The row of ``left`` to ask next: the largest EIG under q(z | the ``answered`` pairs).
+    ``h_a``, ``h_b`` [N, H]: pooled states of every candidate pair's two sides; ``answered``:
+    (row, the rater prefers side a), each entering the context oriented by the answer."""
+    won = torch.stack([h_a[i] if a else h_b[i] for i, a in answered]) if answered else h_a[:0]
+    lost = torch.stack([h_b[i] if a else h_a[i] for i, a in answered]) if answered else h_b[:0]
+    mu, logvar = posterior(model, won, lost)
+    idx = torch.as_tensor(list(left), device=h_a.device)
+    return int(left[int(information_gains(model, h_a[idx], h_b[idx], mu, logvar, samples, generator).argmax())])
 
-    Each step infers q(z | C) from the pairs asked so far, samples ``samples`` latents, and asks
-    the pool pair with the largest EIG. ``answer(i)`` gives the rater's label of pair i: 1 if
-    they prefer its ``chosen`` side (the default, as for recorded labels), 0 if ``rejected``;
-    the pair enters the context oriented by that answer."""
+
+@torch.no_grad()
+def active_order(model: VPLRewardModel, pairs: PairTensors, pool: Sequence[int], n: int, *, samples: int = 64,
+                 generator: torch.Generator | None = None) -> list[int]:
+    """The first ``n`` pairs of ``pool`` (indices into ``pairs``, labelled: the rater prefers
+    ``chosen``) in the order of greedy EIG: each step infers q(z | C) from the pairs asked so
+    far and asks the pool pair with the largest EIG."""
     model.eval()
-    device = next(model.parameters()).device
     pool = [int(i) for i in pool]
-    b, inverse = pairs.unique_batch(torch.as_tensor(pool), device)
-    hc, hr = model.embed(b["input_ids"], b["attention_mask"])[inverse].chunk(2)  # [P, H] each
+    hc, hr = model.embed_pairs(pairs, pool)  # [P, H] each
     left = list(range(len(pool)))
-    ctx: list[tuple[int, bool]] = []  # (pool position, prefers chosen)
+    asked: list[int] = []
     for _ in range(min(n, len(pool))):
-        won = torch.stack([hc[j] if yes else hr[j] for j, yes in ctx]) if ctx else hc[:0]
-        lost = torch.stack([hr[j] if yes else hc[j] for j, yes in ctx]) if ctx else hr[:0]
-        mu, logvar = posterior(model, won, lost)
-        idx = torch.as_tensor(left, device=device)
-        j = left.pop(int(information_gains(model, hc[idx], hr[idx], mu, logvar, samples, generator).argmax()))
-        ctx.append((j, True if answer is None else bool(answer(pool[j]))))
-    return [pool[j] for j, _ in ctx]
+        j = next_query(model, hc, hr, [(i, True) for i in asked], left, samples, generator)
+        left.remove(j)
+        asked.append(j)
+    return [pool[j] for j in asked]

@@ -392,18 +392,20 @@ def held_out_keys(keys: Sequence[str], fraction: float, seed: int, strata: dict[
     uniq = sorted(set(keys))
     if len(uniq) < 2:
         raise UserError(f"cannot hold out a share of {len(uniq)} distinct value(s); a split needs at least two.")
+
+    def share(n: int) -> int:  # at least 1, and (of two or more) at least 1 left for training
+        return min(max(round(fraction * n), 1), max(n - 1, 1))
+
     if strata:
         groups: dict[str, list[str]] = {}
         for k in uniq:
             groups.setdefault(strata.get(k, ""), []).append(k)
         out: set[str] = set()
         for i, (_, ks) in enumerate(sorted(groups.items())):
-            n = min(max(round(fraction * len(ks)), 1), max(len(ks) - 1, 1))
-            out |= set(random.Random(seed * 1000 + i).sample(ks, n))
+            out |= set(random.Random(seed * 1000 + i).sample(ks, share(len(ks))))
         if len(out) < len(uniq):
             return out
-    n = min(max(round(fraction * len(uniq)), 1), len(uniq) - 1)
-    return set(random.Random(seed).sample(uniq, n))
+    return set(random.Random(seed).sample(uniq, share(len(uniq))))
 
 
 def split_preferences(

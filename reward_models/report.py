@@ -99,16 +99,21 @@ def plot_active(result: dict[str, Any], path: Path) -> Path | None:
     for how, key, style in (("random", "by_context", "--"), ("active (EIG)", "by_context_active", "-")):
         ax.plot([int(k) for k in ks], [worst_disputed(vpl[key][k]) for k in ks], style, marker="o", label=f"{how}: worst group")
     ax.axhline(0.9, color="grey", lw=1)
+    _context_axes(ax, ks, "accuracy on disputed pairs", "VPL: actively chosen vs random context pairs", legend_size=8)
+    return save_fig(fig, path)
+
+
+def _context_axes(ax: Any, ks: list[str], ylabel: str, title: str, legend_size: int) -> None:
+    """The accuracy-against-context-size axes: a log-like x axis at the context sizes."""
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xticks([int(k) for k in ks])
     ax.set_xticklabels(ks)
-    ax.set_xlabel("labelled pairs of the held-out rater")
-    ax.set_ylabel("accuracy on disputed pairs")
+    ax.set_xlabel("labelled context pairs of the held-out rater")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("VPL: actively chosen vs random context pairs")
-    return save_fig(fig, path)
+    ax.legend(fontsize=legend_size, loc="lower right")
+    ax.set_title(title)
 
 
 def group_kind_table(result: dict[str, Any]) -> str:
@@ -183,15 +188,7 @@ def plot_context(result: dict[str, Any], path: Path) -> Path | None:
         for kind, v in bt.get("by_kind", {}).items():
             ax.axhline(v, ls="--", lw=1, color="grey")
             ax.text(int(ks[-1]), v, f" BT {kind}", va="center", fontsize=8)
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xticks([int(k) for k in ks])
-    ax.set_xticklabels(ks)
-    ax.set_xlabel("labelled context pairs of the held-out rater")
-    ax.set_ylabel("pairwise accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("Accuracy on held-out raters vs context size")
+    _context_axes(ax, ks, "pairwise accuracy", "Accuracy on held-out raters vs context size", legend_size=7)
     return save_fig(fig, path)
 
 

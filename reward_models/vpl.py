@@ -233,14 +233,20 @@ class VPLRewardModel(PreTrainedModel):
             z = torch.zeros(self.latent_dim, device=h.device, dtype=h.dtype)
         return SequenceClassifierOutput(logits=self.reward(h, z).unsqueeze(-1))
 
+    def embed_pairs(self, pairs: PairTensors, rows: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h(chosen), h(rejected)) [R, H] each of pairs ``rows``; each distinct sequence is
+        run through the backbone once."""
+        b, inverse = pairs.unique_batch(torch.as_tensor(rows, dtype=torch.long), next(self.parameters()).device)
+        hc, hr = self.embed(b["input_ids"], b["attention_mask"])[inverse].chunk(2)
+        return hc, hr
+
     @torch.no_grad()
     def infer_z(self, context: PairTensors | None) -> torch.Tensor:
         """[D] posterior mean μ(C) of one rater's context pairs (0 for no context)."""
         device = next(self.parameters()).device
         if context is None or len(context) == 0:
             return torch.zeros(self.latent_dim, device=device)
-        b, inverse = context.unique_batch(torch.arange(len(context)), device)
-        hc, hr = self.embed(b["input_ids"], b["attention_mask"])[inverse].chunk(2)
+        hc, hr = self.embed_pairs(context, range(len(context)))
         mask = torch.ones(1, len(context), dtype=torch.bool, device=device)
         return self.encode(hc[None], hr[None], mask)[0][0]
 

@@ -8,6 +8,24 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def simulate_and_train_rewards(config: str, over: list[str]) -> Path:
+    """`rlhf simulate-preferences` + `rlhf train-reward` with ``over`` (which must set data.path
+    and run_dir); the run folder. Training runs on one thread: VPL's use of z appears as a phase
+    change a few hundred steps in, and its timing depends on float summation order, which the
+    thread count changes. Pinned so the result is the same on every machine."""
+    import torch
+
+    from apps.reward_cli import simulate_main, train_reward_main
+
+    simulate_main(config, over)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_reward_main(config, over)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
     """One real `rlhf run configs/counterpoint.yaml --quick` (data, tiny prior, 10 RLOO steps,

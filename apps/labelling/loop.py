@@ -206,11 +206,10 @@ def train_rewards(data: str | Path, run_dir: str | Path, *, bt_steps: int = 150,
     return train_reward_main("configs/reward-music.yaml", over, overwrite=True)
 
 
-def tune_with_reward(prior: str | Path, reward_model: str | Path, run_dir: str | Path, *, steps: int = 30, batch_size: int = 32,
-                     beta: float = 0.05, seed: int = 0, context: Sequence[Any] | None = None) -> Any:
-    """PPO from the prior against the learned reward (KL-penalised); returns the tuned model
-    folder, or with ``context`` (a rater's labelled pairs, for a VPL model) the folder and z."""
-    from reward_models.reward_source import RewardSource
+def tune_with_reward(prior: str | Path, reward: Any, run_dir: str | Path, *, steps: int = 30, batch_size: int = 32,
+                     beta: float = 0.05, seed: int = 0) -> Path:
+    """PPO from the prior against ``reward`` (a :class:`reward_models.reward_source.RewardSource`),
+    KL-penalised; returns the tuned model folder."""
     from rlhf.runs import Run
     from rlhf.tune import TuneConfig, tune
     from tasks.counterpoint.config import CounterpointConfig
@@ -218,11 +217,9 @@ def tune_with_reward(prior: str | Path, reward_model: str | Path, run_dir: str |
     from tasks.counterpoint.tokens import Codec
 
     task = CounterpointTask(CounterpointConfig(rl_prompts="fux", train_cantus_transpositions=[0]), Codec.load(prior))
-    source = RewardSource.from_pretrained(reward_model, context=context)
     cfg = TuneConfig.model_validate({"algorithm": "ppo", "steps": steps, "batch_size": batch_size, "checkpoint_every": steps,
                                      "kl": {"beta": beta}})
-    tuned = tune(Run(run_dir), cfg, task, Path(prior), reward=source, seed=seed, progress=False, name="ppo-learned")
-    return tuned if context is None else (tuned, [float(x) for x in source.z])
+    return tune(Run(run_dir), cfg, task, Path(prior), reward=reward, seed=seed, progress=False, name="ppo-learned")
 
 
 def win_rate_vs_prior(rater: Rater, tuned: str | Path, prior: str | Path, per_prompt: int = 8, seed: int = 1) -> float:
@@ -275,6 +272,7 @@ def one_rater_loop(out: str | Path, pairs: Sequence[CandidatePair], reward_model
     from apps.labelling.cli import label_main
     from apps.labelling.pairs import pairs_jsonl
     from reward_models.data import load_preferences
+    from reward_models.reward_source import RewardSource
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,9 +281,9 @@ def one_rater_loop(out: str | Path, pairs: Sequence[CandidatePair], reward_model
     with serving(pairs_file, db, active=reward_model) as url:
         served = label_actively(url, pairs, rater, labels, seed=seed)
     _ok(label_main, ["export", "--pairs", str(pairs_file), "--db", str(db), "--out", str(exported), "--overwrite"])
-    context = load_preferences(exported)
-    tuned, z = tune_with_reward(prior, reward_model, out / "tune", steps=tune_steps, beta=beta, seed=seed, context=context)
-    result = {"served": served, "z": z, "tuned": str(tuned), "win_rate": win_rate_vs_prior(rater, tuned, prior)}
+    source = RewardSource.from_pretrained(reward_model, context=load_preferences(exported))  # z = μ(their labels)
+    tuned = tune_with_reward(prior, source, out / "tune", steps=tune_steps, beta=beta, seed=seed)
+    result = {"served": served, "z": [float(x) for x in source.z], "tuned": str(tuned), "win_rate": win_rate_vs_prior(rater, tuned, prior)}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -300,6 +298,7 @@ def closed_loop(out: str | Path, *, raters: int = 4, rater_type: str = "leaps", 
     rater's pairs are new to the reward model (its test accuracy is not memorisation)."""
     from apps.labelling.cli import export_pairs_main, import_labels_main, label_main
     from apps.labelling.pairs import read_pairs
+    from reward_models.reward_source import RewardSource
 
     out = Path(out)
     prior = tiny_prior(out / "prior", steps=prior_steps, seed=seed)
@@ -314,7 +313,8 @@ def closed_loop(out: str | Path, *, raters: int = 4, rater_type: str = "leaps", 
     _ok(label_main, ["export", "--pairs", str(pairs_file), "--db", str(db), "--out", str(labels), "--overwrite"])
     _ok(import_labels_main, [str(labels), "--pairs", str(pairs_file), "--out", str(imported), "--overwrite"])
     reward_run = train_rewards(imported, out / "reward", seed=seed)
-    tuned = tune_with_reward(prior, reward_run / "models" / "reward-bt", out / "tune", steps=tune_steps, beta=0.1, seed=seed)
+    bt = RewardSource.from_pretrained(reward_run / "models" / "reward-bt")
+    tuned = tune_with_reward(prior, bt, out / "tune", steps=tune_steps, beta=0.1, seed=seed)
     methods = json.loads((reward_run / "eval.json").read_text())["methods"]
     return {"pairs": len(pairs), "labels": posted, "prior": str(prior), "tuned": str(tuned), "reward_run": str(reward_run),
             "bt_test_accuracy": methods["bt"]["overall"]["acc/test"],
