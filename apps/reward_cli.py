@@ -83,7 +83,7 @@ class RewardRunConfig(Section):
     data: RewardDataConfig = Field(..., description="The preference data.")
     model: ModelConfig = Field(default_factory=_tiny_model, description="Backbone of the reward models (built tiny with the data's tokenizer, or model.path).")
     backbone: str | None = Field(None, description="A registered reward backbone built from model's sizes instead of model.arch, e.g. counterpoint_columns "
-                                 "(GPT-2 whose counterpoint tokens also embed both voices' pitches and moves; tasks/counterpoint/reward_model.py).")
+                                 "(GPT-2 whose counterpoint tokens also embed both voices' pitches and moves; tasks/counterpoint/columns.py).")
     bt: BTConfig = Field(default_factory=BTConfig, description="Bradley-Terry training.")
     vpl: VPLTrainConfig = Field(default_factory=VPLTrainConfig, description="VPL model and training.")
     eval: RewardEvalConfig = Field(default_factory=RewardEvalConfig, description="Held-out evaluation.")

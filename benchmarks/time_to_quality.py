@@ -68,7 +68,10 @@ group-std scaling makes the 1/c reward scale irrelevant to it). With ``tune.algo
 ours samples one completion per prompt and GRPO ``--trl-group`` (default 4). TRL's log-probs
 are over the whole vocabulary while it samples from the note tokens (ours masks both to the
 action space), and it also trains on the forced ``<eos>``. TRL samples with ``model.generate`` and re-scores the
-sample with one more forward pass; ours samples through ``rlhf.rollout`` / ``rlhf.fast_gpt2``.
+sample with one more forward pass; ours samples through ``rlhf.rollout`` / ``rlhf.fast_gpt2``. The
+default prior (``model.arch: counterpoint_columns``) embeds each token from the ids before it, so
+``generate`` reads the whole sequence at each step without a KV cache (TRL's sampling is slower
+on it than on a plain GPT-2; its clock counts that).
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ from typing import Callable
 import torch
 
 from apps.pipeline import load_run_config, make_task, stage_data, stage_prior
+from rlhf.models import ensure_model_type, folder_model_type
 from rlhf.runs import Run
 from rlhf.tune import TuneConfig, Tuner
 from tasks.counterpoint.task import CounterpointTask, Prompt
@@ -296,6 +300,7 @@ def train_trl(task: CounterpointTask, tcfg: TuneConfig, prior: Path, curve: Curv
             log_completions=False, dataloader_num_workers=0,
         )
         data = Dataset.from_dict({"prompt": texts, "idx": list(range(len(train)))})
+        ensure_model_type(folder_model_type(prior))  # a task architecture (counterpoint_columns) registers its classes for TRL's loader
         trainer = GRPOTrainer(model=str(prior), reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
                               callbacks=[Timing()])
         # GRPOTrainer has no per-row length; it calls model.generate (this object: one CPU process, no wrapper), so give

@@ -7,11 +7,12 @@ task's tokenizer, or from ``model.path``: a folder written by ``save_pretrained`
 prior, e.g. ``runs/counterpoint/models/prior``, or a reward model). VPL uses the bare backbone
 (``AutoModel``) and its own heads (see ``reward_models/vpl.py``). Nothing is downloaded.
 
-A task can bring its own backbone architecture (:data:`BACKBONES`, ``backbone:`` of a reward
-config): a function (model config, tokenizer) → Hugging Face config whose module registers its
-model classes with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForSequenceClassification``. Its
-name is the config's ``model_type``, so a saved folder of that type finds its module again
-(:func:`ensure_model_type`).
+A task can bring its own backbone architecture (``backbone:`` of a reward config, from the
+core's registry :data:`rlhf.models.ARCHITECTURES`): a function (model config, tokenizer) →
+Hugging Face config whose module registers its model classes with ``AutoConfig`` /
+``AutoModel`` / ``AutoModelForSequenceClassification``. Its name is the config's
+``model_type``, so a saved folder of that type finds its module again
+(:func:`rlhf.models.ensure_model_type`).
 """
 
 from __future__ import annotations
@@ -26,32 +27,14 @@ from transformers import AutoModel, AutoModelForSequenceClassification, Pretrain
 from transformers.utils import logging as hf_logging
 
 from rlhf.errors import UserError
-from rlhf.models import ModelConfig, build_model
-from rlhf.registry import Registry
+from rlhf.models import ARCHITECTURES, ModelConfig, build_model, ensure_model_type, folder_model_type
 
 hf_logging.disable_progress_bar()  # as rlhf.trainer: no "Loading weights" bars from from_pretrained
 
 
-BACKBONES: Registry = Registry("reward backbone", "rlhf.reward_backbones")
-"""Backbone name (= its ``model_type``) -> function (ModelConfig, tokenizer) -> PretrainedConfig;
-the built-in ``counterpoint_columns`` is an entry point (``tasks/counterpoint/reward_model.py``)."""
-
-
-def ensure_model_type(model_type: str | None) -> None:
-    """Import the module of a registered backbone, so that transformers can build ``model_type``
-    (a no-op for transformers' own types)."""
-    from transformers import CONFIG_MAPPING
-
-    if model_type and model_type not in CONFIG_MAPPING and model_type in BACKBONES:
-        BACKBONES.get(model_type)
-
-
-def _folder_model_type(path: str) -> str | None:
-    p = Path(path) / "config.json"
-    try:
-        return json.loads(p.read_text()).get("model_type") if p.is_file() else None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{p}: not readable as JSON ({e}); point model.path at a folder written by save_pretrained.") from None
+BACKBONES = ARCHITECTURES
+"""Backbone name (= its ``model_type``) -> function (ModelConfig, tokenizer) -> PretrainedConfig:
+the core's architecture registry, so one registered architecture serves policies and reward models."""
 
 
 def backbone_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, backbone: str | None = None) -> PretrainedConfig:
@@ -83,7 +66,7 @@ def build_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, bac
     registered ``backbone``) or from ``cfg.path``."""
     if cfg.path is not None:
         _check_path(cfg.path)
-        ensure_model_type(_folder_model_type(cfg.path))
+        ensure_model_type(folder_model_type(cfg.path))
         try:
             model = AutoModelForSequenceClassification.from_pretrained(cfg.path, num_labels=1)
         except (OSError, ValueError) as e:
@@ -103,7 +86,7 @@ def build_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, backbon
     """The bare transformer (``AutoModel``: hidden states, no head), for VPL."""
     if cfg.path is not None:
         _check_path(cfg.path)
-        ensure_model_type(_folder_model_type(cfg.path))
+        ensure_model_type(folder_model_type(cfg.path))
         try:
             model = AutoModel.from_pretrained(cfg.path)
         except (OSError, ValueError) as e:

@@ -30,12 +30,13 @@ import torch
 from pydantic import Field, model_validator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from reward_models.backbone import PairTensors, ensure_model_type, pad_sequences
+from reward_models.backbone import PairTensors, pad_sequences
 from reward_models.data import Preference, comparable, encode_pairs
 from reward_models.vpl import VPLRewardModel, win_probability
 from rlhf.config import Section
 from rlhf.errors import UserError
 from rlhf.interfaces import Completions, Rewards, Task
+from rlhf.models import ensure_model_type
 from rlhf.rollout import sample_many
 
 Scale = Literal["raw", "win_prob"]

@@ -51,11 +51,12 @@ from pydantic import Field, model_validator
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from reward_models.backbone import PairTensors, ensure_model_type, last_token_hidden
+from reward_models.backbone import PairTensors, last_token_hidden
 from reward_models.bradley_terry import PairTrainer
 from reward_models.data import Preference, by_rater, comparable
 from reward_models.metrics import summary
 from rlhf.config import CheckpointEvery, EvalEvery, GradClip, KeepCheckpoints, LearningRate, Section, Steps, WarmupSteps, WeightDecay
+from rlhf.models import ensure_model_type
 from rlhf.runs import Run
 
 log = logging.getLogger("rlhf")

@@ -13,11 +13,17 @@ It is an exact re-implementation, not an approximation: ``tests/test_fast_gpt2.p
 logits against transformers' on padded batches, with and without the cache, and its gradients.
 :func:`supports` says when it applies (a plain GPT-2 LM whose dropout is inactive); otherwise
 callers use transformers' forward, so every other architecture keeps working unchanged.
+
+A GPT-2 subclass whose only change is an additive input embedding computed from the ids (a
+task's architecture, e.g. ``counterpoint_columns``) runs here too: its transformer implements
+:class:`ExtraEmbeddings`, and each call adds them for the new positions, computed from the ids
+so far (``context``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +32,20 @@ from transformers import GPT2LMHeadModel
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 
+@runtime_checkable
+class ExtraEmbeddings(Protocol):
+    """A GPT-2 transformer that adds ``extra_embeddings(ids)`` [B, L, H] (a function of the ids
+    up to each position) to its token and position embeddings, and is GPT-2 otherwise."""
+
+    def extra_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+
 def supports(model: torch.nn.Module) -> bool:
-    """Whether :func:`forward` computes exactly what ``model`` would: a GPT-2 LM head model
-    without cross-attention or upcast/reordered attention, a GELU activation, and no active
-    dropout (eval mode, or every dropout probability 0)."""
-    if type(model) is not GPT2LMHeadModel:
+    """Whether :func:`forward` computes exactly what ``model`` would: a GPT-2 LM head model (or
+    one whose transformer is :class:`ExtraEmbeddings`) without cross-attention or
+    upcast/reordered attention, a GELU activation, and no active dropout (eval mode, or every
+    dropout probability 0)."""
+    if type(model) is not GPT2LMHeadModel and not (isinstance(model, GPT2LMHeadModel) and isinstance(model.transformer, ExtraEmbeddings)):
         return False
     c = model.config
     if c.add_cross_attention or c.reorder_and_upcast_attn or c.activation_function not in _GELU:
@@ -86,11 +101,14 @@ def forward(
     *,
     cache: KVCache | None = None,
     logits_from: int = 0,
+    context: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [B, L - logits_from, V], last hidden states [B, L, H]) of ``ids`` [B, L] at
     ``positions`` [B, L], attending to ``key_mask`` [B, K] (1 on real tokens; K = the cache's
     filled slots + L, or L without a cache). With ``cache`` the new keys and values are
-    written into slots [filled, filled + L) and ``filled`` advances."""
+    written into slots [filled, filled + L) and ``filled`` advances. ``context`` [B, K]: every
+    id so far, ending with ``ids``, for a transformer with :class:`ExtraEmbeddings` (default:
+    ``ids``, right without a cache)."""
     tr, cfg = model.transformer, model.config
     b, n = ids.shape
     h, d = cfg.n_head, cfg.n_embd // cfg.n_head
@@ -99,6 +117,8 @@ def forward(
     start = cache.filled if cache is not None else 0
     mask = attention_mask(key_mask, n)[:, None]  # [B, 1, L, K]
     x = tr.wte(ids) + tr.wpe(positions)  # [B, L, H*D]
+    if type(model) is not GPT2LMHeadModel:  # supports(): its transformer has ExtraEmbeddings
+        x = x + tr.extra_embeddings(ids if context is None else context)[:, -n:]
     for i, block in enumerate(tr.h):
         layer_scale = scale / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
         a = block.attn

@@ -4,12 +4,19 @@ and encoder–decoder models (Marian; any ``AutoModelForSeq2SeqLM`` folder: T5, 
 No weights are ever downloaded: a model is either built from this config (tiny, trained
 here) or loaded from a local folder written by ``save_pretrained``.  Users with hub access
 can pass a hub id as ``path``; it is handed to ``from_pretrained`` unchanged.
+
+A task can bring its own architecture (:data:`ARCHITECTURES`, ``model.arch`` of a run config
+and ``backbone:`` of a reward config): a function (model config, tokenizer) → Hugging Face
+config, whose module registers its model classes with transformers' ``Auto*`` classes. Its name
+is the config's ``model_type``, so a saved folder of that type finds its module again
+(:func:`ensure_model_type`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 from pydantic import Field, model_validator
@@ -18,13 +25,38 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from rlhf.config import Section
 from rlhf.errors import UserError
+from rlhf.registry import Registry
+
+BUILT_IN_ARCHS = ("gpt2", "llama", "marian")
+ARCHITECTURES: Registry = Registry("model architecture", "rlhf.architectures")
+"""Architecture name (= its ``model_type``) -> function (ModelConfig, tokenizer) -> PretrainedConfig;
+the built-in ``counterpoint_columns`` is an entry point (``tasks/counterpoint/columns.py``)."""
+
+
+def ensure_model_type(model_type: str | None) -> None:
+    """Import the module of a registered architecture, so that transformers can build
+    ``model_type`` (a no-op for transformers' own types)."""
+    from transformers import CONFIG_MAPPING
+
+    if model_type and model_type not in CONFIG_MAPPING and model_type in ARCHITECTURES:
+        ARCHITECTURES.get(model_type)
+
+
+def folder_model_type(path: str | Path) -> str | None:
+    """The ``model_type`` in a saved model folder's config.json (None if it has none)."""
+    p = Path(path) / "config.json"
+    try:
+        return json.loads(p.read_text()).get("model_type") if p.is_file() else None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p}: not readable as JSON ({e}); point the model path at a folder written by save_pretrained.") from None
 
 
 class ModelConfig(Section):
-    arch: Literal["gpt2", "llama", "marian"] = Field(
+    arch: str = Field(
         "gpt2", description="Architecture of a model built from config: gpt2 or llama (decoder-only: the prompt is a prefix) or marian "
         "(encoder–decoder: the encoder reads the prompt, the decoder writes the completion; post-layer-norm, sinusoidal positions, "
-        "tied embeddings).")
+        "tied embeddings), or a task's registered architecture (entry-point group rlhf.architectures), e.g. counterpoint_columns "
+        "(GPT-2 that also embeds each note's two voices and what the next note is judged against).")
     n_layer: int = Field(4, ge=1, le=48, description="Transformer blocks (marian: this many in the encoder and in the decoder).")
     n_embd: int = Field(128, ge=8, le=8192, description="Hidden width; must be divisible by n_head.")
     n_head: int = Field(4, ge=1, le=128, description="Attention heads.")
@@ -37,6 +69,8 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":
+        if self.arch not in BUILT_IN_ARCHS and self.arch not in ARCHITECTURES:
+            raise ValueError(f"model.arch {self.arch!r} is unknown; use one of {', '.join([*BUILT_IN_ARCHS, *ARCHITECTURES.names()])}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); e.g. n_embd=128, n_head=4")
         return self
@@ -53,7 +87,9 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
         return load_model(cfg.path)
     vocab = len(tokenizer)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    if cfg.arch == "gpt2":
+    if cfg.arch not in BUILT_IN_ARCHS:
+        config = ARCHITECTURES.get(cfg.arch)(cfg, tokenizer)
+    elif cfg.arch == "gpt2":
         config = GPT2Config(
             vocab_size=vocab, n_positions=cfg.max_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
             resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **ids,
@@ -89,6 +125,8 @@ def load_model(path: str | Path) -> PreTrainedModel:
         raise UserError(f"{p}: not a model folder (no config.json). Point --model at a folder written by save_pretrained, e.g. runs/counterpoint/models/prior.")
     if not p.exists() and (str(path).startswith((".", "/")) or p.suffix):
         raise UserError(f"{p}: model folder not found. Run `rlhf pretrain` first or fix the path.")
+    if p.exists():
+        ensure_model_type(folder_model_type(p))
     try:
         seq2seq = bool(getattr(AutoConfig.from_pretrained(str(path)), "is_encoder_decoder", False))
         return (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(str(path))

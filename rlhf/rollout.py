@@ -439,10 +439,13 @@ def _fast_step(model: PreTrainedModel, attn: torch.Tensor, pos: torch.Tensor, ma
     """:func:`_hf_step` through :func:`rlhf.fast_gpt2.forward` (same numbers, far less
     per-call overhead)."""
     cache = fast_gpt2.KVCache.empty(model, attn.shape[0], max_len)
+    seen = torch.empty((attn.shape[0], max_len), dtype=torch.long, device=attn.device)  # [B, max_len] the ids so far
 
     def step(ids: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + ids.shape[1]
-        logits, last = fast_gpt2.forward(model, ids, pos[:, start:end], attn[:, :end], cache=cache, logits_from=ids.shape[1] - 1)
+        seen[:, start:end] = ids
+        logits, last = fast_gpt2.forward(model, ids, pos[:, start:end], attn[:, :end], cache=cache, logits_from=ids.shape[1] - 1,
+                                         context=seen[:, :end])
         return logits[:, -1, :], last[:, -1, :]
 
     return step

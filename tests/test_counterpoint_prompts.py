@@ -75,3 +75,18 @@ def test_pool_is_the_same_for_every_run_seed(task):
     assert [p.ids for p in other.eval_sets()["pool-heldout"]] == [p.ids for p in task.eval_sets()["pool-heldout"]]
     reseeded = CounterpointTask(task.cfg.model_copy(update={"pool": task.cfg.pool.model_copy(update={"seed": 1})}), task.codec)
     assert [p.ids for p in reseeded.eval_sets()["pool-heldout"]] != [p.ids for p in task.eval_sets()["pool-heldout"]]
+
+
+def test_validation_split_is_held_out_and_disjoint_from_the_test_sets(task):
+    val_task = CounterpointTask(task.cfg.model_copy(update={"eval": task.cfg.eval.model_copy(update={"split": "validation"})}), task.codec)
+    val, test = val_task.eval_sets(), task.eval_sets()
+    assert set(val) == {"pool-val", "pool-train"}
+    val_shapes = {_shape(p.ids, task) for p in val["pool-val"]}
+    assert len(val_shapes) == 20
+    assert not val_shapes & {_shape(p.ids, task) for p in task.train_prompts()}  # never trained on
+    assert not val_shapes & {_shape(p.ids, task) for s in ("fux", "pool-heldout") for p in test[s]}  # not a test cantus
+    assert {p.name for p in val_task.heldout_prompts()} == {p.name for p in val["pool-val"]}
+    assert {p.name for p in val_task.distinct_prompts()} <= {p.name for p in val["pool-val"]}
+    too_few = CounterpointTask(val_task.cfg.model_copy(update={"eval": val_task.cfg.eval.model_copy(update={"heldout_pool": 40})}), task.codec)
+    with pytest.raises(Exception, match="task.pool.size"):
+        too_few.eval_sets()

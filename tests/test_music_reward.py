@@ -20,7 +20,7 @@ from reward_models.vpl import build_vpl
 from rlhf.errors import UserError
 from rlhf.models import ModelConfig
 from tasks.counterpoint.piece import FirstSpeciesPiece
-from tasks.counterpoint.reward_model import MAX_MOVE, note_columns
+from tasks.counterpoint.columns import MAX_MOVE, note_columns
 from tasks.counterpoint.tokens import build_codec
 
 from conftest import simulate_and_train_rewards
@@ -38,21 +38,33 @@ def random_pieces(n, rng):
     return out
 
 
-@pytest.mark.parametrize("slots", [16, 0])
-def test_note_columns_match_a_loop_over_decoded_pieces(slots):
+@pytest.mark.parametrize("slots,left_pad", [(16, 0), (0, 0), (16, 3)])
+def test_note_columns_match_a_loop_over_decoded_pieces(slots, left_pad):
     codec = build_codec("first_species", cantus_slots=slots)
     tok = codec.tokenizer
-    pieces = random_pieces(12, np.random.default_rng(slots))
+    pieces = random_pieces(12, np.random.default_rng(slots + left_pad))
     seqs = [codec.encode_prompt(p) + codec.encode_completion(p) for p in pieces]
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [codec.pad_id] * (width - len(s)) for s in seqs])
-    c = note_columns(ids, tok.convert_tokens_to_ids("cf_36"), tok.convert_tokens_to_ids("iv_-24"), 2)
+    width = max(map(len, seqs)) + left_pad
+    ids = torch.tensor([[codec.pad_id] * left_pad + s + [codec.pad_id] * (width - len(s) - left_pad) for s in seqs])
+    c = note_columns(ids, tok.convert_tokens_to_ids("cf_36"), tok.convert_tokens_to_ids("iv_-24"), tok.convert_tokens_to_ids("<sep>"))
     for row, (p, s) in enumerate(zip(pieces, seqs)):
-        start = len(codec.encode_prompt(p))
+        start = left_pad + len(codec.encode_prompt(p))
+        n = len(p.cantus)
         for t in range(width):
             k = t - start
-            is_note = 0 <= k < len(p.cantus)
+            is_note = 0 <= k < n
             assert bool(c["valid"][row, t]) == is_note, (row, t)
+            # the token at t predicts note k + 1: every note but the last; the <sep>s after the cantus predict note 0
+            predicts = (k < 0 and t >= left_pad and s[t - left_pad] == codec.tokenizer.convert_tokens_to_ids("<sep>")) or (0 <= k < n - 1)
+            k = max(k, -1)
+            assert bool(c["next_valid"][row, t]) == predicts, (row, t)
+            if predicts:
+                j = k + 1
+                assert int(c["next_cf"][row, t]) == p.cantus[j] and int(c["left"][row, t]) == n - j
+                assert bool(c["next_has_prev"][row, t]) == (j > 0)
+                if j > 0:
+                    assert int(c["hold"][row, t]) == p.counterpoint[j - 1] - p.cantus[j]
+                    assert int(c["next_mc"][row, t]) == p.cantus[j] - p.cantus[j - 1]
             if not is_note:
                 continue
             assert int(c["cf"][row, t]) == p.cantus[k] and int(c["cp"][row, t]) == p.counterpoint[k]
@@ -102,7 +114,7 @@ def test_columns_backbone_refuses_other_tokenizers():
     words = build_word_tokenizer(["a dog", "a cat"])
     with pytest.raises(UserError, match="data.tokenizer: first_species"):
         build_reward_model(TINY, words, "counterpoint_columns")
-    with pytest.raises(UserError, match="unknown reward backbone"):
+    with pytest.raises(UserError, match="unknown model architecture"):
         build_reward_model(TINY, words, "no_such_backbone")
 
 

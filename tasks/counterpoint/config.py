@@ -53,6 +53,11 @@ class CounterpointEvalConfig(Section):
         default_factory=lambda: [0, -2, 3],
         description="Semitone shifts of the Fux cantus firmi used for evaluation (first species).",
     )
+    split: Literal["test", "validation"] = Field(
+        "test", description="test: the report's evaluation (Fux's cantus firmi and the first heldout_pool held-out melodies); "
+        "validation: the next heldout_pool held-out melodies instead (set pool-val; distinct/100 on its first 7), never trained on "
+        "nor reported as test: choose settings on it (first species)."
+    )
     heldout_pool: int = Field(32, ge=0, description="Held-out pool melodies evaluated (first species; at their home register, both positions).")
     train_pool: int = Field(16, ge=0, description="Training-pool melodies evaluated beside them, to show the gap between trained-on and unseen cantus firmi.")
     distinct_samples: int = Field(

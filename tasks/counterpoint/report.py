@@ -105,7 +105,8 @@ def targets_section(rows: dict[str, dict[str, float]], mode: str) -> list[str]:
             markdown_table(["model"] + head, body), ""]
 
 
-SET_LABELS = {"fux": "Fux's cantus firmi (held out)", "pool-heldout": "generated, held out", "pool-train": "generated, trained on"}
+SET_LABELS = {"fux": "Fux's cantus firmi (held out)", "pool-heldout": "generated, held out", "pool-train": "generated, trained on",
+              "pool-val": "generated, held out (validation)"}
 
 
 def by_set_section(evaluation: dict[str, Any]) -> list[str]:

@@ -172,10 +172,28 @@ class CounterpointTask:
             return {"melody": [Prompt("melody", self.codec.encode_prompt(None), MELODY_STEPS, None)]}
         e = self.cfg.eval
         train, heldout = self.pool()
-        fux = [(name, pitches) for name, pitches, _ in cantus_mod.default_eval_cantus(e.cantus_transpositions)]
-        sets = {"fux": self.prompts_for(fux), "pool-heldout": self.prompts_for((c.name, c.pitches) for c in heldout[: e.heldout_pool]),
-                "pool-train": self.prompts_for((c.name, c.pitches) for c in train[: e.train_pool])}
+        trained = {"pool-train": self.prompts_for((c.name, c.pitches) for c in train[: e.train_pool])}
+        if e.split == "validation":  # the held-out melodies after the test ones: for choosing settings
+            sets = {"pool-val": self.prompts_for((c.name, c.pitches) for c in self._validation_melodies()), **trained}
+        else:
+            fux = [(name, pitches) for name, pitches, _ in cantus_mod.default_eval_cantus(e.cantus_transpositions)]
+            sets = {"fux": self.prompts_for(fux), "pool-heldout": self.prompts_for((c.name, c.pitches) for c in heldout[: e.heldout_pool]),
+                    **trained}
         return {k: v for k, v in sets.items() if v}
+
+    def _validation_melodies(self) -> list[cantus_gen.Cantus]:
+        n = self.cfg.eval.heldout_pool
+        heldout = self.pool()[1]
+        if len(heldout) < 2 * n:
+            raise UserError(f"task.eval.split: validation needs {2 * n} held-out melodies (the test's {n} and as many more); the pool holds "
+                            f"{len(heldout)}: raise task.pool.size or task.pool.heldout_fraction, or lower task.eval.heldout_pool")
+        return heldout[n : 2 * n]
+
+    def distinct_prompts(self) -> list[Prompt]:
+        """The cantus firmi of ``distinct/100``: Fux's 7, untransposed (test), or the first 7 validation melodies."""
+        if self.cfg.eval.split == "validation":
+            return self.prompts_for((c.name, c.pitches) for c in self._validation_melodies()[:7])
+        return self.prompts_for((n, pitches) for n, pitches, _ in cantus_mod.default_eval_cantus((0,)))
 
     def heldout_prompts(self) -> list[Prompt]:
         """The prompts of the headline evaluation: every set RL did not train on."""
@@ -316,8 +334,7 @@ class CounterpointTask:
             rows[name] = self._row([items[i] for i in idx], ll[idx], kl[idx], [groups[i] for i in idx])
             if self.cfg.mode == "first_species" and e.distinct_samples:
                 # distinct pieces per 100 samples of one cantus, measured on 100 (or more) samples, not scaled up from a few
-                fux = self.prompts_for((n, pitches) for n, pitches, _ in cantus_mod.default_eval_cantus((0,)))
-                drep, dcomps = self.sample(model, fux, e.distinct_samples, temperature=e.temperature, seed=seed + 1)
+                drep, dcomps = self.sample(model, self.distinct_prompts(), e.distinct_samples, temperature=e.temperature, seed=seed + 1)
                 rows[name]["distinct/100"] = distinct_per_100(self.decode(drep, dcomps), [p.name for p in drep])
             totals = self.score(items).totals
             samples[name] = [{**to_json(it, float(r)), "set": str(w)} for it, r, w in zip(items, totals, which)]
