@@ -145,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     # parsed by apps/launch.py; listed here for `rlhf --help`
     sub.add_parser("launch", help="run a subcommand on N processes / machines via accelerate launch or deepspeed (prints the command)", add_help=False)
 
+    p = sub.add_parser("compare", help="put finished runs side by side: config differences, training curves, evaluation tables",
+                       description="Write OUT/compare.md and OUT/compare.png from run folders (config.yaml, metrics.jsonl, eval.json): "
+                       "the config keys on which they differ, their training curves overlaid and their headline evaluation rows.")
+    p.add_argument("runs", nargs="+", help="run folders written by rlhf run, tune, evaluate or train-reward")
+    p.add_argument("--out", default="compare", help="folder for compare.md and compare.png (default ./compare)")
+
+    p = sub.add_parser("report", help="rebuild a run's report.md and plots from its eval.json",
+                       description="Rewrite report.md, plots/ and exported samples of a run folder from its eval.json and config.yaml.")
+    p.add_argument("run", help="a run folder with eval.json (rlhf run, or the --out of rlhf evaluate)")
+
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
     p.add_argument("config", nargs="?", help="optional YAML whose values are shown as defaults")
     return parser
@@ -188,6 +198,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     prior = Path(args.prior) if args.prior else Path(cfg.run_dir) / "models" / "prior"
     run = Run(cfg.run_dir)
     run.attach_log()
+    run.write_config(cfg)  # what this tune ran with
     task = _task_for_model(cfg, prior)
     if (run.final_model_dir(cfg.tune.algorithm) / "config.json").is_file() and not (args.resume or args.overwrite):
         raise UserError(f"{run.final_model_dir(cfg.tune.algorithm)} exists; pass --resume to keep it or --overwrite to tune again.")
@@ -337,8 +348,23 @@ def cmd_personalise(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from apps.compare import compare
+
+    print(f"comparison: {compare([Path(r) for r in args.runs], Path(args.out))}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from apps.compare import rebuild_report
+
+    print(f"report: {rebuild_report(Path(args.run))}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "pretrain": cmd_pretrain, "tune": cmd_tune, "evaluate": cmd_evaluate, "sample": cmd_sample,
-            "translate": cmd_translate, "simulate-preferences": cmd_simulate, "train-reward": cmd_train_reward, "personalise": cmd_personalise, "config-help": cmd_config_help}
+            "translate": cmd_translate, "simulate-preferences": cmd_simulate, "train-reward": cmd_train_reward, "personalise": cmd_personalise, "config-help": cmd_config_help,
+            "compare": cmd_compare, "report": cmd_report}
 
 
 DELEGATED = {"export-pairs": "export_pairs_main", "import-labels": "import_labels_main", "label": "label_main"}
@@ -387,6 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `rlhf config-help | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush cannot fail again
         return 141  # 128 + SIGPIPE, as a tool killed by the broken pipe would
+    finally:
+        from rlhf.runs import release_run_folders
+
+        release_run_folders()  # the command is over: its run folders are free (main() may run again in one process)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -96,8 +97,55 @@ def read_metrics(path: Path, stage: str | None = None) -> list[dict[str, Any]]:
     return [r for r in rows if stage is None or r.get("stage") == stage]
 
 
+_LOCKS: dict[Path, Any] = {}  # run folder -> the open lock file this process holds (released when the process ends)
+LOCK_FILE = ".lock"
+
+
+def lock_run_folder(root: Path) -> None:
+    """Hold an exclusive lock on ``root`` for the rest of this process, so two commands never
+    write one run folder at once (their checkpoints and metrics would interleave). The kernel
+    drops the lock when the process ends, however it ends (a kill -9 included), so a crashed run
+    never leaves a stale lock. Raises UserError naming the holder when another process has it."""
+    key = root.resolve()
+    if key in _LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    f = (root / LOCK_FILE).open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{root}: run folder is in use by {holder}. Wait for it to finish, or pass run_dir=<another folder> "
+                        "(or --out for rlhf evaluate).") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} ({' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}), "
+            f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _LOCKS[key] = f
+
+
+def release_run_folder(root: Path) -> None:
+    """Drop this process's lock on ``root`` (before deleting the folder)."""
+    f = _LOCKS.pop(root.resolve(), None)
+    if f is not None:
+        f.close()
+
+
+def release_run_folders() -> None:
+    """Drop every run-folder lock this process holds (a command has finished)."""
+    for root in list(_LOCKS):
+        release_run_folder(root)
+
+
 class Run:
-    """A run folder. Only the main process writes (``is_main``), so it is safe under a launcher."""
+    """A run folder. Only the main process writes (``is_main``), so it is safe under a launcher;
+    it holds the folder's lock (:func:`lock_run_folder`) while it lives."""
 
     def __init__(self, root: str | Path, is_main: bool | None = None):
         from rlhf.distributed import env_rank
@@ -106,6 +154,7 @@ class Run:
         self.is_main = env_rank() == 0 if is_main is None else is_main  # default: rank 0 under a launcher
         if self.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
+            lock_run_folder(self.root)
         self.metrics = MetricsLogger(self.root / "metrics.jsonl", enabled=self.is_main)
 
     @property
@@ -156,7 +205,7 @@ def prune_checkpoints(stage_dir: Path, keep: int) -> None:
 
 
 _FRESH: list[Path] = []  # run folders this process started from nothing: discard_stubs() may remove them
-STUB_FILES = {"config.yaml", "run.log", "metrics.jsonl"}  # what open_run and the logger write before any result
+STUB_FILES = {"config.yaml", "run.log", "metrics.jsonl", LOCK_FILE}  # what open_run and the logger write before any result
 
 
 def discard_stubs() -> list[Path]:
@@ -171,6 +220,7 @@ def discard_stubs() -> list[Path]:
         for h in [h for h in log.handlers if getattr(h, "baseFilename", None) == str((root / "run.log").resolve())]:
             log.removeHandler(h)
             h.close()
+        release_run_folder(root)
         shutil.rmtree(root, ignore_errors=True)
         removed.append(root)
     _FRESH.clear()
@@ -186,6 +236,7 @@ def open_run(cfg: BaseModel, *, resume: bool, overwrite: bool) -> Run:
     if run.is_main and not fresh and not resume:  # under a launcher: rank 0 checks and clears
         if not overwrite:
             raise UserError(f"{root}: run folder already exists. Pass --resume to continue it, --overwrite to start afresh, or run_dir=<new folder>.")
+        release_run_folder(root)
         shutil.rmtree(root)
         run, fresh = Run(root), True
     if run.is_main and fresh:

@@ -21,7 +21,6 @@ import math
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -29,12 +28,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from rlhf import distributed
 from rlhf.errors import UserError
+from rlhf.progress import progress_bar
 from rlhf.runs import Run, atomic_dir, prune_checkpoints
 
 log = logging.getLogger("rlhf")
@@ -186,11 +185,8 @@ class TrainLoop:
 
     def steps(self) -> Iterator[int]:
         """Yield the remaining step indices with a progress bar; checkpoint every k steps."""
-        bar = tqdm(
-            total=self.total_steps, initial=self.step, desc=self.stage, unit="step",
-            disable=not (self.progress and self.accelerator.is_main_process), dynamic_ncols=True,
-            mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line per 30 s, not per step
-        )
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc=self.stage, unit="step",
+                           disable=not (self.progress and self.accelerator.is_main_process), dynamic_ncols=True)
         try:
             while self.step < self.total_steps:
                 start = self.step

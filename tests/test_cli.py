@@ -258,3 +258,23 @@ def test_a_command_that_fails_before_any_result_leaves_no_run_folder(tmp_path):
     (kept / "models" / "x.txt").write_text("result", encoding="utf-8")
     r = rlhf("run", "configs/translation.yaml", f"run_dir={kept}", f"task.data.dir={tmp_path / 'no-corpus'}", "--resume", check=False)
     assert r.returncode == 2 and (kept / "models" / "x.txt").is_file()
+
+
+def test_a_run_folder_in_use_is_refused_and_freed_when_its_process_dies(tmp_path):
+    """Two commands never write one run folder at once; the lock dies with its process, even
+    under kill -9, so a crashed run leaves nothing to clean up."""
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom rlhf.runs import Run\nRun(sys.argv[1])\nprint('locked', flush=True)\n"
+                               "time.sleep(600)", str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = rlhf_process("pretrain", "configs/counterpoint.yaml", "--quick", f"run_dir={run_dir}", "--resume", "progress=false")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert "run folder is in use by pid" in r.stderr and str(holder.pid) in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    from rlhf.runs import Run, release_run_folder
+
+    Run(run_dir)  # free again after kill -9
+    release_run_folder(run_dir)

@@ -141,9 +141,9 @@ def _melody_from_json(d: dict) -> Melody:
 def _progress(it: Iterable, progress: bool, total: int | None, desc: str) -> Iterable:
     if not progress:
         return it
-    from tqdm.auto import tqdm
+    from rlhf.progress import progress_bar
 
-    return tqdm(it, total=total, desc=desc, unit="piece")
+    return progress_bar(it, total=total, desc=desc, unit="piece")
 
 
 # --------------------------------------------------------------------------- sampling
