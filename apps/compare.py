@@ -131,14 +131,26 @@ def plot_runs(runs: Sequence[dict[str, Any]], panels: Sequence[tuple[str, str]],
     return save_fig(fig, path)
 
 
+def headline(evaluation: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Model -> its headline figures: ``rows`` of a task evaluation, or each reward model's
+    ``overall`` figures of a ``train-reward`` evaluation."""
+    if isinstance(evaluation.get("rows"), dict):
+        found = evaluation["rows"]
+    else:
+        found = {m: v.get("overall") for m, v in (evaluation.get("methods") or {}).items() if isinstance(v, dict)}
+    return {m: {k: float(x) for k, x in row.items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
+            for m, row in found.items() if isinstance(row, dict)}
+
+
 def eval_rows(runs: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows [run, model, metrics...] of every run's headline evaluation rows."""
-    present = [k for k in EVAL_KEYS if any(isinstance(row.get(k), (int, float)) for r in runs for row in r["eval"].get("rows", {}).values())]
-    rows = []
-    for r in runs:
-        for model, row in r["eval"].get("rows", {}).items():
-            if isinstance(row, dict):
-                rows.append([r["name"], model] + [float(row[k]) if isinstance(row.get(k), (int, float)) else float("nan") for k in present])
+    """Header and rows [run, model, metrics...] of every run's headline evaluation rows: the
+    usual figures (EVAL_KEYS) where the runs have them, else every figure they share."""
+    heads = [(r["name"], headline(r["eval"])) for r in runs]
+    rows_all = [row for _, h in heads for row in h.values()]
+    present = [k for k in EVAL_KEYS if any(k in row for row in rows_all)]
+    if not present and rows_all:
+        present = sorted(set.intersection(*(set(row) for row in rows_all)))[:8]
+    rows = [[name, model] + [row.get(k, float("nan")) for k in present] for name, h in heads for model, row in h.items()]
     return ["run", "model", *present], rows
 
 
@@ -157,7 +169,7 @@ def compare(run_dirs: Sequence[Path], out: Path) -> Path:
     lines += ["![training curves](compare.png)", ""] if png else ["No metric is logged by more than one run.", ""]
     header, rows = eval_rows(runs)
     lines += ["## Evaluation (headline rows)", ""]
-    lines += [markdown_table(header, rows), ""] if rows else ["No run has an eval.json.", ""]
+    lines += [markdown_table(header, rows), ""] if rows else ["No run has evaluation rows (eval.json).", ""]
     md = out / "compare.md"
     atomic_write_text(md, "\n".join(lines))
     return md

@@ -51,3 +51,12 @@ def test_report_rebuilds_a_lost_report_and_bad_folders_exit_2(quick_run, tmp_pat
     assert main(["compare", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "not a run folder" in err and "Traceback" not in err
+
+
+def test_headline_reads_task_rows_and_reward_model_figures():
+    from apps.compare import headline
+
+    task = {"rows": {"prior": {"rules/clean": 0.0, "pieces": 10}, "rloo": {"rules/clean": 0.5, "note": "x"}}}
+    assert headline(task) == {"prior": {"rules/clean": 0.0, "pieces": 10.0}, "rloo": {"rules/clean": 0.5}}
+    reward = {"methods": {"bt": {"kind": "bt", "overall": {"acc/test": 0.77, "pairs/test": 1280.0}}, "vpl": {"kind": "vpl", "by_context": {}}}}
+    assert headline(reward) == {"bt": {"acc/test": 0.77, "pairs/test": 1280.0}}
