@@ -38,4 +38,5 @@ def progress_bar(iterable: Iterable | None = None, *, stream: TextIO | None = No
     if stream.isatty():
         return tqdm(iterable, file=stream, mininterval=kw.pop("mininterval", 0.1), **kw)
     kw.pop("dynamic_ncols", None)  # no terminal to size to
-    return tqdm(iterable, file=LineWriter(stream), mininterval=FILE_INTERVAL, ncols=100, **kw)
+    # maxinterval: tqdm's monitor thread would otherwise force a redraw every 10 s
+    return tqdm(iterable, file=LineWriter(stream), mininterval=FILE_INTERVAL, maxinterval=FILE_INTERVAL, ncols=100, **kw)

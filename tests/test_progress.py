@@ -8,7 +8,7 @@ from rlhf.progress import FILE_INTERVAL, LineWriter, progress_bar
 def test_a_file_gets_whole_lines_and_no_carriage_returns():
     out = io.StringIO()
     bar = progress_bar(total=5, desc="prior", unit="step", stream=out)
-    assert bar.mininterval == FILE_INTERVAL
+    assert bar.mininterval == bar.maxinterval == FILE_INTERVAL
     for _ in range(5):
         bar.update(1)
     bar.close()
