@@ -35,8 +35,10 @@ SETTINGS = {
     "rloo-token": {"algorithm": "rloo", "rloo": {"credit": "token"}},
     # the counterpoint default's credit: each note's rule reward averaged over every note it could have been
     "rloo-all-actions": {"algorithm": "rloo", "rloo": {"credit": "all_actions"}, "kl": {"estimator": "exact"}},
-    # tempered sampling, scored by the tempered policy, only samples that beat greedy decoding
-    "rloo-filtered": {"algorithm": "rloo", "temperature": 0.7, "rloo": {"baseline": "greedy", "positive_only": True}},
+    # tempered sampling, scored by the tempered policy, only samples that beat greedy decoding. Few
+    # samples beat the greedy output of the column prior, so each update is sparse: lr 1e-3 and
+    # T 0.85 raise the reward by 5.7 in 24 steps (lr 3e-4, T 0.7: by 1.5).
+    "rloo-filtered": {"algorithm": "rloo", "lr": 1e-3, "temperature": 0.85, "rloo": {"baseline": "greedy", "positive_only": True}},
     "mrt": {"mrt": {"k": 4, "alpha": 0.5}},
     "q": {"kl_control": {"exploration": "epsilon", "epsilon": 0.05}},
     "psi": {},
