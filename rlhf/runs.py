@@ -12,6 +12,7 @@ Layout of a run folder::
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -116,7 +117,11 @@ def lock_run_folder(root: Path) -> None:
     f = (root / LOCK_FILE).open("a+", encoding="utf-8")
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # e.g. ENOLCK on a file system without locks
+            log.warning("%s: could not lock the run folder (%s); continuing without the one-writer check", root, e)
+            f.close()
+            return
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
