@@ -40,12 +40,17 @@ class ExtraEmbeddings(Protocol):
     def extra_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
 
+def has_extras(model: torch.nn.Module) -> bool:
+    """A GPT-2 LM head model whose transformer adds :class:`ExtraEmbeddings`."""
+    return isinstance(model, GPT2LMHeadModel) and isinstance(model.transformer, ExtraEmbeddings)
+
+
 def supports(model: torch.nn.Module) -> bool:
     """Whether :func:`forward` computes exactly what ``model`` would: a GPT-2 LM head model (or
     one whose transformer is :class:`ExtraEmbeddings`) without cross-attention or
     upcast/reordered attention, a GELU activation, and no active dropout (eval mode, or every
     dropout probability 0)."""
-    if type(model) is not GPT2LMHeadModel and not (isinstance(model, GPT2LMHeadModel) and isinstance(model.transformer, ExtraEmbeddings)):
+    if type(model) is not GPT2LMHeadModel and not has_extras(model):
         return False
     c = model.config
     if c.add_cross_attention or c.reorder_and_upcast_attn or c.activation_function not in _GELU:

@@ -68,9 +68,13 @@ class ModelConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "ModelConfig":
+    def _known_arch(self) -> "ModelConfig":
         if self.arch not in BUILT_IN_ARCHS and self.arch not in ARCHITECTURES:
             raise ValueError(f"model.arch {self.arch!r} is unknown; use one of {', '.join([*BUILT_IN_ARCHS, *ARCHITECTURES.names()])}")
+        return self
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); e.g. n_embd=128, n_head=4")
         return self

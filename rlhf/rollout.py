@@ -439,13 +439,15 @@ def _fast_step(model: PreTrainedModel, attn: torch.Tensor, pos: torch.Tensor, ma
     """:func:`_hf_step` through :func:`rlhf.fast_gpt2.forward` (same numbers, far less
     per-call overhead)."""
     cache = fast_gpt2.KVCache.empty(model, attn.shape[0], max_len)
-    seen = torch.empty((attn.shape[0], max_len), dtype=torch.long, device=attn.device)  # [B, max_len] the ids so far
+    # [B, max_len] the ids so far, kept only for a model whose extra embeddings read them
+    seen = torch.empty((attn.shape[0], max_len), dtype=torch.long, device=attn.device) if fast_gpt2.has_extras(model) else None
 
     def step(ids: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + ids.shape[1]
-        seen[:, start:end] = ids
+        if seen is not None:
+            seen[:, start:end] = ids
         logits, last = fast_gpt2.forward(model, ids, pos[:, start:end], attn[:, :end], cache=cache, logits_from=ids.shape[1] - 1,
-                                         context=seen[:, :end])
+                                         context=None if seen is None else seen[:, :end])
         return logits[:, -1, :], last[:, -1, :]
 
     return step

@@ -69,12 +69,10 @@ class ColumnsConfig(GPT2Config):
     model_type = MODEL_TYPE
     auto_map = MappingProxyType({})  # no remote code; TRL's loader reads config.auto_map for an architecture transformers does not know
 
-    def __init__(self, cf_first_id: int = 0, iv_first_id: int = 0, cantus_offset: int = 2, sep_id: int = -1, next_note: bool = False,
-                 **kwargs):
+    def __init__(self, cf_first_id: int = 0, iv_first_id: int = 0, sep_id: int = -1, next_note: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.cf_first_id = cf_first_id  # id of cf_<CANTUS_LOW>; cantus ids are contiguous up to cf_<CANTUS_HIGH>
         self.iv_first_id = iv_first_id  # id of iv_-MAX_INTERVAL; interval ids are contiguous
-        self.cantus_offset = cantus_offset  # kept for folders saved before the cantus was located per row
         self.sep_id = sep_id  # id of <sep>, the prompt's last tokens (-1: unknown)
         self.next_note = next_note  # also embed what the next note is judged against (the policy)
 
@@ -235,7 +233,7 @@ def columns_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Colu
         raise UserError(f"{MODEL_TYPE} reads first-species counterpoint tokens: in a reward config set data.tokenizer: first_species; "
                         "in a run config use it with task.name: counterpoint, task.mode: first_species.")
     return ColumnsConfig(
-        cf_first_id=vocab[cantus_token(CANTUS_LOW)], iv_first_id=vocab[interval_token(-MAX_INTERVAL)], cantus_offset=2,
+        cf_first_id=vocab[cantus_token(CANTUS_LOW)], iv_first_id=vocab[interval_token(-MAX_INTERVAL)],
         sep_id=vocab[SEP], next_note=cfg.arch == MODEL_TYPE,
         vocab_size=len(tokenizer), n_positions=cfg.max_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, activation_function="gelu_pytorch_tanh",
