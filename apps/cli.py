@@ -12,6 +12,7 @@ Mistakes in input (bad YAML, unknown key, missing file, unreadable score) print 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -190,15 +191,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from apps.pipeline import stage_tune
-    from rlhf.runs import Run
+    from rlhf.runs import output_run
 
     cfg = _load(args)
     if cfg.tune is None:
         raise UserError("the config has tune: null; set tune.algorithm=ppo (or rloo, q, psi, g).")
     prior = Path(args.prior) if args.prior else Path(cfg.run_dir) / "models" / "prior"
-    run = Run(cfg.run_dir)
+    run = output_run(cfg.run_dir)
     run.attach_log()
-    run.write_config(cfg)  # what this tune ran with
+    run.configure(cfg)  # what this tune runs with: config.yaml, trackers, precision
     task = _task_for_model(cfg, prior)
     if (run.final_model_dir(cfg.tune.algorithm) / "config.json").is_file() and not (args.resume or args.overwrite):
         raise UserError(f"{run.final_model_dir(cfg.tune.algorithm)} exists; pass --resume to keep it or --overwrite to tune again.")
@@ -213,15 +214,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from apps.pipeline import stage_evaluate
-    from rlhf.runs import Run
+    from rlhf.runs import output_run
 
     cfg = _load(args)
     model = Path(args.model)
     out = Path(args.out) if args.out else Path(cfg.run_dir) / f"eval-{model.name}"
-    run = Run(out)
+    task = _task_for_model(cfg, model)  # before the folder exists: a wrong --model leaves no stub --out behind
+    run = output_run(out)
     run.attach_log()
-    run.write_config(cfg)
-    task = _task_for_model(cfg, model)
+    run.configure(cfg)
     prior = Path(args.prior) if args.prior else model
     # with a separate prior, it gets its own row: the baseline every comparison in the report needs
     models = {"prior": prior, model.name: model} if prior.resolve() != model.resolve() else {model.name: model}
@@ -242,7 +243,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from tasks.counterpoint import cantus as cantus_mod
     from tasks.counterpoint.config import CounterpointConfig
     from tasks.counterpoint.export import write_midi, write_musicxml
-    from tasks.counterpoint.task import CounterpointTask, load_codec
+    from tasks.counterpoint.task import CounterpointTask, check_model_fits, load_codec
 
     model_dir = Path(args.model)
     codec = load_codec(model_dir)
@@ -266,6 +267,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 prompts += task.prompts_for([(f"cantus{i + 1}", pitches)], [args.position], skip_invalid=False)
             except ValueError as e:
                 raise UserError(f"cantus {i + 1}: {e}") from None
+    check_model_fits(model, codec, prompts, model_dir)
     rep, comps = task.sample(model, prompts, args.num, temperature=args.temperature, seed=args.seed)
     items = task.decode(rep, comps)
     scores = task.score(items)
@@ -407,6 +409,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         discard_stubs()  # a run folder holding only its config and log would block the next try
         return 2
+    except OSError as e:
+        from rlhf.runs import STORAGE_ERRNOS, discard_stubs
+
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"error: {e.filename}: {e.strerror}; {_STORAGE_FIX.get(e.errno, _STORAGE_FIX[errno.EACCES])}", file=sys.stderr)
+        discard_stubs()
+        return 1  # the environment, not the input: what was written before stays (checkpoints are whole or absent)
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
@@ -417,6 +427,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rlhf.runs import release_run_folders
 
         release_run_folders()  # the command is over: its run folders are free (main() may run again in one process)
+
+
+_STORAGE_FIX = {
+    errno.ENOSPC: "free space on that disk (fewer kept checkpoints: keep_checkpoints) or set run_dir to another disk, then run again with --resume",
+    errno.EDQUOT: "free space in your quota or set run_dir to another disk, then run again with --resume",
+    errno.EFBIG: "the file is larger than this file system or the process's file-size limit (ulimit -f) allows; set run_dir to another disk",
+    errno.EACCES: "check its permissions: run_dir and --out must be folders you can write, inputs files you can read",
+    errno.EROFS: "that file system is read-only: set run_dir (or --out) to a writable folder",
+}
 
 
 if __name__ == "__main__":

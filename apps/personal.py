@@ -21,7 +21,7 @@ from pydantic import Field
 from transformers import AutoTokenizer
 
 from apps.simulate import ANIMALS, text_features
-from rlhf.config import Section, read_yaml
+from rlhf.config import RunSettings, read_yaml
 from rlhf.errors import UserError
 from rlhf.models import ModelConfig, build_model, load_model
 from rlhf.pretrain import PretrainConfig, pretrain
@@ -33,7 +33,7 @@ from rlhf.tune import TuneConfig, tune
 log = logging.getLogger("rlhf")
 
 
-class PersonalConfig(Section):
+class PersonalConfig(RunSettings):
     seed: int = Field(0, ge=0, description="Seed of the prior, the context draws, tuning and evaluation.")
     run_dir: str = Field("runs/personal-pets", description="The run folder (config, metrics, models, report).")
     progress: bool = Field(True, description="Show progress bars.")
@@ -163,7 +163,8 @@ def personalise(cfg: PersonalConfig, run: Run, *, resume: bool = False) -> Path:
             ctx = context_records(records, group=g, n=cfg.context_size, seed=cfg.seed)
             source = RewardSource.from_pretrained(vpl, context=ctx, scale="win_prob", reference=reference)
             log.info("group %s: z = %s from %d held-out pairs", g, [round(float(x), 2) for x in source.z], len(ctx))
-            final = tune(run, cfg.tune, task, prior_dir, reward=source, seed=cfg.seed, resume=resume, progress=cfg.progress, name=name)
+            final = tune(run, cfg.tune, task, prior_dir, reward=source, seed=cfg.seed, resume=resume, progress=cfg.progress, name=name,
+                         lora=cfg.model.lora)
         models[name] = load_model(final)
     ev = evaluate(task, models, prior, meta, cfg.eval_samples, cfg.seed)
     for n in models:

@@ -16,7 +16,7 @@ from pydantic import Field, create_model, model_validator
 
 from apps.simulate import load_sidecar, preference_win_rates
 from reward_models.reward_source import LearnedRewardConfig, learned_reward
-from rlhf.config import Section, TaskConfig, apply_overrides, format_validation_error, read_yaml
+from rlhf.config import RunSettings, Section, TaskConfig, apply_overrides, format_validation_error, read_yaml
 from rlhf.errors import UserError
 from rlhf.interfaces import PipelineTask, RewardFn
 from rlhf.models import ModelConfig, build_model, count_parameters, load_model
@@ -36,7 +36,7 @@ class SweepConfig(Section):
     steps: int | None = Field(None, ge=1, description="Iterations of each sweep run; null = tune.steps.")
 
 
-class RunConfig(Section):
+class RunConfig(RunSettings):
     """The whole job of ``rlhf run``; ``task`` is the task's own config class (by task.name)."""
 
     seed: int = Field(0, ge=0, description="Seed of every random choice in the run (data split, init, sampling).")
@@ -223,4 +223,5 @@ def stage_tune(cfg: RunConfig, run: Run, task: PipelineTask, prior: Path, *, res
     if resume and (final / "config.json").is_file():
         log.info("%s already tuned: %s", name, final)
         return final
-    return tune(run, tcfg, task, prior, seed=cfg.seed, resume=resume, progress=cfg.progress, name=name, reward=run_reward(cfg, task, prior))
+    return tune(run, tcfg, task, prior, seed=cfg.seed, resume=resume, progress=cfg.progress, name=name, reward=run_reward(cfg, task, prior),
+                lora=cfg.model.lora)

@@ -28,7 +28,7 @@ from reward_models.bradley_terry import BTConfig
 from reward_models.data import SplitKey
 from apps.simulate import SimulateConfig
 from reward_models.vpl import VPLTrainConfig
-from rlhf.config import Section, load_config
+from rlhf.config import RunSettings, Section, load_config
 from rlhf.errors import UserError
 from rlhf.models import ModelConfig
 from rlhf.runs import open_run
@@ -75,7 +75,7 @@ def _tiny_model() -> ModelConfig:
     return ModelConfig(n_layer=2, n_embd=64, n_head=4, dropout=0.0, max_positions=64)
 
 
-class RewardRunConfig(Section):
+class RewardRunConfig(RunSettings):
     seed: int = Field(0, ge=0, description="Seed of the split, initialisation and batches.")
     run_dir: str = Field("runs/reward", description="The run folder (config, metrics, checkpoints, models, report).")
     progress: bool = Field(True, description="Show progress bars.")
@@ -185,7 +185,8 @@ def train_reward_main(config_path: str | None, overrides: Sequence[str] = (), re
                     backbone.load_state_dict(load_reward_model(bt_dir).base_model.state_dict())
                     log.info("vpl: backbone initialised from %s", bt_dir)
                 v = cfg.vpl
-                model = build_vpl(backbone, v.latent_dim, v.pair_hidden, v.head_hidden, v.pooling, head=v.head, encoder=v.encoder)
+                model = build_vpl(backbone, v.latent_dim, v.pair_hidden, v.head_hidden, v.pooling, head=v.head, encoder=v.encoder,
+                                  lora=cfg.model.lora)
                 train_vpl(run, cfg.vpl, model, tokenizer, train, test, seed=cfg.seed, resume=resume, progress=cfg.progress,
                           max_length=max_len, eval_context=cfg.eval.context_pool)
         models[method] = load_reward_model(final)

@@ -27,6 +27,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, Pretrain
 from transformers.utils import logging as hf_logging
 
 from rlhf.errors import UserError
+from rlhf.lora import with_lora
 from rlhf.models import ARCHITECTURES, ModelConfig, build_model, ensure_model_type, folder_model_type
 
 hf_logging.disable_progress_bar()  # as rlhf.trainer: no "Loading weights" bars from from_pretrained
@@ -61,9 +62,20 @@ def _check_path(path: str) -> None:
         raise UserError(f"{p}: model.path not found; train a prior first (`rlhf pretrain`) or fix the path.")
 
 
+def check_lora(cfg: ModelConfig) -> None:
+    """``model.lora`` adapts a pre-trained backbone (``model.path``) only: one built from scratch
+    would keep its random weights frozen under the adapters."""
+    if cfg.lora is not None and cfg.path is None:
+        raise UserError("model.lora trains adapters on a pre-trained backbone, but this one is built from scratch (no model.path), so its "
+                        "random weights would stay frozen; set model.path to a trained model folder (e.g. runs/counterpoint/models/prior) "
+                        "or remove model.lora to train every weight.")
+
+
 def build_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, backbone: str | None = None) -> PreTrainedModel:
     """A ``*ForSequenceClassification`` with one output, tiny from config (GPT-2/Llama, or the
-    registered ``backbone``) or from ``cfg.path``."""
+    registered ``backbone``) or from ``cfg.path``; with ``cfg.lora``, LoRA adapters on the loaded
+    backbone (peft's SEQ_CLS: the new score head trains whole)."""
+    check_lora(cfg)
     if cfg.path is not None:
         _check_path(cfg.path)
         ensure_model_type(folder_model_type(cfg.path))
@@ -79,11 +91,13 @@ def build_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, bac
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.config.vocab_size < len(tokenizer):
         raise UserError(f"model vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's ({len(tokenizer)}); use the tokenizer the model was trained with.")
-    return model
+    return model if cfg.lora is None else with_lora(model, cfg.lora, task_type="SEQ_CLS")
 
 
 def build_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, backbone: str | None = None) -> PreTrainedModel:
-    """The bare transformer (``AutoModel``: hidden states, no head), for VPL."""
+    """The bare transformer (``AutoModel``: hidden states, no head), for VPL (which puts
+    ``cfg.lora``'s adapters on it: :func:`reward_models.vpl.build_vpl`)."""
+    check_lora(cfg)
     if cfg.path is not None:
         _check_path(cfg.path)
         ensure_model_type(folder_model_type(cfg.path))

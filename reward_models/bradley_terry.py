@@ -120,7 +120,8 @@ class PairTrainer:
         CPU) with cosine warm-up, the training loop, and this rank's ``shard`` of the
         ``global_rows`` drawn per step (the same global batch on every rank)."""
         cfg = self.cfg
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # with model.lora: the adapters and the heads
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
         self.loop = TrainLoop(run, stage, model, optimizer, scheduler, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
                               keep_checkpoints=cfg.keep_checkpoints, grad_clip=cfg.grad_clip, tokenizer=tokenizer, progress=progress)
@@ -158,7 +159,8 @@ class BTTrainer(PairTrainer):
         idx = batch_indices(len(self.train), self.cfg.batch_size, step, self.seed)
         mine = idx[self.shard]
         batch, inverse = self.train.unique_batch(mine, self.loop.device)  # each distinct sequence once
-        rc, rr = pair_rewards(self.loop.model, batch, inverse)
+        with self.loop.autocast():
+            rc, rr = (r.float() for r in pair_rewards(self.loop.model, batch, inverse))  # the loss in float32 under mixed precision
         bt = bt_loss(rc, rr, batch.get("margin"))
         loss = bt_loss(rc, rr, batch.get("margin"), self.cfg.center_coef) if self.cfg.center_coef else bt
         metrics = self.loop.update(loss)

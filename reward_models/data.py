@@ -37,6 +37,7 @@ and the fix; unknown columns only warn.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
@@ -97,6 +98,38 @@ def _fmt_errors(errors: list[str]) -> str:
     return "\n".join(head) + more
 
 
+def not_utf8(path: Path, fix: str = "save it as UTF-8") -> UserError:
+    """The error for a file that does not decode as UTF-8: its first bad byte, with line and column."""
+    raw = Path(path).read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        return UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); {fix}.")
+    return UserError(f"{path}: not UTF-8 text; {fix}.")
+
+
+def json_problem(e: Exception) -> str:
+    """What is wrong with a JSON text, from what ``json.loads`` raised (JSONDecodeError,
+    ValueError for a number over Python's 4300-digit limit, RecursionError for deep nesting)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at column {e.colno}"
+    if isinstance(e, RecursionError):
+        return "nested too deeply: thousands of [ or {"
+    return "a number with more than 4300 digits" if "digits" in str(e) else str(e)
+
+
+def lone_surrogate(text: str) -> str | None:
+    """A description of the first lone UTF-16 surrogate in ``text`` (what a JSON escape such as
+    ``\\ud800`` decodes to; no UTF-8 writer or tokenizer accepts it), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start + 1}, which is not text (a broken \\u escape)"
+    return None
+
+
 def _is_missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
@@ -119,6 +152,9 @@ def parse_record(raw: dict[str, Any], where: str, errors: list[str], *, empty_is
             err(name, f"expected a string, got {type(v).__name__} {v!r}")
             return None
         v = str(v)
+        if (bad := lone_surrogate(v)) is not None:
+            err(name, f"{bad}; fix the program that wrote the file")
+            return None
         if required and not v.strip():
             err(name, "empty; give the response text (or drop the record)")
         return v
@@ -226,22 +262,35 @@ def _format_of(path: str) -> str:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object.") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{i}: expected a JSON object with prompt/chosen/rejected, got {type(row).__name__}.")
-            yield f"{path}:{i}", row
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    for i, line in enumerate(io.StringIO(text, newline=None), 1):  # lines as a text-mode file splits them
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"{path}:{i}: not valid JSON ({json_problem(e)}); each line must be one JSON object.") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{i}: expected a JSON object with prompt/chosen/rejected, got {type(row).__name__}.")
+        yield f"{path}:{i}", row
+
+
+def csv_error(path: Path, line: int, e: csv.Error) -> UserError:
+    """The error for a CSV the csv module cannot parse (e.g. a cell over its 131072-character limit)."""
+    return UserError(f"{path}:{line}: not readable as CSV ({e}); check the quotes on that line, and keep very long texts in JSONL.")
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    try:
+        text = path.read_bytes().decode("utf-8")  # line ends as they are: csv reads \r\n inside quoted cells itself
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    start = 1
+    try:
         if reader.fieldnames is None:
             raise UserError(f"{path}: empty CSV; the first row must name the columns, e.g. prompt,chosen,rejected.")
         start = 2
@@ -251,6 +300,8 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise UserError(f"{path}:{start}: {len(extra)} more cells than header columns; quote fields that contain commas.")
             yield f"{path}:{start}", row
             start = reader.line_num + 1
+    except csv.Error as e:
+        raise csv_error(path, start, e) from None
 
 
 def _table_rows(table_rows: Iterable[dict[str, Any]], source: str) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -56,6 +56,7 @@ from reward_models.bradley_terry import PairTrainer
 from reward_models.data import Preference, by_rater, comparable
 from reward_models.metrics import summary
 from rlhf.config import CheckpointEvery, EvalEvery, GradClip, KeepCheckpoints, LearningRate, Section, Steps, WarmupSteps, WeightDecay
+from rlhf.lora import LoraSettings, with_lora
 from rlhf.models import ensure_model_type
 from rlhf.runs import Run
 
@@ -257,13 +258,17 @@ AutoModel.register(VPLConfig, VPLRewardModel, exist_ok=True)
 
 
 def build_vpl(backbone: PreTrainedModel, latent_dim: int, pair_hidden: int, head_hidden: int, pooling: str,
-              logvar_init: float = 0.0, head: str = "mlp", encoder: str = "pair") -> VPLRewardModel:
-    """A VPL model around ``backbone`` (its weights are copied in)."""
+              logvar_init: float = 0.0, head: str = "mlp", encoder: str = "pair", lora: LoraSettings | None = None) -> VPLRewardModel:
+    """A VPL model around ``backbone`` (its weights are copied in); with ``lora`` (``model.lora``,
+    a pre-trained backbone), adapters on the backbone while the new heads train whole."""
     config = VPLConfig(backbone=backbone.config.to_dict(), latent_dim=latent_dim, pair_hidden=pair_hidden, head_hidden=head_hidden,
                        pooling=pooling, logvar_init=logvar_init, head=head, encoder=encoder)
     model = VPLRewardModel(config)
     model.backbone.load_state_dict(backbone.state_dict())
-    return model
+    if lora is None:
+        return model
+    heads = [name for name, _ in model.named_children() if name != "backbone"]
+    return with_lora(model, lora, task_type=None, modules_to_save=heads)
 
 
 # --------------------------------------------------------------------------- batches
@@ -456,7 +461,10 @@ class VPLTrainer(PairTrainer):
         if acc.num_processes > 1:
             mine = self.shard
             rb, eps = RaterBatch(rb.context[mine], rb.targets[mine]), eps[mine]
-        out = self.loop.model(pairs=self.train, rater_batch=rb, eps=eps)
+        with self.loop.autocast():
+            out = self.loop.model(pairs=self.train, rater_batch=rb, eps=eps)
+        # the loss in float32 under mixed precision
+        out = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in out.items()}
         beta = self.beta(step)
         loss, nll, kl = vpl_loss(out["delta"], out["target_mask"], out["mu"], out["logvar"], beta, out.get("margin"), cfg.free_bits)
         metrics = self.loop.update(loss)

@@ -11,11 +11,12 @@ line, the dotted key, what was wrong and the allowed values, e.g.::
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Annotated, Any, Sequence, TypeVar
+from typing import Annotated, Any, Literal, Sequence, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rlhf.errors import UserError
 
@@ -41,6 +42,39 @@ CheckpointEvery = Annotated[int, Field(ge=1, description="Write a resumable chec
 KeepCheckpoints = Annotated[int, Field(ge=1, description="How many of the newest checkpoints to keep.")]
 
 
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+_TRACKER_MODULE = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+class RunSettings(Section):
+    """What every command that writes a run folder shares (``rlhf run``, ``tune``, ``evaluate``,
+    ``train-reward``, ``personalise``): where its metrics go besides ``metrics.jsonl``, and the
+    precision of training."""
+
+    log_with: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers that receive every row of metrics.jsonl, through accelerate's trackers: tensorboard (event "
+        "files in <run_dir>/tracking/<stage>), wandb, mlflow (where installed). [] = metrics.jsonl only.",
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
+        None,
+        description="Training forwards under autocast in this precision (weights and optimizer stay float32), through accelerate: bf16 on "
+        "CPUs and GPUs that support it, fp16 on GPUs only. null = what the launcher says (accelerate launch --mixed_precision), else no.",
+    )
+
+    @field_validator("log_with")
+    @classmethod
+    def _installed(cls, names: list[str]) -> list[str]:
+        import importlib.util
+
+        for name in names:
+            if importlib.util.find_spec(_TRACKER_MODULE[name]) is None:
+                raise ValueError(f"tracker {name} is not installed; pip install {name}, or remove it from log_with")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a tracker is named twice in {names}")
+        return names
+
+
 class TaskConfig(Section):
     """Base of a task's ``task:`` section."""
 
@@ -56,8 +90,12 @@ def _key_lines(text: str, source: str = "config") -> dict[tuple[str, ...], int]:
     twice in one mapping is a UserError: YAML loaders silently keep the last one, which would
     drop a whole section without a word."""
     lines: dict[tuple[str, ...], int] = {}
+    seen: set[int] = set()  # nodes already walked: an alias (*a) repeats its anchor's node, and may contain it
 
     def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 key = (*path, str(k.value))
@@ -70,6 +108,9 @@ def _key_lines(text: str, source: str = "config") -> dict[tuple[str, ...], int]:
             for i, v in enumerate(node.value):
                 lines[(*path, str(i))] = v.start_mark.line + 1
                 walk(v, (*path, str(i)))
+        elif isinstance(node, yaml.ScalarNode) and re.search("[\ud800-\udfff]", node.value):  # "\ud800": no path, print or file takes it
+            raise UserError(f"{source}:{node.start_mark.line + 1}: {'.'.join(path) or '(top level)'}: a \\u escape of a UTF-16 surrogate "
+                            f"({_shown(node.value)}) is not text in YAML; write the character itself, or \\U and 8 hex digits (e.g. \\U0001F600).")
 
     root = yaml.compose(text)
     if root is not None:
@@ -82,7 +123,12 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], i
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: config file not found. Pass a path to a YAML file, e.g. configs/counterpoint.yaml.")
-    text = p.read_text(encoding="utf-8")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the config as UTF-8.") from None
     try:
         data = yaml.safe_load(text)
         lines = _key_lines(text, str(p))
@@ -91,6 +137,13 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], i
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e)
         raise UserError(f"{p}{where}: not valid YAML ({problem}). Fix the syntax at that line.") from None
+    except RecursionError:
+        raise UserError(f"{p}: nested too deeply to read (thousands of levels of [ or {{); fix the brackets.") from None
+    except ValueError:  # PyYAML's int() of a number over Python's 4300-digit limit
+        m = re.search(r"\d{4000,}", text)
+        where = f":{text.count(chr(10), 0, m.start()) + 1}" if m else ""
+        digits = len(m.group()) if m else "over 4300"
+        raise UserError(f"{p}{where}: a number of {digits} digits is too long to read; no setting takes that many digits.") from None
     if data is None or data == {}:  # an empty file would silently start the whole default run (hours)
         raise UserError(f"{p}: the config is empty (no keys, or only comments). Start from a preset such as configs/counterpoint.yaml "
                         "or configs/translation.yaml, or write the keys you want to set.")
@@ -110,7 +163,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             raise UserError(f"override {item!r}: the key before '=' is empty.")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):  # not YAML (or a 5000-digit number, or 3000 nested [): the text itself
             value = raw
         node = data
         parts = key.split(".")
@@ -142,6 +195,16 @@ def _allowed_hint(model: type[BaseModel], loc: tuple[Any, ...], bad_key: str) ->
     return f"{hint} Allowed keys here: {', '.join(fields)}."
 
 
+def _shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters; an integer too long for
+    Python to print (over 4300 digits) is described instead."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else f"a {type(value).__name__} too large to show"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def format_validation_error(
     err: ValidationError,
     model: type[BaseModel],
@@ -153,6 +216,8 @@ def format_validation_error(
     for e in err.errors():
         loc = tuple(str(x) for x in e["loc"])
         dotted = ".".join(loc) or "(top level)"
+        if not dotted.isprintable():  # a key with a line break or control character (an override typed oddly): quoted, on one line
+            dotted = repr(dotted)
         if any(loc[: len(o)] == o or o[: len(loc)] == loc for o in overridden):
             where = "command-line override"
         else:
@@ -166,7 +231,7 @@ def format_validation_error(
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ") + "."
         else:
-            msg = f"{msg} (got {e.get('input')!r})."
+            msg = f"{msg} (got {_shown(e.get('input'))})."
         out.append(f"{where}: {dotted}: {msg}")
     return "\n".join(out)
 

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf.advantages import masked_mean, masked_sum, whiten
+from rlhf.errors import UserError
 from rlhf.rollout import inverse_cdf
 
 log = logging.getLogger("rlhf")
@@ -336,21 +337,34 @@ def training_forward(loop: Any, module: torch.nn.Module) -> Any:
 # --------------------------------------------------------------------------- accelerator
 
 
-def make_accelerator():
+def make_accelerator(mixed_precision: str | None = None):
     """The ``Accelerator`` for this process: CPU (gloo) without CUDA, DeepSpeed when launched
     with a DeepSpeed config (``ACCELERATE_USE_DEEPSPEED=true``, set by ``accelerate launch``
     with a DeepSpeed config or by ``rlhf launch --launcher deepspeed``).
 
     accelerate only starts DeepSpeed with ``cpu=False``, and on a host without an accelerator
     its backend probe finds nothing (so it would silently run one process per rank): name the
-    gloo backend there. On GPUs this is the plain ``Accelerator()`` (NCCL)."""
+    gloo backend there. On GPUs this is the plain ``Accelerator()`` (NCCL).
+
+    ``mixed_precision`` (no, bf16, fp16; None = the launcher's setting) is accelerate's: the
+    prepared model's forward and :meth:`TrainLoop.autocast` run under autocast."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
+    # resolved here rather than left to accelerate, which would keep a previous run's setting
+    mixed_precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if mixed_precision == "fp16" and not cuda:
+        raise UserError("mixed_precision: fp16 needs a GPU (CPU autocast and its gradient scaling are bf16 only); use bf16 or no")
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision") not in (None, mixed_precision) and world_size() == 1:
+        # a second run in the same process (a notebook, the test suite) with another precision:
+        # accelerate keeps one global state and refuses to change it, so start it afresh
+        AcceleratorState._reset_state()
     # TrainLoop steps the LR schedule once per optimizer step itself. accelerate's default steps
     # it num_processes times per step, assuming per-process batches (our batches are global).
-    kw: dict[str, Any] = {"step_scheduler_with_optimizer": False}
+    kw: dict[str, Any] = {"step_scheduler_with_optimizer": False, "mixed_precision": mixed_precision}
     if not cuda and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return Accelerator(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kw)
     return Accelerator(cpu=not cuda, **kw)

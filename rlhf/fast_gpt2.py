@@ -28,6 +28,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
@@ -55,7 +56,16 @@ def supports(model: torch.nn.Module) -> bool:
     c = model.config
     if c.add_cross_attention or c.reorder_and_upcast_attn or c.activation_function not in _GELU:
         return False
+    if not _plain_layers(model):
+        return False
     return not model.training or max(c.embd_pdrop, c.attn_pdrop, c.resid_pdrop) == 0.0
+
+
+def _plain_layers(model: GPT2LMHeadModel) -> bool:
+    """Whether every projection :func:`forward` reads is a plain ``Conv1D``: a layer that peft
+    wrapped (LoRA adapters injected into the base model of a ``PeftModel``) adds to its output
+    what the weights alone do not say."""
+    return all(type(m) is Conv1D for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
 
 
 @dataclass

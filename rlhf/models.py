@@ -15,16 +15,18 @@ is the config's ``model_type``, so a saved folder of that type finds its module 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from pydantic import Field, model_validator
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GPT2Config, LlamaConfig, MarianConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import Section
 from rlhf.errors import UserError
+from rlhf.lora import LoraSettings
 from rlhf.registry import Registry
 
 BUILT_IN_ARCHS = ("gpt2", "llama", "marian")
@@ -46,9 +48,13 @@ def folder_model_type(path: str | Path) -> str | None:
     """The ``model_type`` in a saved model folder's config.json (None if it has none)."""
     p = Path(path) / "config.json"
     try:
-        return json.loads(p.read_text()).get("model_type") if p.is_file() else None
-    except (OSError, ValueError) as e:
+        cfg = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"{p}: not readable as JSON ({e}); point the model path at a folder written by save_pretrained.") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{p}: expected a JSON object (a model config), got {type(cfg).__name__}; point the model path at a folder written by save_pretrained.")
+    model_type = cfg.get("model_type")
+    return model_type if isinstance(model_type, str) else None
 
 
 class ModelConfig(Section):
@@ -65,6 +71,12 @@ class ModelConfig(Section):
     path: str | None = Field(
         None, description="Load a pre-trained model from this folder (or hub id) instead of building one: a causal LM or an "
         "encoder–decoder (AutoModelForSeq2SeqLM), told apart by its config.json."
+    )
+    lora: LoraSettings | None = Field(
+        None, description="Train LoRA adapters instead of every weight (rlhf/lora.py): the policy in rlhf tune and rlhf run's tuning stage, "
+        "with the frozen prior the same weights with the adapters off (one copy in memory), and reward models on a pre-trained backbone "
+        "(model.path). Pre-training still trains every weight. A tuned model's folder holds the merged weights (what every later stage "
+        "loads) and the adapters alone in adapter/. null = full fine-tuning; {} = LoRA with the defaults below.",
     )
 
     @model_validator(mode="after")
@@ -123,6 +135,48 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
     return AutoModelForCausalLM.from_config(config)
 
 
+def freeze_unsaved(model: PreTrainedModel) -> PreTrainedModel:
+    """Freeze the parameters ``save_pretrained`` leaves out (``_keys_to_ignore_on_save``:
+    Marian's sinusoidal positions, rebuilt at init). A freshly built Marian has them frozen,
+    but transformers 5's ``from_pretrained`` hands them back trainable, so a policy loaded from
+    its prior trained them, and every checkpoint and the final model lost those updates: a
+    resumed run (and any reload of the tuned model) ran on other positions than it trained with."""
+    patterns = getattr(model, "_keys_to_ignore_on_save", None) or []
+    for name, p in model.named_parameters():
+        if any(re.search(pat, name) for pat in patterns):
+            p.requires_grad_(False)
+    return model
+
+
+_LAYER_KEYS = ("n_layer", "num_hidden_layers", "num_layers", "encoder_layers", "decoder_layers")
+
+
+def check_layer_count(folder: Path) -> None:
+    """UserError when ``config.json`` declares a number of layers the weights do not hold: the
+    missing layers would be initialised at random without a word (or, by the million, exhaust the
+    memory before transformers checks anything). Reads only the safetensors headers."""
+    cfg_path = folder / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return  # unreadable: transformers says so
+    files = sorted(folder.glob("*.safetensors"))
+    if not isinstance(cfg, dict) or not files:
+        return
+    stored: dict[str, int] = {}  # layer stack (e.g. transformer.h, model.encoder.layers) -> layers in the weights
+    for f in files:
+        with safe_open(str(f), framework="pt") as weights:
+            for name in weights.keys():
+                if m := re.match(r"(.*?\.(?:h|layers|layer|blocks?))\.(\d+)\.", name):
+                    stored[m.group(1)] = max(stored.get(m.group(1), 0), int(m.group(2)) + 1)
+    for key in _LAYER_KEYS if stored else ():
+        v = cfg.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v not in stored.values():
+            held = ", ".join(f"{n} in {stack}" for stack, n in sorted(stored.items()))
+            raise UserError(f"{cfg_path}: {key} is {v}, but the weights hold {held}; the config and the weights do not belong together. "
+                            "Copy the model folder again, or retrain it.")
+
+
 def load_model(path: str | Path) -> PreTrainedModel:
     p = Path(path)
     if p.exists() and not (p / "config.json").is_file():
@@ -132,13 +186,23 @@ def load_model(path: str | Path) -> PreTrainedModel:
     if p.exists():
         ensure_model_type(folder_model_type(p))
     try:
+        if p.is_dir():
+            check_layer_count(p)
         seq2seq = bool(getattr(AutoConfig.from_pretrained(str(path)), "is_encoder_decoder", False))
-        return (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(str(path))
+        return freeze_unsaved((AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(str(path)))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: could not load a causal LM or an encoder-decoder model ({e}).") from None
     except SafetensorError as e:  # a truncated, empty or foreign model.safetensors
         raise UserError(f"{p / 'model.safetensors'}: the weights file is damaged ({e}); copy the model folder again, or retrain it "
                         "(a run resumes from its last checkpoint with --resume).") from None
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001  a damaged config.json: transformers raises TypeError, KeyError, RuntimeError (weights of another shape), ...
+        detail = " ".join(str(e).split())
+        if "ignore_mismatched_sizes" in detail:  # transformers 5 put the useful part in a log report
+            detail = "the weights have other shapes than it gives (e.g. n_embd, vocab_size, n_positions)"
+        raise UserError(f"{p / 'config.json' if p.exists() else path}: cannot load the model it describes ({type(e).__name__}: "
+                        f"{detail[:300]}{'...' if len(detail) > 300 else ''}); copy the model folder again, or retrain it.") from None
 
 
 def special_layout(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:

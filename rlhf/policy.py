@@ -1,7 +1,9 @@
 """Policy wrappers over Hugging Face causal LMs: a policy with a value head (PPO).
 
 The prior is a plain causal LM loaded from its folder, put in eval mode with gradients off
-(:func:`frozen`); the policy starts as a copy of it.
+(:func:`frozen`); the policy starts as a copy of it. With ``model.lora`` the policy is the
+prior's weights wearing adapters and the prior those weights with the adapters off
+(:class:`rlhf.lora.AdaptersOff`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from rlhf.lora import Adapted, load_adapters, save_final
 from rlhf.rollout import sequence_forward
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -58,17 +61,31 @@ class PolicyWithValue(nn.Module):
         logits, hidden = sequence_forward(self.lm, prompts, prompt_mask, tokens, hidden=True)
         return logits, self.value_head(hidden if self.shared_trunk else hidden.detach()).squeeze(-1)
 
-    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None, **kw) -> None:
-        state_dict = state_dict if state_dict is not None else self.state_dict()
+    @staticmethod
+    def _split(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(the LM's entries, the value head's) of this module's state dict, prefixes dropped."""
         lm_state = {k[len("lm."):]: v for k, v in state_dict.items() if k.startswith("lm.")}
-        self.lm.save_pretrained(path, state_dict=lm_state, **kw)
         head = {k[len("value_head."):]: v.contiguous() for k, v in state_dict.items() if k.startswith("value_head.")}
+        return lm_state, head
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None, **kw) -> None:
+        lm_state, head = self._split(state_dict if state_dict is not None else self.state_dict())
+        self.lm.save_pretrained(path, state_dict=lm_state, **kw)  # a LoRA LM: its adapters alone
+        save_file(head, str(Path(path) / VALUE_HEAD_FILE))
+
+    def save_final(self, path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        """The final folder: the LM's (a LoRA LM's merged weights and adapter/) and the value head."""
+        lm_state, head = self._split(state_dict)
+        save_final(self.lm, Path(path), lm_state)
         save_file(head, str(Path(path) / VALUE_HEAD_FILE))
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights written by :meth:`save_pretrained` (used by ``--resume``)."""
-        weights = load_file(str(Path(path) / "model.safetensors"))
-        missing, unexpected = self.lm.load_state_dict(weights, strict=False)
-        if [k for k in missing if not _unsaved(self.lm, k)] or unexpected:
-            raise ValueError(f"{path}: checkpoint does not fit the policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if isinstance(self.lm, Adapted):
+            load_adapters(self.lm, Path(path))
+        else:
+            weights = load_file(str(Path(path) / "model.safetensors"))
+            missing, unexpected = self.lm.load_state_dict(weights, strict=False)
+            if [k for k in missing if not _unsaved(self.lm, k)] or unexpected:
+                raise ValueError(f"{path}: checkpoint does not fit the policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
         self.value_head.load_state_dict(load_file(str(Path(path) / VALUE_HEAD_FILE)))

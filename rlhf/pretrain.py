@@ -193,8 +193,9 @@ def pretrain(
     loop.model.train()
     for step in loop.steps():
         idx = batch_indices(len(train), cfg.batch_size, step, seed)
-        nll, correct, count = chunked_token_stats(loop.model, [train[i] for i in idx[shard]], pad_id, loop.device, cfg.length_chunks,
-                                                  cfg.label_smoothing)
+        with loop.autocast():
+            nll, correct, count = chunked_token_stats(loop.model, [train[i] for i in idx[shard]], pad_id, loop.device, cfg.length_chunks,
+                                                      cfg.label_smoothing)
         if acc.num_processes == 1:
             loss = nll / count.clamp(min=1)
             metrics = loop.update(loss)

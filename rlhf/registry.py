@@ -28,6 +28,8 @@ def load_object(path: str, what: str) -> Any:
     module, _, attr = path.partition(":")
     if not module or not attr:
         raise UserError(f"{what} {path!r}: expected a registered name or an import path 'package.module:attribute'")
+    if module.startswith("."):  # importlib would raise TypeError: a relative import needs a package
+        raise UserError(f"{what} {path!r}: {module!r} is a relative module path; write it in full from the current folder, e.g. 'my_package.module:attribute'")
     if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` would: your own modules beside the config
         sys.path.insert(0, os.getcwd())
     try:
@@ -81,7 +83,19 @@ class Registry(Generic[T]):
         return name in self._entries or name in self._entry_points()
 
 
-TASKS: Registry = Registry("task", "rlhf.tasks")
+def _is_task(obj: Any, name: str) -> Any:
+    """A task is a class with a ``Config`` (a TaskConfig subclass) and ``build`` (rlhf.interfaces.TaskFactory)."""
+    from rlhf.config import TaskConfig
+
+    cfg = getattr(obj, "Config", None)
+    if not (isinstance(obj, type) and isinstance(cfg, type) and issubclass(cfg, TaskConfig) and callable(getattr(obj, "build", None))):
+        shown = f"{type(obj).__name__} {obj.__name__}" if hasattr(obj, "__name__") else f"a {type(obj).__name__}"
+        raise UserError(f"task {name!r} is {shown}, not a task class; task.name must name a class "
+                        "with a Config (a TaskConfig subclass) and a build classmethod (rlhf.interfaces.TaskFactory), e.g. counterpoint")
+    return obj
+
+
+TASKS: Registry = Registry("task", "rlhf.tasks", _is_task)
 """Task name -> class (a :class:`~rlhf.interfaces.TaskFactory`); the built-ins are entry points."""
 
 REWARDS: Registry = Registry("reward", "rlhf.rewards")

@@ -104,3 +104,44 @@ def compose_rewards(terms: list[RewardTerm], task: Task) -> RewardFn:
         raise UserError(f"rewards: two terms share the name {sorted(lab for lab in labels if labels.count(lab) > 1)[0]!r}; each term is logged as reward/<name>")
     cls = WeightedActionSum if all(isinstance(fn, ActionRewards) for _, _, fn in fns) else WeightedSum
     return cls(fns)
+
+
+class GroupNovelty:
+    """A sample's novelty among the other samples of its prompt in the same batch:
+
+        r_i = −|{j ≠ i : prompt_j = prompt_i, y_j = y_i}| / |{j ≠ i : prompt_j = prompt_i}|
+
+    (0 when no other sample of the prompt is the same completion, −1 when all are), given at
+    the last token. With k samples per prompt (RLOO, MRT) it penalises a policy that collapses
+    onto one answer per prompt, which the KL term alone does not prevent once the task reward
+    is flat among good answers. Its per-action reward (``rloo.credit: all_actions``) is exact:
+    at a row's last step, action v costs the share of the others that equal the row's prefix
+    followed by v."""
+
+    def _groups(self, c: Completions) -> list[list[int]]:
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for b, ids in enumerate(c.prompt_ids):
+            by_prompt.setdefault(tuple(ids), []).append(b)
+        return [by_prompt[tuple(ids)] for ids in c.prompt_ids]  # [B] the rows of each row's prompt
+
+    def __call__(self, completions: Completions) -> Rewards:
+        seqs = [tuple(completions.tokens[b, : n].tolist()) for b, n in enumerate(completions.lengths)]
+        values = []
+        for b, group in enumerate(self._groups(completions)):
+            others = [j for j in group if j != b]
+            values.append(-sum(seqs[j] == seqs[b] for j in others) / len(others) if others else 0.0)
+        return Rewards(torch.tensor(values, dtype=torch.float32))
+
+    def action_rewards(self, completions: Completions) -> torch.Tensor:
+        c = completions
+        vocab = len(c.tokenizer)
+        out = torch.zeros((*c.tokens.shape, vocab), dtype=torch.float32)  # [B, T, V]
+        seqs = [c.tokens[b, : n].tolist() for b, n in enumerate(c.lengths)]
+        for b, group in enumerate(self._groups(c)):
+            others = [j for j in group if j != b]
+            t = c.lengths[b] - 1  # the last step, where the reward is given
+            for j in others:
+                if c.lengths[j] == c.lengths[b] and seqs[j][:t] == seqs[b][:t]:
+                    out[b, t, seqs[j][t]] += 1.0  # count of others that end like this
+            out[b, t] /= -max(len(others), 1)
+        return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
@@ -297,9 +298,24 @@ def next_tokens(
     return draw(torch.softmax(filter_logits(logits, top_k, top_p), dim=-1), generator)
 
 
+@runtime_checkable
+class Wrapper(Protocol):
+    """A model that runs another one and passes its keyword arguments through (peft's
+    ``PeftModel``, the LoRA prior :class:`rlhf.lora.AdaptersOff`)."""
+
+    def get_base_model(self) -> torch.nn.Module: ...
+
+
+def _forward_params(model: Any) -> Mapping[str, inspect.Parameter]:
+    """The parameters of the forward that finally runs: a :class:`Wrapper`'s own takes
+    ``**kwargs`` and would hide ``logits_to_keep`` and the name of the cache argument."""
+    inner = model.get_base_model() if isinstance(model, Wrapper) else model
+    return inspect.signature(inner.forward).parameters
+
+
 def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
     """Whether ``model.forward`` can skip the LM head on all but the last positions."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in _forward_params(model)
 
 
 def _store(buf: torch.Tensor | None, t: int, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -393,7 +409,7 @@ def decode(
 
 def _cache_kw(model: PreTrainedModel) -> str:
     """The name of the KV-cache argument: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
 
 
 def _seq2seq_step(model: PreTrainedModel, prompts: torch.Tensor, prompt_mask: torch.Tensor, n_new: int, keep_hidden: bool):

@@ -16,6 +16,7 @@ algorithm-specific math lives elsewhere; a trainer's loop reads::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -33,6 +34,8 @@ from transformers.utils import logging as hf_logging
 
 from rlhf import distributed
 from rlhf.errors import UserError
+from rlhf.lora import Adapted, load_adapters, save_final
+from rlhf.policy import _unsaved
 from rlhf.progress import progress_bar
 from rlhf.runs import Run, atomic_dir, prune_checkpoints
 
@@ -80,7 +83,7 @@ class TrainLoop:
         accelerator: Accelerator | None = None,
         progress: bool = True,
     ):
-        self.accelerator = accelerator or distributed.make_accelerator()
+        self.accelerator = accelerator or distributed.make_accelerator(run.mixed_precision)
         self.run = run
         self.stage = stage
         if not self.accelerator.is_main_process:  # only rank 0 writes metrics, logs and checkpoints
@@ -101,6 +104,7 @@ class TrainLoop:
         self.tokenizer = tokenizer
         self.progress = progress
         self.step = 0
+        self.resumes = 0  # how often resume() restored a checkpoint (a rollback moves the step back)
         # trainer-specific state restored by resume(); a callable value is called at save time
         self.extra_state: dict[str, Any] = {}
 
@@ -122,6 +126,12 @@ class TrainLoop:
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The training forward's precision context: autocast to bf16/fp16 under
+        ``mixed_precision``, else nothing. Wraps every forward that is trained through, the
+        fast paths that bypass the prepared model's ``forward`` included."""
+        return self.accelerator.autocast()
+
     @property
     def unwrapped(self) -> PreTrainedModel:
         return self.accelerator.unwrap_model(self.model)
@@ -142,7 +152,8 @@ class TrainLoop:
             if n and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
                 raise UserError("micro-batches (tune.rloo.micro_batch) accumulate gradients over several backward passes, which DeepSpeed "
                                 "would step after each; under DeepSpeed set tune.rloo.micro_batch: null")
-            self.accelerator.backward(loss)
+            with torch.autocast(self.device.type, enabled=False):  # mixed precision: autocast the forward only, never the backward
+                self.accelerator.backward(loss)
             total, n = total + float(loss.detach()), n + 1
         self.check_finite("loss", total)  # before the optimizer moves a weight
         norm = float("nan")
@@ -189,8 +200,12 @@ class TrainLoop:
                            disable=not (self.progress and self.accelerator.is_main_process), dynamic_ncols=True)
         try:
             while self.step < self.total_steps:
-                start = self.step
+                start, resumes = self.step, self.resumes
                 yield self.step
+                if resumes != self.resumes:  # the body rolled back to a checkpoint
+                    bar.n = self.step
+                    bar.refresh()
+                    continue
                 if self.step == start:
                     raise RuntimeError("TrainLoop.steps(): the loop body must call update() or advance() once per step")
                 bar.update(1)
@@ -231,7 +246,8 @@ class TrainLoop:
             self.unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
-            torch.save(state, tmp / STATE_FILE)
+            with (tmp / STATE_FILE).open("wb") as f:  # a Python file: a full disk surfaces as its OSError (torch's own writer hides it)
+                torch.save(state, f)
             if zero is not None:
                 os.replace(zero / ZERO_DIR, tmp / ZERO_DIR)
                 shutil.rmtree(zero, ignore_errors=True)
@@ -245,6 +261,9 @@ class TrainLoop:
         """Restore weights, optimizer, scheduler, step, RNG and ``extra_state`` from the newest
         checkpoint."""
         ckpt = distributed.broadcast_object(self.run.latest_checkpoint(self.stage))  # rank 0's view of the folder
+        if self.accelerator.is_main_process:
+            for p in self.run.discard_partial(self.stage):
+                log.info("removed %s, a checkpoint a crash left half-written", p)
         if ckpt is None:
             return False
         state_path = ckpt / STATE_FILE
@@ -265,6 +284,7 @@ class TrainLoop:
                 self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self.resumes += 1
         self.extra_state = state.get("extra", {})
         if self.accelerator.is_main_process:
             self.run.metrics.truncate(self.stage, self.step)
@@ -278,17 +298,29 @@ class TrainLoop:
             except ValueError as e:
                 raise UserError(f"{e}. Resume with the config that wrote it.") from None
             return
+        if isinstance(self.unwrapped, Adapted):  # LoRA: the checkpoint holds the adapters alone
+            try:
+                load_adapters(self.unwrapped, ckpt)
+            except ValueError as e:
+                raise UserError(f"{e}. Resume with the config that wrote it.") from None
+            return
         from safetensors.torch import load_file
 
+        if not (ckpt / "model.safetensors").is_file():
+            raise UserError(f"{ckpt}: checkpoint has no model.safetensors (one with adapter_model.safetensors was written with model.lora). "
+                            "Resume with the config that wrote it.")
         weights = load_file(str(ckpt / "model.safetensors"))
         missing, unexpected = self.unwrapped.load_state_dict(weights, strict=False)
-        # Tied embeddings (lm_head = wte) are saved once; anything else missing is a real mismatch.
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+        # Tied weights are saved once (GPT-2's lm_head = wte; Marian's encoder/decoder embed_tokens
+        # and lm_head = shared) and Marian's sinusoidal positions not at all (rebuilt at init):
+        # checking lm_head alone made every encoder–decoder checkpoint refuse to resume.
+        missing = [k for k in missing if not _unsaved(self.unwrapped, k)]
         if missing or unexpected:
             raise UserError(f"{ckpt}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}). Resume with the config that wrote it.")
 
     def finish(self, final_dir: Path) -> Path:
-        """Save the last checkpoint and a plain HF model folder (what later stages load)."""
+        """Save the last checkpoint and a plain HF model folder (what later stages load; a LoRA
+        model's with its adapters merged, and the adapters alone in ``adapter/``)."""
         # decided on rank 0 and broadcast: every rank must take part in save_checkpoint or none
         if distributed.broadcast_object(self.run.latest_checkpoint(self.stage) != self.run.checkpoint_dir(self.stage, self.step)):
             self.save_checkpoint()
@@ -296,7 +328,7 @@ class TrainLoop:
         state_dict = self.accelerator.get_state_dict(self.model)
         if self.accelerator.is_main_process:
             def write(tmp: Path) -> None:
-                self.unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                save_final(self.unwrapped, tmp, state_dict)
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(tmp)
 

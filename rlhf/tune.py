@@ -25,6 +25,7 @@ from rlhf.config import CheckpointEvery, GradClip, LearningRate, Section, Steps
 from rlhf.errors import UserError
 from rlhf.interfaces import ActionRewards, Algorithm, Completions, RewardFn, Step, Task, as_rewards
 from rlhf.kl import AdaptiveKLController, FixedKLController
+from rlhf.lora import AdaptersOff, LoraSettings, with_lora
 from rlhf.models import load_model
 from rlhf.policy import frozen
 from rlhf.prompt_sampling import PromptSampler, PromptSampling
@@ -135,10 +136,17 @@ class TuneConfig(Section):
         return self.settings.group
 
 
-def build_algorithm(cfg: TuneConfig, prior_dir: Path, allowed: torch.Tensor | None) -> tuple[Algorithm, torch.nn.Module, torch.nn.Module]:
-    """(algorithm, trainable module, frozen prior) for ``cfg.algorithm``; the policy starts as the prior."""
-    prior = frozen(load_model(prior_dir))
-    policy = load_model(prior_dir).eval()  # eval: no dropout noise in ratios and TD targets
+def build_algorithm(cfg: TuneConfig, prior_dir: Path, allowed: torch.Tensor | None,
+                    lora: LoraSettings | None = None) -> tuple[Algorithm, torch.nn.Module, torch.nn.Module]:
+    """(algorithm, trainable module, frozen prior) for ``cfg.algorithm``; the policy starts as the
+    prior. With ``lora`` the policy is the prior's weights wearing fresh adapters (only they
+    train), and the prior is the same weights with the adapters off: one copy in memory."""
+    if lora is None:
+        prior = frozen(load_model(prior_dir))
+        policy = load_model(prior_dir).eval()  # eval: no dropout noise in ratios and TD targets
+    else:
+        policy = with_lora(load_model(prior_dir), lora).eval()
+        prior = AdaptersOff(policy)
     ctx = BuildContext(cfg.algorithm, cfg.settings, cfg.kl, cfg.temperature, policy, prior, allowed)
     algo, model = ALGORITHMS.get(cfg.algorithm).build(ctx)
     return algo, model, prior
@@ -180,11 +188,11 @@ class Tuner:
     reward model, or a weighted sum with rewards of yours)."""
 
     def __init__(self, run: Run, cfg: TuneConfig, task: Task, prior_dir: Path, *, seed: int, progress: bool = True, name: str | None = None,
-                 reward: RewardFn | None = None):
+                 reward: RewardFn | None = None, lora: LoraSettings | None = None):
         self.cfg, self.task, self.seed = cfg, task, seed
         self.reward = reward if reward is not None else task_reward(task)
         seed_everything(seed)  # minibatch order, replay sampling: reproducible from the seed alone
-        self.algo, model, self.prior = build_algorithm(cfg, prior_dir, task.allowed)
+        self.algo, model, self.prior = build_algorithm(cfg, prior_dir, task.allowed, lora)
         if self.algo.needs_action_rewards and not isinstance(self.reward, ActionRewards):
             raise UserError(f"tune.algorithm={cfg.algorithm} with these settings needs the reward of every action at every step, which the "
                             f"reward ({type(self.reward).__name__}) does not give; use a sequence- or token-level setting (e.g. "
@@ -206,21 +214,43 @@ class Tuner:
         self.sampler = PromptSampler(len(self.prompts), cfg.prompt_sampling, cfg.priority_alpha, cfg.priority_uniform, cfg.priority_ema)
         self.gen = torch.Generator()
         self.kl_window: list[float] = []
+        self.rollbacks = 0
 
-    def guard_kl(self, kl_per_token: float) -> None:
-        """``tune.kl.max``: stop when the mean KL per token over the last ``max_window``
-        iterations exceeds it. Runs before this iteration's checkpoint could be written, so the
-        last checkpoint is one from before the drift."""
+    def guard_kl(self, kl_per_token: float) -> bool:
+        """``tune.kl.max``: when the mean KL per token over the last ``max_window`` iterations
+        exceeds it, stop (``on_max: stop``) or roll back (:meth:`rollback`; returns True). Runs
+        before this iteration's checkpoint could be written, so the last checkpoint is one from
+        before the drift."""
         kl = self.cfg.kl
         self.kl_window.append(kl_per_token)
         del self.kl_window[: -kl.max_window]
         mean = sum(self.kl_window) / len(self.kl_window)
-        if kl.max is not None and len(self.kl_window) == kl.max_window and mean > kl.max:
-            last = self.loop.run.latest_checkpoint(self.loop.stage)
-            raise UserError(f"stage {self.loop.stage}, step {self.loop.step + 1}: KL to the prior {mean:.3f} nats per token (kl/mean over "
-                            f"{kl.max_window} iterations) exceeds tune.kl.max={kl.max}; the run stopped"
-                            + (f"; the last checkpoint, {last}, is from before (resume from it with a larger tune.kl.beta or a lower tune.lr)"
-                               if last else "") + ".")
+        if kl.max is None or len(self.kl_window) < kl.max_window or mean <= kl.max:
+            return False
+        where = f"stage {self.loop.stage}, step {self.loop.step + 1}: KL to the prior {mean:.3f} nats per token (kl/mean over {kl.max_window} iterations) exceeds tune.kl.max={kl.max}"
+        if kl.on_max == "rollback" and self.rollback():
+            log.warning("%s: rolled back to step %d with β doubled to %g (rollback %d of %d)", where, self.loop.step, self.ctl.value,
+                        self.rollbacks, kl.max_rollbacks)
+            return True
+        last = self.loop.run.latest_checkpoint(self.loop.stage)
+        why = f" after {self.rollbacks} rollbacks (tune.kl.max_rollbacks)" if kl.on_max == "rollback" and last else ""
+        raise UserError(f"{where}; the run stopped{why}"
+                        + (f"; the last checkpoint, {last}, is from before (resume from it with a larger tune.kl.beta or a lower tune.lr)"
+                           if last else "; no checkpoint was written yet (a smaller tune.checkpoint_every gives tune.kl.on_max: rollback one)") + ".")
+
+    def rollback(self) -> bool:
+        """Reload the last checkpoint (weights, optimizer, step, random state, β) and double β,
+        so the repeated iterations take a more cautious path. False when none is left to take."""
+        if self.rollbacks >= self.cfg.kl.max_rollbacks:
+            return False
+        done = self.rollbacks
+        if not self.resume():
+            return False
+        # resume() restored the checkpoint's β and rollback count: double β once per rollback since
+        self.ctl.value *= 2.0 ** (done + 1 - self.rollbacks)
+        self.rollbacks = done + 1
+        self.kl_window.clear()
+        return True
 
     def resume(self) -> bool:
         if not self.loop.resume():
@@ -230,6 +260,8 @@ class Tuner:
             self.sampler.load_state_dict(self.loop.extra_state["prompts"])
         if "algo" in self.loop.extra_state:
             self.algo.load_state_dict(self.loop.extra_state["algo"])
+        self.rollbacks = int(self.loop.extra_state.get("kl_rollbacks", 0))
+        self.kl_window = list(self.loop.extra_state.get("kl_window", []))  # the guard's window goes on where it was
         return True
 
     def completions(self, prompts: Sequence[Any], ro: Rollout) -> Completions:
@@ -240,7 +272,9 @@ class Tuner:
         comps = self.completions(prompts, ro)
         return as_rewards(self.reward(comps)).per_step(comps)
 
-    def iteration(self, step: int) -> dict[str, float]:
+    def iteration(self, step: int) -> dict[str, float] | None:
+        """One rollout → score → update → adapt-β step; its metrics, or None when the KL guard
+        rolled the run back to its last checkpoint."""
         cfg, task, algo = self.cfg, self.task, self.algo
         group = cfg.group
         rng = np.random.default_rng([self.seed, step])
@@ -260,13 +294,18 @@ class Tuner:
         self.loop.check_finite("reward/task", float(task_reward.sum()))  # a NaN/Inf reward stops the run here
         self.sampler.update(torch.tensor(index[self.start : self.end]), task_reward.sum(-1).cpu())
         action_rewards = lambda: self.reward.action_rewards(comps)  # noqa: E731  [B, T, V], for algorithms that ask
-        metrics = algo.update(self.loop, Step(ro, task_reward, self.ctl.value, comps, sampling, self.score, action_rewards))
+        with self.loop.autocast():  # mixed_precision: the training forwards (backward stays float32)
+            metrics = algo.update(self.loop, Step(ro, task_reward, self.ctl.value, comps, sampling, self.score, action_rewards))
         metrics.update({f"reward/{k}": v for k, v in rewards.diagnostics.items()})
         metrics["kl/coef"] = self.ctl.value
-        if "kl/mean" in metrics:  # every built-in algorithm reports it (rl_metrics)
-            self.guard_kl(metrics["kl/mean"])
+        if "kl/mean" in metrics and self.guard_kl(metrics["kl/mean"]):  # every built-in algorithm reports kl/mean (rl_metrics)
+            return None
+        if self.cfg.kl.on_max == "rollback":
+            metrics["kl/rollbacks"] = float(self.rollbacks)
         self.ctl.update(metrics["kl/seq"], cfg.batch_size)  # kl/seq is the global batch's mean (rl_metrics)
         self.loop.extra_state["kl_ctl"] = self.ctl.state_dict()
+        self.loop.extra_state["kl_rollbacks"] = self.rollbacks
+        self.loop.extra_state["kl_window"] = list(self.kl_window)
         # callables: evaluated (on every rank) only when a checkpoint is written
         self.loop.extra_state["prompts"] = self.sampler.state_dict
         self.loop.extra_state["algo"] = algo.state_dict
@@ -274,14 +313,18 @@ class Tuner:
 
 
 def tune(run: Run, cfg: TuneConfig, task: Task, prior_dir: Path, *, seed: int, resume: bool = False, progress: bool = True, name: str | None = None,
-         reward: RewardFn | None = None) -> Path:
+         reward: RewardFn | None = None, lora: LoraSettings | None = None) -> Path:
     """Fine-tune a copy of the prior on the task's reward (or ``reward``); returns
-    ``run/models/<name>`` (``name`` defaults to the algorithm; metrics go to stage ``tune-<name>``)."""
-    tuner = Tuner(run, cfg, task, prior_dir, seed=seed, progress=progress, name=name, reward=reward)
+    ``run/models/<name>`` (``name`` defaults to the algorithm; metrics go to stage ``tune-<name>``).
+    ``lora`` (``model.lora``): train adapters only; the folder then holds the merged weights and
+    the adapters alone in ``adapter/``."""
+    tuner = Tuner(run, cfg, task, prior_dir, seed=seed, progress=progress, name=name, reward=reward, lora=lora)
     if resume:
         tuner.resume()
     for step in tuner.loop.steps():
         metrics = tuner.iteration(step)
+        if metrics is None:  # rolled back to the last checkpoint: its step comes again
+            continue
         tuner.loop.advance()
         tuner.loop.log(metrics)
     final = run.final_model_dir(name or cfg.algorithm)

@@ -180,3 +180,17 @@ def test_the_kl_guard_stops_a_run_that_drifts_from_the_prior(prior, tmp_path):
         tune(Run(tmp_path / "kl"), cfg, ToyTask(), prior, seed=0, progress=False)
     rows = read_metrics(tmp_path / "kl" / "metrics.jsonl", "tune-rloo")
     assert 0 < len(rows) < 29  # it stopped at the iteration whose window mean crossed the bound
+
+
+def test_the_kl_guard_can_roll_back_to_the_last_checkpoint_with_a_larger_beta(prior, tmp_path):
+    kl = {"beta": 0.5, "max": 0.3, "max_window": 2, "on_max": "rollback", "max_rollbacks": 5}
+    cfg = TuneConfig.model_validate({"algorithm": "rloo", "steps": 30, "batch_size": 16, "checkpoint_every": 2, "lr": 1e-2, "rloo": {"k": 4}, "kl": kl})
+    tune(Run(tmp_path / "rb"), cfg, ToyTask(), prior, seed=0, progress=False)  # finishes: each rollback doubles β
+    rows = read_metrics(tmp_path / "rb" / "metrics.jsonl", "tune-rloo")
+    assert [r["step"] for r in rows] == list(range(1, 31))  # the undone steps' rows were dropped, each step logged once
+    assert rows[-1]["kl/rollbacks"] >= 1  # 2 here
+    assert all(r["kl/coef"] == 0.5 * 2 ** r["kl/rollbacks"] for r in rows)
+    # with β = 0 doubling changes nothing: the same drift comes back and the run stops after max_rollbacks
+    stuck = cfg.model_copy(update={"kl": cfg.kl.model_copy(update={"beta": 0.0, "max_rollbacks": 2})})
+    with pytest.raises(UserError, match=r"exceeds tune.kl.max=0.3; the run stopped after 2 rollbacks"):
+        tune(Run(tmp_path / "stuck"), stuck, ToyTask(), prior, seed=0, progress=False)

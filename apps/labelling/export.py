@@ -109,8 +109,10 @@ def model_kind(path: Path) -> str:
                         "Use a folder written by `rlhf pretrain`/`rlhf tune`, e.g. runs/counterpoint/models/prior.")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # also not UTF-8, a 5000-digit number, thousands of nested [
         raise UserError(f"{cfg_path}: unreadable tokenizer config ({e}).") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_path}: expected a JSON object (a tokenizer config), got {type(cfg).__name__}; use a folder written by `rlhf pretrain`.")
     if cfg.get("codec_mode"):
         return "counterpoint"
     if cfg.get("src_lang") and cfg.get("tgt_lang"):
@@ -151,10 +153,9 @@ def music_candidates(info: ModelInfo, index: int, cantus: Sequence[tuple[str, tu
     """``samples`` completions per prompt of a counterpoint model (first species or melody)."""
     from rlhf.models import load_model
     from tasks.counterpoint.config import CounterpointConfig
-    from tasks.counterpoint.task import CounterpointTask, Prompt
-    from tasks.counterpoint.tokens import Codec
+    from tasks.counterpoint.task import CounterpointTask, Prompt, check_model_fits, load_codec
 
-    codec = Codec.load(info.path)
+    codec = load_codec(info.path)
     task = CounterpointTask(CounterpointConfig(mode=codec.mode), codec)
     if codec.mode == "melody":
         prompts = task.eval_prompts()
@@ -168,6 +169,7 @@ def music_candidates(info: ModelInfo, index: int, cantus: Sequence[tuple[str, tu
                     raise UserError(f"cantus {name!r}: {e}") from None
                 prompts.append(Prompt(f"{name}/{pos}", ids, len(pitches), pitches[-1] % 12))
     model = load_model(info.path)
+    check_model_fits(model, codec, prompts, info.path)
     rep, comps = task.sample(model, prompts, samples, temperature=temperature, seed=seed)
     items = task.decode(rep, comps)
     tok = codec.tokenizer

@@ -28,6 +28,7 @@ written only after everything has been read and checked, atomically (temp file +
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from dataclasses import dataclass, field, replace
@@ -35,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from reward_models.data import Preference, load_preferences, save_preferences, validate
+from reward_models.data import Preference, csv_error, json_problem, load_preferences, lone_surrogate, not_utf8, save_preferences, validate
 from apps.labelling.pairs import PAIR_ID_RE, PAIR_KIND, RATER_RE, CandidatePair, format_errors
 from apps.labelling.store import Label, LabelStore, utc_now
 from rlhf.errors import UserError
@@ -100,6 +101,10 @@ def _content(pair_id: str, data: Mapping[str, Any], pairs: Mapping[str, Candidat
     if bad or not isinstance(got["prompt"], str):
         errors.append(f"{where}: data: missing {', '.join(bad) or 'prompt'}; import tasks written by `rlhf export-pairs`, or pass --pairs pairs.jsonl")
         return None
+    for k in ("prompt", "a", "b", "source"):
+        if isinstance(data.get(k), str) and (problem := lone_surrogate(data[k])) is not None:
+            errors.append(f"{where}: data.{k}: {problem}; re-export the tasks, or pass --pairs pairs.jsonl")
+            return None
     source = data.get("source")
     return got["prompt"], got["a"], got["b"], source if isinstance(source, str) else None
 
@@ -115,10 +120,10 @@ def ls_rater(completed_by: Any) -> str | None:
         return f"ls-{completed_by}"
     if isinstance(completed_by, dict):
         email = completed_by.get("email")
-        if isinstance(email, str) and RATER_RE.match(email):
+        if isinstance(email, str) and RATER_RE.fullmatch(email):
             return email
         return ls_rater(completed_by.get("id"))
-    if isinstance(completed_by, str) and RATER_RE.match(completed_by):
+    if isinstance(completed_by, str) and RATER_RE.fullmatch(completed_by):
         return completed_by
     return None
 
@@ -158,8 +163,10 @@ def read_labelstudio(path: Path, pairs: Mapping[str, CandidatePair] | None = Non
         tasks = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); export the project from Label Studio as JSON.") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason}); export the project from Label Studio as JSON.") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path, "export the project from Label Studio as JSON") from None
+    except (ValueError, RecursionError) as e:  # a number over Python's 4300-digit limit, or thousands of nested [
+        raise UserError(f"{path}: not readable JSON ({json_problem(e)}); export the project from Label Studio as JSON.") from None
     if not isinstance(tasks, list):
         raise UserError(f"{path}: expected a JSON array of tasks (Label Studio's JSON export), got {type(tasks).__name__}.")
     errors: list[str] = []
@@ -176,7 +183,7 @@ def read_labelstudio(path: Path, pairs: Mapping[str, CandidatePair] | None = Non
             errors.append(f"{where_t}: annotations: expected a list, got {type(anns).__name__}")
             continue
         pid = data.get("pair_id")
-        if not isinstance(pid, str) or not PAIR_ID_RE.match(pid):
+        if not isinstance(pid, str) or not PAIR_ID_RE.fullmatch(pid):
             what = "missing" if pid is None else f"{pid!r} is not a pair id"
             errors.append(f"{where_t}: data.pair_id: {what}; import the tasks.json written by `rlhf export-pairs` into Label Studio")
             continue
@@ -219,8 +226,13 @@ def read_pairs_csv(path: Path, rater: str | None = None, pairs: Mapping[str, Can
     errors: list[str] = []
     out: list[Preference] = []
     skipped = 0
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise not_utf8(path, "save the CSV as UTF-8 (in a spreadsheet: CSV UTF-8)") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    line = 1
+    try:
         missing = [c for c in ("pair_id", "preferred") if c not in (reader.fieldnames or [])]
         if missing:
             raise UserError(f"{path}: missing column(s) {missing}; use the pairs.csv written by `rlhf export-pairs`.")
@@ -243,7 +255,7 @@ def read_pairs_csv(path: Path, rater: str | None = None, pairs: Mapping[str, Can
             if not who:
                 errors.append(f"{where}: rater_id: empty; fill the column or pass --rater NAME")
                 continue
-            if not RATER_RE.match(who):
+            if not RATER_RE.fullmatch(who):
                 errors.append(f"{where}: rater_id: {who!r}; use 1-64 letters, digits or _.@+-")
                 continue
             at = (row.get("created_at") or "").strip() or now
@@ -251,7 +263,7 @@ def read_pairs_csv(path: Path, rater: str | None = None, pairs: Mapping[str, Can
                 errors.append(f"{where}: created_at: {at!r} is not an ISO 8601 time stamp (e.g. 2024-05-01T12:00:00Z)")
                 continue
             pid = (row.get("pair_id") or "").strip()
-            if not PAIR_ID_RE.match(pid):
+            if not PAIR_ID_RE.fullmatch(pid):
                 errors.append(f"{where}: pair_id: {pid!r} is not a pair id; keep the column as exported")
                 continue
             data = {"prompt": row.get("prompt"), "a": row.get("candidate_a"), "b": row.get("candidate_b"), "source": row.get("source")}
@@ -262,6 +274,8 @@ def read_pairs_csv(path: Path, rater: str | None = None, pairs: Mapping[str, Can
                 skipped += 1
                 continue
             out.append(record_of(pid, *content, choice, who, at, where))  # type: ignore[arg-type]
+    except csv.Error as e:
+        raise csv_error(path, line, e) from None
     if errors:
         raise UserError(format_errors(errors))
     return out, skipped
@@ -273,11 +287,11 @@ def read_pairs_csv(path: Path, rater: str | None = None, pairs: Mapping[str, Can
 def read_schema(path: Path, rater: str | None = None) -> list[Preference]:
     """Records of a preference-schema file; refuses an unlabelled pairs export."""
     if path.suffix.lower() in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8", errors="replace") as f:  # a peek; load_preferences reports bad bytes with their line
             first = next((x for x in f if x.strip()), "")
         try:
             row = json.loads(first) if first else {}
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             row = {}
         if isinstance(row, dict) and isinstance(row.get("metadata"), dict) and row["metadata"].get("kind") == PAIR_KIND:
             raise UserError(f"{path}: an unlabelled pairs export (rlhf export-pairs), not labels. Label it first: "
@@ -300,15 +314,18 @@ def detect_format(path: Path) -> str:
             return "labelstudio"
         try:  # one JSON document that is not a record (e.g. {"tasks": [...]}) is neither format
             whole = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             whole = None
         if isinstance(whole, dict) and not {"chosen", "rejected"} & set(whole):
             raise UserError(f"{path}: expected a JSON array of tasks (Label Studio's JSON export) or preference records "
                             "(one JSON object with chosen/rejected per line).")
         return "schema"
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            header = next(csv.reader(f), [])
+        with path.open(encoding="utf-8", errors="replace", newline="") as f:  # a peek at the header; the reader reports bad bytes
+            try:
+                header = next(csv.reader(f), [])
+            except csv.Error:
+                header = []
         return "csv" if "preferred" in header else "schema"
     return "schema"
 
@@ -367,7 +384,7 @@ def import_labels(inputs: Sequence[str | Path], out: str | Path, *, fmt: Format 
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it or choose another --out.")
-    if rater is not None and not RATER_RE.match(rater):
+    if rater is not None and not RATER_RE.fullmatch(rater):
         raise UserError(f"--rater {rater!r}: use 1-64 letters, digits or _.@+-")
     summary = ImportSummary(out=str(out))
     records: list[Preference] = []

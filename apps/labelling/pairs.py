@@ -19,12 +19,14 @@ importer refuses to read such a file as labels. Labels always come back through
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from reward_models.data import json_problem, lone_surrogate, not_utf8
 from rlhf.errors import UserError
 
 PAIR_KIND = "candidate-pair"
@@ -120,12 +122,14 @@ def parse_pair_row(row: Any, where: str, errors: list[str]) -> CandidatePair | N
         errors.append(f"{where}: expected a JSON object with pair_id, prompt, chosen, rejected, metadata; got {type(row).__name__}")
         return None
     pid = row.get("pair_id")
-    if not isinstance(pid, str) or not PAIR_ID_RE.match(pid):
+    if not isinstance(pid, str) or not PAIR_ID_RE.fullmatch(pid):
         errors.append(f"{where}: pair_id: {pid!r} is not an id of 1-64 letters, digits, '_.:-'; re-export with rlhf export-pairs")
     for key in ("prompt", "chosen", "rejected", "source"):
         v = row.get(key, "" if key in ("prompt", "source") else None)
         if not isinstance(v, str):
             errors.append(f"{where}: {key}: expected a string, got {type(v).__name__}")
+        elif (problem := lone_surrogate(v)) is not None:
+            errors.append(f"{where}: {key}: {problem}; re-export with rlhf export-pairs")
     if isinstance(row.get("chosen"), str) and row.get("chosen") == row.get("rejected"):
         errors.append(f"{where}: chosen: identical to rejected; a pair needs two different candidates")
     meta = row.get("metadata", {})
@@ -153,24 +157,27 @@ def read_pairs(path: str | Path) -> list[CandidatePair]:
     errors: list[str] = []
     pairs: list[CandidatePair] = []
     seen: dict[str, str] = {}
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object")
-                continue
-            p = parse_pair_row(row, where, errors)
-            if p is None:
-                continue
-            if p.pair_id in seen:
-                errors.append(f"{where}: pair_id: duplicate {p.pair_id!r} (first at {seen[p.pair_id]}); pair ids must be unique")
-                continue
-            seen[p.pair_id] = where
-            pairs.append(p)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise not_utf8(path, "re-export with rlhf export-pairs") from None
+    for i, line in enumerate(io.StringIO(text, newline=None), 1):  # lines as a text-mode file splits them
+        if not line.strip():
+            continue
+        where = f"{path}:{i}"
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as e:  # also a number over Python's 4300-digit limit, thousands of nested [
+            errors.append(f"{where}: not valid JSON ({json_problem(e)}); each line must be one JSON object")
+            continue
+        p = parse_pair_row(row, where, errors)
+        if p is None:
+            continue
+        if p.pair_id in seen:
+            errors.append(f"{where}: pair_id: duplicate {p.pair_id!r} (first at {seen[p.pair_id]}); pair ids must be unique")
+            continue
+        seen[p.pair_id] = where
+        pairs.append(p)
     if errors:
         raise UserError(format_errors(errors))
     if not pairs:

@@ -168,8 +168,11 @@ def create_app(pairs: Sequence[CandidatePair], store: LabelStore, *, token: str 
     app = FastAPI(title="rlhf labelling", docs_url=None, redoc_url=None, openapi_url=None)
 
     def progress(rater: str) -> dict[str, int]:
-        labels = [lb for lb in store.labels(rater) if lb.pair_id in by_id]
-        skipped = sum(lb.choice == "skip" for lb in labels)
+        # store.choices, not store.labels: this runs on every post, and building and sorting every
+        # Label of the rater there made each post slower as the session grew (8 raters x 1,000
+        # labels: 22 s of server CPU, 14 s with choices and the store's labels_by_rater index).
+        labels = [choice for pid, choice in store.choices(rater).items() if pid in by_id]
+        skipped = labels.count("skip")
         return {"done": len(labels), "labelled": len(labels) - skipped, "skipped": skipped, "total": total}
 
     def get_pair(pair_id: str) -> tuple[int, CandidatePair]:

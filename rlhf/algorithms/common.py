@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field
@@ -23,8 +23,14 @@ class KLConfig(Section):
     target_kl: float = Field(2.0, gt=0, description="Adaptive β: target KL per sequence (nats).")
     horizon: float = Field(2000.0, gt=0, description="Adaptive β: controller horizon in sequences.")
     c: float = Field(1.0, gt=0, description="Reward scale: the task reward enters as r / c (Sequence Tutor's c).")
-    max: float | None = Field(None, gt=0, description="KL guard: stop the run with an error when the KL to the prior, in nats per token (kl/mean) averaged over the last max_window iterations, exceeds this; the last checkpoint stays as it was. null = no guard.")
+    max: float | None = Field(None, gt=0, description="KL guard: when the KL to the prior, in nats per token (kl/mean) averaged over the last max_window iterations, exceeds this, do on_max; the last checkpoint stays as it was. null = no guard.")
     max_window: int = Field(10, ge=1, description="KL guard: iterations averaged before comparing with max.")
+    on_max: Literal["stop", "rollback"] = Field(
+        "stop",
+        description="KL guard: stop = end the run with an error; rollback = reload the last checkpoint (weights, optimizer, step, random "
+        "state), double β and go on, at most max_rollbacks times (then stop). The metrics rows of the undone steps are dropped.",
+    )
+    max_rollbacks: int = Field(3, ge=1, description="KL guard: rollbacks allowed before the run stops.")
 
 
 @dataclass

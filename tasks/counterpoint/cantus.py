@@ -123,8 +123,8 @@ def _score_lines(score, path: Path) -> list[tuple[int, ...]]:
             raise UserError(f"{path}: part {k + 1} has no notes; remove it or add the cantus firmus")
         pitches = []
         for e in elems[notes_at[0] : notes_at[-1] + 1]:
-            if e.isRest or e.isChord:
-                what = "a rest" if e.isRest else "a chord"
+            if e.isRest or e.isChord or getattr(e, "pitch", None) is None:
+                what = "a rest" if e.isRest else "a chord" if e.isChord else "an unpitched (percussion) note"
                 raise UserError(
                     f"{path}: part {k + 1}, measure {e.measureNumber} has {what}; a cantus firmus "
                     "must be single notes without rests in between"

@@ -372,6 +372,23 @@ def _key(it: Item) -> tuple:
     return (it.cantus, it.counterpoint) if isinstance(it, FirstSpeciesPiece) else it.events
 
 
+def check_model_fits(model: PreTrainedModel, codec: Codec, prompts: Sequence[Prompt], model_dir: str | Path) -> None:
+    """UserError when the codec saved beside ``model`` has another vocabulary than the model (a
+    damaged or swapped tokenizer), or a prompt and its completion need more positions than the
+    model has (a cantus given on the command line can be longer than any the model trained on)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(codec.tokenizer) != rows:
+        raise UserError(f"{model_dir}: the tokenizer has {len(codec.tokenizer)} tokens but the model {rows}; the tokenizer files and the weights "
+                        "do not belong together. Copy the model folder again, or retrain it.")
+    cfg = model.config
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    for p in prompts:
+        if limit and len(p.ids) + p.n_new > limit:
+            raise UserError(f"cantus {p.name.rsplit('/', 1)[0]!r}: {p.n_new} notes need {len(p.ids) + p.n_new} positions (the prompt and the "
+                            f"counterpoint) but the model in {model_dir} has {limit}; shorten the cantus, or train a model with a larger "
+                            "model.max_positions.")
+
+
 def load_codec(model: Path) -> Codec:
     """The codec saved beside a counterpoint model (clear error for any other folder)."""
     model = Path(model)
@@ -379,5 +396,8 @@ def load_codec(model: Path) -> Codec:
         raise UserError(f"{model}: model folder not found. Train one with `rlhf run` or `rlhf pretrain` (it lands in <run_dir>/models/prior).")
     try:
         return Codec.load(model)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{model}: no counterpoint tokenizer found beside the model ({e}). Use a model folder written by `rlhf pretrain`.") from None
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001  a damaged tokenizer.json makes `tokenizers` raise a bare Exception; its config, TypeError, KeyError...
+        raise UserError(f"{model}: no counterpoint tokenizer found beside the model ({type(e).__name__}: {' '.join(str(e).split())[:300]}). "
+                        "Use a model folder written by `rlhf pretrain`.") from None

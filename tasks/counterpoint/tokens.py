@@ -2,7 +2,7 @@
 
 Every token is a whitespace-free word, so the tokenizer is a ``tokenizers`` ``WordLevel`` model
 behind a ``WhitespaceSplit`` pre-tokenizer, wrapped in ``PreTrainedTokenizerFast``; it is saved
-with ``save_pretrained`` next to the model and reloads with ``AutoTokenizer.from_pretrained``.
+with ``save_pretrained`` next to the model and reloads with ``PreTrainedTokenizerFast.from_pretrained``.
 The mode is stored in ``tokenizer_config.json`` as the init kwarg ``codec_mode``.
 
 Special tokens (both modes): ``<pad>`` (id 0), ``<bos>``, ``<eos>``, ``<unk>``.
@@ -53,7 +53,7 @@ from typing import Literal, Sequence, Union, get_args
 
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from rlhf.errors import UserError
 from tasks.counterpoint.piece import (
@@ -313,9 +313,11 @@ class Codec:
 
     @classmethod
     def load(cls, path: str | Path) -> "Codec":
-        """Reload a codec saved by :meth:`save` (or alongside a model) with ``AutoTokenizer``."""
+        """Reload a codec saved by :meth:`save` (or alongside a model). The codec is always a
+        fast tokenizer: loading it as one skips AutoTokenizer's look at the model's config.json,
+        which warns about any model type transformers does not know (counterpoint_columns)."""
         try:
-            tok = AutoTokenizer.from_pretrained(str(path))
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
         except (OSError, ValueError) as e:
             raise UserError(
                 f"cannot load a counterpoint tokenizer from {path}: {e}. "

@@ -225,9 +225,18 @@ def load_jsonl(
             rec = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{p}:{i}: not valid JSON ({e.msg} at column {e.colno}). Write one JSON object per line.") from None
+        except (ValueError, RecursionError) as e:  # a number over Python's 4300-digit limit; thousands of nested [
+            what = "nested too deeply" if isinstance(e, RecursionError) else "a number with more than 4300 digits"
+            raise UserError(f"{p}:{i}: not valid JSON ({what}). Write one JSON object per line.") from None
         sides = _record_sides(rec, src_lang, tgt_lang)
         if isinstance(sides, str):
             raise UserError(f"{p}:{i}: expected {sides}.")
+        for lang, side in zip((src_lang, tgt_lang), sides):
+            try:
+                side.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate from a "\ud800" escape: no tokenizer or writer takes it
+                raise UserError(f"{p}:{i}: {lang}: a lone surrogate \\u{ord(side[e.start]):04x} at character {e.start + 1} (a broken \\u escape), "
+                                "not text. Fix the program that wrote the file.") from None
         if (pair := _accept(*sides, str(p), i, report, empty_lines)) is not None:
             pairs.append(pair)
     return pairs, report

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -132,5 +133,6 @@ def translate_file(model_dir: str | Path, input_path: str | Path, output_path: s
     model = load_model(model_dir)
     sentences = read_sentences(input_path)
     hyps = translate(model, codec, sentences, beam=beam, batch_size=batch_size)
-    atomic_write_text(Path(output_path), "".join(h + "\n" for h in hyps))
+    # one line per input line: a line break the model wrote (byte-level BPE can) becomes a space, as in the input
+    atomic_write_text(Path(output_path), "".join(re.sub("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]", " ", h) + "\n" for h in hyps))
     return len(hyps)

@@ -152,7 +152,7 @@ class TranslationCodec:
         trained elsewhere (OPUS-MT's ``MarianTokenizer``) gives a :class:`ModelCodec`."""
         try:
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError, TypeError, KeyError, ImportError) as e:
+        except Exception as e:  # noqa: BLE001  a damaged tokenizer.json makes `tokenizers` raise a bare Exception; config.json, many types
             raise UserError(f"{path}: no translation tokenizer found ({e}). Point to a model folder written by `rlhf pretrain`, or to a "
                             "translation model saved with save_pretrained (its tokenizer beside it).") from None
         src, tgt = tok.init_kwargs.get("src_lang"), tok.init_kwargs.get("tgt_lang")
@@ -164,7 +164,7 @@ class TranslationCodec:
                             "Use a model folder written by `rlhf pretrain` with a translation config, or an OPUS-MT-style Marian folder.")
         try:
             return cls(tok, src, tgt)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise UserError(f"{path}: {e}.") from None
 
 

@@ -1,0 +1,60 @@
+"""The group-novelty reward (rlhf.rewards.GroupNovelty) against a naive count over pairs, and its
+per-action rewards against re-scoring every possible last action."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.interfaces import Completions
+from rlhf.registry import REWARDS
+from rlhf.rewards import GroupNovelty
+
+
+@dataclass
+class P:
+    ids: list[int]
+
+
+class Vocab:
+    def __len__(self) -> int:
+        return 5
+
+
+def batch(rng: random.Random) -> Completions:
+    prompts = [P([p]) for p in (1, 1, 1, 1, 2, 2, 2, 3)]  # groups of 4, 3 and a lone prompt
+    rows = [[rng.randrange(2) for _ in range(3)] for _ in prompts]  # few choices: many duplicates
+    return Completions(prompts, torch.tensor(rows), torch.ones(len(rows), 3), [3] * len(rows), None, Vocab())
+
+
+def naive(c: Completions) -> list[float]:
+    out = []
+    for b in range(len(c)):
+        others = [j for j in range(len(c)) if j != b and c.prompts[j].ids == c.prompts[b].ids]
+        same = [j for j in others if c.tokens[j].tolist() == c.tokens[b].tolist()]
+        out.append(-len(same) / len(others) if others else 0.0)
+    return out
+
+
+def test_novelty_equals_a_count_over_pairs_and_is_registered():
+    assert REWARDS.get("novelty") is GroupNovelty
+    rng = random.Random(0)
+    for _ in range(20):
+        c = batch(rng)
+        assert torch.equal(GroupNovelty()(c).values, torch.tensor(naive(c)))
+
+
+def test_each_last_action_is_priced_as_if_it_had_been_sampled():
+    rng = random.Random(1)
+    for _ in range(10):
+        c = batch(rng)
+        act = GroupNovelty().action_rewards(c)  # [B, T, V]
+        assert act[:, :-1].abs().sum() == 0  # the reward lands on the last step only
+        for b in range(len(c)):
+            for v in range(len(c.tokenizer)):
+                tokens = c.tokens.clone()
+                tokens[b, -1] = v  # row b ends in v; the other rows stay as sampled
+                alt = Completions(c.prompts, tokens, c.mask, c.lengths, None, c.tokenizer)
+                assert act[b, -1, v] == torch.tensor(naive(alt)[b]), (b, v)
