@@ -409,6 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         discard_stubs()  # a run folder holding only its config and log would block the next try
         return 2
+    except BrokenPipeError:  # (before OSError, its base class) `rlhf config-help | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush cannot fail again
+        return 141  # 128 + SIGPIPE, as a tool killed by the broken pipe would
     except OSError as e:
         from rlhf.runs import STORAGE_ERRNOS, discard_stubs
 
@@ -420,9 +423,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `rlhf config-help | head`: the reader left; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush cannot fail again
-        return 141  # 128 + SIGPIPE, as a tool killed by the broken pipe would
     finally:
         from rlhf.runs import release_run_folders
 
