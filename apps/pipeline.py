@@ -50,8 +50,8 @@ class RunConfig(RunSettings):
     reward: LearnedRewardConfig | None = Field(None, description="Tune against a trained reward model (BT or VPL with a rater's context) instead of the task's reward; null = the task's reward.")
     rewards: list[RewardTerm] = Field(
         default_factory=list,
-        description="The RL reward as a weighted sum of terms, e.g. [{fn: task}, {fn: 'my_rules:no_repeats', weight: 0.5}]; "
-        "empty = the task's own reward (or reward.model).",
+        description="The RL reward as a weighted sum of terms, e.g. [{fn: task}, {fn: 'my_rules:no_repeats', weight: 0.5}]; the term task "
+        "is the task's own reward, or the trained reward model when reward is set. empty = that reward alone.",
     )
 
     @model_validator(mode="after")
@@ -60,8 +60,6 @@ class RunConfig(RunSettings):
             self.run_dir = f"runs/{self.task.name.rpartition(':')[2].rpartition('.')[2].lower()}"
         if self.pretrain is None and self.model.path is None:
             raise ValueError("pretrain: null uses model.path as the prior as it is; set model.path to a model folder, or give pretrain settings")
-        if self.reward is not None and self.rewards:
-            raise ValueError("give either reward (a trained reward model alone) or rewards (a weighted sum of terms), not both")
         self.task.check_run(self)
         return self
 
@@ -203,15 +201,17 @@ def sweep_configs(cfg: RunConfig) -> dict[str, TuneConfig]:
 
 
 def run_reward(cfg: RunConfig, task: PipelineTask, prior: Path) -> RewardFn | None:
-    """The RL reward of the run: a trained reward model (``reward``), a weighted sum of terms
-    (``rewards``), or None for the task's own."""
+    """The RL reward of the run: the weighted sum of ``rewards`` whose ``task`` term is the trained
+    reward model of ``reward`` when there is one, else the task's own reward; without ``rewards``
+    that reward alone (None: the task's own)."""
+    base = None
     if cfg.reward is not None:
-        log.info("reward: %s (%s)", cfg.reward.model, f"context: {cfg.reward.rater_group or cfg.reward.rater_id or 'random raters'}" if cfg.reward.context else "no context")
-        return learned_reward(cfg.reward, task, load_model(prior))
+        log.info("reward model: %s (%s)", cfg.reward.model, f"context: {cfg.reward.rater_group or cfg.reward.rater_id or 'random raters'}" if cfg.reward.context else "no context")
+        base = learned_reward(cfg.reward, task, load_model(prior))
     if cfg.rewards:
         log.info("reward: %s", " + ".join(f"{t.weight:g}·{t.fn}" for t in cfg.rewards))
-        return compose_rewards(cfg.rewards, task)
-    return None
+        return compose_rewards(cfg.rewards, task, base)
+    return base
 
 
 def stage_tune(cfg: RunConfig, run: Run, task: PipelineTask, prior: Path, *, resume: bool, tcfg: TuneConfig | None = None,

@@ -1,7 +1,8 @@
 """The RL reward as a weighted sum of terms (``rewards:`` of a run config).
 
     rewards:
-      - fn: task                        # the task's own reward (the counterpoint rules, BLEU, ...)
+      - fn: task                        # the task's own reward (the counterpoint rules, BLEU, ...), or reward.model's
+      - fn: novelty                     # built in: each sample's novelty among its prompt's samples
       - fn: my_rules:no_repeated_notes  # a callable of yours: Completions -> Rewards / tensor / list
         weight: 0.5
       - fn: chrf                        # a registered reward (an rlhf.rewards entry point) ...
@@ -32,12 +33,13 @@ class RewardTerm(Section):
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments: the named object is a factory, called once with them (a class is always called).")
 
 
-def resolve_reward(term: RewardTerm, task: Task) -> RewardFn:
-    """The reward function a term names."""
+def resolve_reward(term: RewardTerm, task: Task, base: RewardFn | None = None) -> RewardFn:
+    """The reward function a term names; the term ``task`` is ``base`` when given (a trained
+    reward model standing in for the task's reward), else the task's own reward."""
     if term.fn == "task":
         if term.args:
             raise UserError("rewards: the term 'task' takes no args; set the task's reward in task: instead")
-        return task_reward(task)
+        return base if base is not None else task_reward(task)
     obj = REWARDS.get(term.fn)
     if inspect.isclass(obj) or term.args:
         try:
@@ -96,9 +98,10 @@ class WeightedActionSum(WeightedSum):
         return sum(w * fn.action_rewards(completions) for _, w, fn in self.terms)  # type: ignore[attr-defined]
 
 
-def compose_rewards(terms: list[RewardTerm], task: Task) -> RewardFn:
-    """The weighted sum of ``terms`` as one reward function."""
-    fns = [(_label(t), t.weight, resolve_reward(t, task)) for t in terms]
+def compose_rewards(terms: list[RewardTerm], task: Task, base: RewardFn | None = None) -> RewardFn:
+    """The weighted sum of ``terms`` as one reward function (the term ``task`` is ``base`` when
+    given: :func:`resolve_reward`)."""
+    fns = [(_label(t), t.weight, resolve_reward(t, task, base)) for t in terms]
     labels = [lab for lab, _, _ in fns]
     if len(set(labels)) != len(labels):
         raise UserError(f"rewards: two terms share the name {sorted(lab for lab in labels if labels.count(lab) > 1)[0]!r}; each term is logged as reward/<name>")

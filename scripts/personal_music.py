@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     raters = {g: chosen.get(g) or sorted({r.rater_id for r in records if r.rater_group == g})[0] for g in args.groups}
     models: dict[str, Path] = {}
     for g, rid in raters.items():
-        over = [*args.overrides, f"run_dir={out / f'tuned-{g}'}", "progress=false", f"reward.model={vpl}", f"reward.context={test}",
+        # the reward model alone unless an override adds terms (the config's own rewards: list adds the novelty term)
+        over = ["rewards=[]", *args.overrides, f"run_dir={out / f'tuned-{g}'}", "progress=false", f"reward.model={vpl}", f"reward.context={test}",
                 f"reward.rater_id={rid}", f"reward.context_size={args.context}"]
         cfg = load_run_config(args.config, over)
         assert cfg.tune is not None

@@ -58,3 +58,17 @@ def test_each_last_action_is_priced_as_if_it_had_been_sampled():
                 tokens[b, -1] = v  # row b ends in v; the other rows stay as sampled
                 alt = Completions(c.prompts, tokens, c.mask, c.lengths, None, c.tokenizer)
                 assert act[b, -1, v] == torch.tensor(naive(alt)[b]), (b, v)
+
+
+def test_the_task_term_of_a_sum_is_the_reward_model_when_one_is_given():
+    from rlhf.rewards import RewardTerm, compose_rewards
+
+    class Task:  # what compose_rewards needs of a task for the term 'task'
+        def reward(self, completions):
+            raise AssertionError("the task's own reward must not be used when a reward model stands in for it")
+
+    c = batch(random.Random(2))
+    learned = lambda comps: torch.full((len(comps),), 0.5)  # noqa: E731  a stand-in trained reward: 0.5 per sequence
+    total = compose_rewards([RewardTerm(fn="task"), RewardTerm(fn="novelty", weight=2.0)], Task(), learned)(c)
+    expected = 0.5 + 2.0 * torch.tensor(naive(c))
+    assert torch.allclose(total.values.sum(-1), expected)
