@@ -135,15 +135,28 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
     return AutoModelForCausalLM.from_config(config)
 
 
+def rebuilt_key(model: PreTrainedModel, key: str) -> bool:
+    """Whether ``key`` is a weight the model rebuilds at init, so ``save_pretrained`` leaves it
+    out (``_keys_to_ignore_on_save``: e.g. Marian's sinusoidal positions)."""
+    return any(re.search(p, key) for p in getattr(model, "_keys_to_ignore_on_save", None) or [])
+
+
+def unsaved_key(model: PreTrainedModel, key: str) -> bool:
+    """Whether ``save_pretrained`` leaves ``key`` out: a tied weight (saved once, under the key it
+    is tied to) or one the model rebuilds itself."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing_ok = getattr(model, "_keys_to_ignore_on_load_missing", None) or []
+    return key in tied or key.endswith("lm_head.weight") or rebuilt_key(model, key) or any(re.search(p, key) for p in missing_ok)
+
+
 def freeze_unsaved(model: PreTrainedModel) -> PreTrainedModel:
     """Freeze the parameters ``save_pretrained`` leaves out (``_keys_to_ignore_on_save``:
     Marian's sinusoidal positions, rebuilt at init). A freshly built Marian has them frozen,
     but transformers 5's ``from_pretrained`` hands them back trainable, so a policy loaded from
     its prior trained them, and every checkpoint and the final model lost those updates: a
     resumed run (and any reload of the tuned model) ran on other positions than it trained with."""
-    patterns = getattr(model, "_keys_to_ignore_on_save", None) or []
     for name, p in model.named_parameters():
-        if any(re.search(pat, name) for pat in patterns):
+        if rebuilt_key(model, name):
             p.requires_grad_(False)
     return model
 

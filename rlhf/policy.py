@@ -8,7 +8,6 @@ prior's weights wearing adapters and the prior those weights with the adapters o
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -17,17 +16,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from rlhf.lora import Adapted, load_adapters, save_final
+from rlhf.models import unsaved_key
 from rlhf.rollout import sequence_forward
 
 VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-def _unsaved(model: PreTrainedModel, key: str) -> bool:
-    """Whether ``save_pretrained`` leaves ``key`` out: a tied weight (saved once, under the key it
-    is tied to) or one the model rebuilds itself (e.g. Marian's sinusoidal positions)."""
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    patterns = [*(getattr(model, "_keys_to_ignore_on_save", None) or []), *(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
-    return key in tied or key.endswith("lm_head.weight") or any(re.search(p, key) for p in patterns)
 
 
 def frozen(model: PreTrainedModel) -> PreTrainedModel:
@@ -86,6 +78,6 @@ class PolicyWithValue(nn.Module):
         else:
             weights = load_file(str(Path(path) / "model.safetensors"))
             missing, unexpected = self.lm.load_state_dict(weights, strict=False)
-            if [k for k in missing if not _unsaved(self.lm, k)] or unexpected:
+            if [k for k in missing if not unsaved_key(self.lm, k)] or unexpected:
                 raise ValueError(f"{path}: checkpoint does not fit the policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
         self.value_head.load_state_dict(load_file(str(Path(path) / VALUE_HEAD_FILE)))

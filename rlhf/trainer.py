@@ -35,7 +35,7 @@ from transformers.utils import logging as hf_logging
 from rlhf import distributed
 from rlhf.errors import UserError
 from rlhf.lora import Adapted, load_adapters, save_final
-from rlhf.policy import _unsaved
+from rlhf.models import unsaved_key
 from rlhf.progress import progress_bar
 from rlhf.runs import Run, atomic_dir, prune_checkpoints
 
@@ -314,7 +314,7 @@ class TrainLoop:
         # Tied weights are saved once (GPT-2's lm_head = wte; Marian's encoder/decoder embed_tokens
         # and lm_head = shared) and Marian's sinusoidal positions not at all (rebuilt at init):
         # checking lm_head alone made every encoder–decoder checkpoint refuse to resume.
-        missing = [k for k in missing if not _unsaved(self.unwrapped, k)]
+        missing = [k for k in missing if not unsaved_key(self.unwrapped, k)]
         if missing or unexpected:
             raise UserError(f"{ckpt}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}). Resume with the config that wrote it.")
 

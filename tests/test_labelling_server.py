@@ -334,6 +334,16 @@ class Client:
         self.conn.close()
 
 
+def run_raters(rater) -> None:
+    """``rater(k)`` for each of the RATERS raters at once, in threads; waits for all of them."""
+    threads = [threading.Thread(target=rater, args=(k,)) for k in range(RATERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)  # a bound, not a timing assertion: a hung server fails the test instead of the run
+    assert not any(t.is_alive() for t in threads), "raters still posting after 10 minutes"
+
+
 def choice_of(i, k):
     return ("A", "B", "tie", "skip")[(i + k) % 4]
 
@@ -381,12 +391,7 @@ def test_eight_raters_post_a_thousand_labels_each_to_a_real_server(big_pairs_fil
             finally:
                 client.close()
 
-        threads = [threading.Thread(target=rater, args=(k,)) for k in range(RATERS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(600)  # a bound, not a timing assertion: a hung server fails the test instead of the run
-        assert not any(t.is_alive() for t in threads), "raters still posting after 10 minutes"
+        run_raters(rater)
         status, progress, _ = call(url, "GET", "/api/progress?rater=r3")
         proc.terminate()
         proc.wait(30)
@@ -473,12 +478,7 @@ def test_server_killed_amid_eight_raters_loses_no_acknowledged_label(big_pairs_f
             finally:
                 client.close()
 
-        threads = [threading.Thread(target=resume, args=(k,)) for k in range(RATERS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(600)
-        assert not any(t.is_alive() for t in threads), "raters still posting after 10 minutes"
+        run_raters(resume)
         proc.terminate()
         proc.wait(30)
     assert not errors, (errors[:3], log.read_text()[-2000:])
