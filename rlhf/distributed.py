@@ -49,6 +49,15 @@ def rank() -> int:
     return dist.get_rank() if _initialised() else 0
 
 
+def local_device() -> torch.device:
+    """The device accelerate will give this process (``cuda:LOCAL_RANK`` where there is CUDA,
+    else the CPU), known before the ``Accelerator`` exists: models that are not prepared (the
+    frozen prior, a target network) must be put there by hand."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def env_rank() -> int:
     """The global rank the launcher assigned, readable before the process group exists
     (``RANK`` is set by torchrun / ``accelerate launch`` / the ``deepspeed`` launcher)."""
@@ -230,7 +239,7 @@ class RowSampler:
         if self.base is not None:
             return self.base(logits)
         if self.blocked is not None:
-            logits = logits.masked_fill(self.blocked, float("-inf"))
+            logits = logits.masked_fill(self.blocked.to(logits.device), float("-inf"))
         if self.temperature != 1.0:
             logits = logits / self.temperature
         return torch.softmax(logits, dim=-1)

@@ -147,6 +147,10 @@ def build_algorithm(cfg: TuneConfig, prior_dir: Path, allowed: torch.Tensor | No
     else:
         policy = with_lora(load_model(prior_dir), lora).eval()
         prior = AdaptersOff(policy)
+    # the prior is never prepared by accelerate, and algorithms copy the policy (target networks):
+    # both must already sit on the process's device
+    device = distributed.local_device()
+    policy, prior = policy.to(device), prior.to(device)
     ctx = BuildContext(cfg.algorithm, cfg.settings, cfg.kl, cfg.temperature, policy, prior, allowed)
     algo, model = ALGORITHMS.get(cfg.algorithm).build(ctx)
     return algo, model, prior
@@ -293,7 +297,8 @@ class Tuner:
         task_reward = rewards.per_step(comps)  # [B, T]
         self.loop.check_finite("reward/task", float(task_reward.sum()))  # a NaN/Inf reward stops the run here
         self.sampler.update(torch.tensor(index[self.start : self.end]), task_reward.sum(-1).cpu())
-        action_rewards = lambda: self.reward.action_rewards(comps)  # noqa: E731  [B, T, V], for algorithms that ask
+        # [B, T, V], for algorithms that ask; a task builds it on the CPU, the update runs where the policy is
+        action_rewards = lambda: self.reward.action_rewards(comps).to(task_reward.device)  # noqa: E731
         with self.loop.autocast():  # mixed_precision: the training forwards (backward stays float32)
             metrics = algo.update(self.loop, Step(ro, task_reward, self.ctl.value, comps, sampling, self.score, action_rewards))
         metrics.update({f"reward/{k}": v for k, v in rewards.diagnostics.items()})
