@@ -239,7 +239,7 @@ class RowSampler:
         if self.base is not None:
             return self.base(logits)
         if self.blocked is not None:
-            logits = logits.masked_fill(self.blocked.to(logits.device), float("-inf"))
+            logits = logits.masked_fill(self.blocked, float("-inf"))
         if self.temperature != 1.0:
             logits = logits / self.temperature
         return torch.softmax(logits, dim=-1)

@@ -27,7 +27,7 @@ KLEstimator = Literal["k1", "k2", "k3", "exact"]
 def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """log_softmax over the last dim, renormalised over ``allowed`` [V] bool (others −inf)."""
     if allowed is not None:
-        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))  # the task's mask is built on the CPU
+        logits = logits.masked_fill(~allowed, float("-inf"))
     return F.log_softmax(logits, dim=-1)
 
 

@@ -290,7 +290,7 @@ def next_tokens(
     if probs_fn is not None:
         return draw(probs_fn(logits), generator)
     if blocked is not None:
-        logits = logits.masked_fill(blocked.to(logits.device), float("-inf"))
+        logits = logits.masked_fill(blocked, float("-inf"))
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     if temperature != 1.0:  # x / 1.0 == x exactly: skipping it changes no bit
@@ -373,7 +373,7 @@ def decode(
     attn = torch.ones((b, p + n_new), dtype=torch.long, device=device)  # [B, L] 1 on real tokens
     attn[:, :p] = prompt_mask
     pos = position_ids(attn)  # [B, L]
-    blocked = None if allowed is None else ~allowed.to(device)  # [V]
+    blocked = None if allowed is None else ~allowed  # [V]
     fill = eos_id if pad_id is None else pad_id
     tokens = torch.empty((b, n_new), dtype=torch.long, device=device)  # [B, n_new]
     logits_buf = hidden_buf = None

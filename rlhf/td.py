@@ -24,7 +24,7 @@ TDLossKind = Literal["huber", "mse"]
 
 
 def _restrict(values: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-    return values if allowed is None else values.masked_fill(~allowed.to(values.device), float("-inf"))
+    return values if allowed is None else values.masked_fill(~allowed, float("-inf"))
 
 
 def _bootstrap(reward: torch.Tensor, next_value: torch.Tensor, done: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -196,7 +196,9 @@ class Tuner:
         self.cfg, self.task, self.seed = cfg, task, seed
         self.reward = reward if reward is not None else task_reward(task)
         seed_everything(seed)  # minibatch order, replay sampling: reproducible from the seed alone
-        self.algo, model, self.prior = build_algorithm(cfg, prior_dir, task.allowed, lora)
+        # the task builds its action mask on the CPU; sampling, log-probs and TD targets use it where the policy is
+        self.allowed = None if task.allowed is None else task.allowed.to(distributed.local_device())
+        self.algo, model, self.prior = build_algorithm(cfg, prior_dir, self.allowed, lora)
         if self.algo.needs_action_rewards and not isinstance(self.reward, ActionRewards):
             raise UserError(f"tune.algorithm={cfg.algorithm} with these settings needs the reward of every action at every step, which the "
                             f"reward ({type(self.reward).__name__}) does not give; use a sequence- or token-level setting (e.g. "
@@ -288,7 +290,7 @@ class Tuner:
         base_seed = int(rng.integers(2**62))
         self.gen.manual_seed(base_seed)
         rows = distributed.row_seeds(base_seed, step, range(self.start, self.end)) if self.per_sequence else None
-        sampling = Sampling(self.prior, task.tokenizer.pad_token_id, task.allowed, task.eos_id, cfg.temperature, self.gen,
+        sampling = Sampling(self.prior, task.tokenizer.pad_token_id, self.allowed, task.eos_id, cfg.temperature, self.gen,
                             max(p.n_new for p in batch), rows)
         with distributed.generation(self.loop.model):
             ro = algo.rollout(sampling, picked)  # [B, T]

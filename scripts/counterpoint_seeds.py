@@ -15,24 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RLHF = [sys.executable, "-m", "apps.cli"]
-
-
-def _run(cmd: list[str], log: Path, threads: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if rc:
-        raise SystemExit(f"error: {' '.join(cmd)} exited {rc}; see {log}")
+from run_logged import REPO, RLHF, run_logged  # scripts/ is on sys.path as this script's folder
 
 
 def _algorithm(config: str, overrides: list[str]) -> str:
@@ -57,16 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     ov = [*args.overrides, "progress=false"]
     prior = args.prior.resolve() if args.prior else out / "prior" / "models" / "prior"
     if not (prior / "config.json").is_file():
-        _run([*RLHF, "pretrain", args.config, "seed=0", f"run_dir={out / 'prior'}", *ov], out / "prior.log", threads=os.cpu_count() or 1)
+        run_logged([*RLHF, "pretrain", args.config, "seed=0", f"run_dir={out / 'prior'}", *ov], out / "prior.log", threads=os.cpu_count() or 1)
     alg = _algorithm(args.config, args.overrides)
 
     def one(seed: int) -> None:
         run = out / f"seed-{seed}"
         model = run / "models" / alg
         if not (model / "config.json").is_file():
-            _run([*RLHF, "tune", args.config, f"seed={seed}", f"run_dir={run}", "--prior", str(prior), "--resume", *ov], run / "log.txt", 1)
+            run_logged([*RLHF, "tune", args.config, f"seed={seed}", f"run_dir={run}", "--prior", str(prior), "--resume", *ov], run / "log.txt", 1)
         if not (run / "eval" / "eval.json").is_file():
-            _run([*RLHF, "evaluate", args.config, f"seed={seed}", "--model", str(model), "--prior", str(prior), "--out", str(run / "eval"), *ov],
+            run_logged([*RLHF, "evaluate", args.config, f"seed={seed}", "--model", str(model), "--prior", str(prior), "--out", str(run / "eval"), *ov],
                  run / "log.txt", 1)
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:

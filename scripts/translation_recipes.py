@@ -18,24 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RLHF = [sys.executable, "-m", "apps.cli"]
-
-
-def _run(cmd: list[str], log: Path, threads: int) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    with log.open("a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if rc:
-        raise RuntimeError(f"{' '.join(cmd)} exited {rc}; see {log}")
+from run_logged import RLHF, run_logged  # scripts/ is on sys.path as this script's folder
 
 
 def run_variant(out: Path, name: str, overrides: list[str], config: str, beam: int, threads: int) -> dict:
@@ -46,9 +34,9 @@ def run_variant(out: Path, name: str, overrides: list[str], config: str, beam: i
     common = [f"run_dir={run}", *overrides, "progress=false"]
     if not ev.exists():
         t0 = time.time()
-        _run([*RLHF, "pretrain", config, *common], log, threads)
+        run_logged([*RLHF, "pretrain", config, *common], log, threads)
         (run / "pretrain_minutes.txt").write_text(f"{(time.time() - t0) / 60:.2f}\n")
-        _run([*RLHF, "evaluate", config, *common, "--model", str(run / "models" / "prior"), "--out", str(run / "eval"), f"task.eval.beam={beam}"], log, threads)
+        run_logged([*RLHF, "evaluate", config, *common, "--model", str(run / "models" / "prior"), "--out", str(run / "eval"), f"task.eval.beam={beam}"], log, threads)
     rows = json.loads(ev.read_text())["splits"]
     losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     val_loss = [r["loss/val"] for r in losses if "loss/val" in r]
@@ -76,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, f in futures.items():
         try:
             rows.append(f.result())
-        except RuntimeError as e:
-            failed.append(f"{name}: {e}")
+        except SystemExit as e:  # run_logged: a failed command of this variant
+            failed.append(f"{name}: {str(e).removeprefix('error: ')}")
     cols = [c for c in ("val/bleu", "val/bleu/beam", "test/bleu", "test/bleu/beam", "val/ratio", "test/ratio", "loss/val", "minutes")
             if any(r.get(c) is not None for r in rows)]
     lines = ["| variant | " + " | ".join(cols) + " | overrides |", "|" + "---|" * (len(cols) + 2)]

@@ -19,26 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-RLHF = [sys.executable, "-m", "apps.cli"]
+from run_logged import REPO, RLHF, run_logged  # scripts/ is on sys.path as this script's folder
 COLS = [("val", "bleu"), ("val", "bleu/beam"), ("test", "bleu"), ("test", "bleu/beam")]
-
-
-def _run(cmd: list[str], log: Path) -> None:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ))
-    if rc:
-        raise SystemExit(f"error: {' '.join(cmd)} exited {rc}; see {log}")
 
 
 def table(evals: dict[int, dict], name: str) -> tuple[str, dict]:
@@ -85,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ov = [*args.overrides, "progress=false"]
     prior = args.prior.resolve() if args.prior else out / "prior" / "models" / "prior"
     if not (prior / "config.json").is_file():
-        _run([*RLHF, "pretrain", args.config, "seed=0", f"run_dir={out / 'prior'}", *ov], out / "prior.log")
+        run_logged([*RLHF, "pretrain", args.config, "seed=0", f"run_dir={out / 'prior'}", *ov], out / "prior.log")
     sys.path.insert(0, str(REPO))
     from apps.pipeline import load_run_config
 
@@ -95,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         run = out / f"seed-{seed}"
         model = run / "models" / alg
         if not (model / "config.json").is_file():
-            _run([*RLHF, "tune", args.config, f"seed={seed}", f"run_dir={run}", "--prior", str(prior), "--resume", *ov], run / "log.txt")
+            run_logged([*RLHF, "tune", args.config, f"seed={seed}", f"run_dir={run}", "--prior", str(prior), "--resume", *ov], run / "log.txt")
         if not (run / "eval" / "eval.json").is_file():
-            _run([*RLHF, "evaluate", args.config, f"seed={seed}", "--model", str(model), "--prior", str(prior), "--out", str(run / "eval"), *ov],
+            run_logged([*RLHF, "evaluate", args.config, f"seed={seed}", "--model", str(model), "--prior", str(prior), "--out", str(run / "eval"), *ov],
                  run / "log.txt")
         evals[seed] = json.loads((run / "eval" / "eval.json").read_text())
     text, summary = table(evals, alg)

@@ -104,7 +104,7 @@ class KLControl:
             return torch.zeros_like(prior_logits[..., :1])
         if self.kind == "g":
             return prior_logits
-        restricted = prior_logits if self.allowed is None else prior_logits.masked_fill(~self.allowed.to(prior_logits.device), float("-inf"))
+        restricted = prior_logits if self.allowed is None else prior_logits.masked_fill(~self.allowed, float("-inf"))
         return torch.logsumexp(restricted, dim=-1, keepdim=True)
 
     def td_step(self, loop, rows: list[dict]) -> float:
