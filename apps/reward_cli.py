@@ -194,7 +194,7 @@ def train_reward_main(config_path: str | None, overrides: Sequence[str] = (), re
         return run.root
     result = evaluate_reward_models(models, tokenizer, test, context_sizes=cfg.eval.context_sizes, context_pool=cfg.eval.context_pool,
                                     seed=cfg.seed, sidecar=load_sidecar(cfg.data.path), max_length=max_len,
-                                    active=cfg.eval.active, active_samples=cfg.eval.active_samples)
+                                    active=cfg.eval.active, active_samples=cfg.eval.active_samples, train=train)
     result["data"] = {"path": cfg.data.path, "records": len(records), "train": len(train), "test": len(test), "dropped": dropped,
                       "ties": sum(r.is_tie for r in records), "split_by": list(cfg.data.split.by),
                       "train_raters": len({r.rater_id for r in train}), "test_raters": len({r.rater_id for r in test})}

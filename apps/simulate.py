@@ -431,6 +431,7 @@ def simulate(cfg: SimulateConfig, candidates: Candidates | None = None, *, progr
                 "prefers": {pa.group: "chosen" if ua_all[a] > ua_all[b] else "rejected",
                             **({pb.group: "chosen" if ub_all[a] > ub_all[b] else "rejected"} if pb else {})},
                 "p_label": p_i if first_wins else 1.0 - p_i,
+                "feature_gap": [round(float(x), 6) for x in feats[a] - feats[b]],  # chosen − rejected: the oracle BT ceiling's input
             }
     meta = {
         "config": cfg.model_dump(mode="json"),

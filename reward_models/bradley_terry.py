@@ -56,6 +56,29 @@ def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tens
     return loss
 
 
+def fit_linear_bt(gaps: torch.Tensor, ridge: float = 1e-6, iters: int = 50) -> torch.Tensor:
+    """Maximum-likelihood weights w [F] of the linear Bradley-Terry reward r(x) = w · φ(x) from
+    feature gaps x_i = φ(chosen_i) − φ(rejected_i) [N, F]:
+
+        w = argmin_w −(1/N) Σ_i log σ(w · x_i) + (λ/2)‖w‖²
+
+    by Newton's method (the objective is convex; the tiny ridge λ keeps it finite when the data
+    are separable). With the simulator's own features this is the best reward BT's likelihood
+    can choose, the reference for a learned BT reward (reward_models/evaluate.py ceilings)."""
+    x = gaps.double()
+    w = torch.zeros(x.shape[1], dtype=torch.float64)
+    eye = torch.eye(x.shape[1], dtype=torch.float64)
+    for _ in range(iters):
+        p = torch.sigmoid(x @ w)  # [N] P(chosen wins)
+        grad = -(x * (1 - p)[:, None]).mean(0) + ridge * w  # [F]
+        hess = (x * (p * (1 - p))[:, None]).T @ x / len(x) + ridge * eye  # [F, F]
+        step = torch.linalg.solve(hess, grad)
+        w = w - step
+        if float(step.abs().max()) < 1e-10:
+            break
+    return w
+
+
 def rewards(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[N] scalar rewards of right-padded sequences."""
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1)

@@ -11,6 +11,12 @@ Ceilings stated beside the accuracies:
   orders them as one group's prototype does: max_g mean(label = prototype_g's choice). With
   group shares 70/30 this is about 0.7 by construction (per group: ≈ 1 for the group it
   follows, ≈ 0 for the other).
+* ``bt_features`` -- the best Bradley-Terry reward of the simulator's own features: the linear
+  reward w · φ(x) fitted by maximum likelihood (:func:`fit_linear_bt`) on the training pairs'
+  feature gaps (the sidecar's ``feature_gap``), scored on the targets (agreed and disputed). BT's
+  likelihood weighs the 30% of labels against the majority on disputed pairs, so its best reward
+  stays below ``bt_ceiling_disputed`` there even with the true features; this is what a learned
+  BT reward can reach.
 * ``noise_ceiling`` -- share of target labels that agree with the labelling rater's own
   noiseless utility (the simulator's temperature flips the rest): no model can beat it.
 
@@ -27,7 +33,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from reward_models.bradley_terry import pair_tensors, score_pairs
+from reward_models.bradley_terry import fit_linear_bt, pair_tensors, score_pairs
 from reward_models.data import Preference, comparable
 from reward_models.metrics import accuracy_by, summary
 from reward_models.active import active_order
@@ -54,8 +60,11 @@ def evaluate_reward_models(
     max_length: int | None = None,
     active: bool = False,
     active_samples: int = 64,
+    train: Sequence[Preference] = (),
 ) -> dict[str, Any]:
-    """Scores of every model on the held-out targets; JSON-serialisable (written to eval.json)."""
+    """Scores of every model on the held-out targets; JSON-serialisable (written to eval.json).
+    ``train`` (the training records) gives the ``bt_features`` ceiling when the sidecar has
+    feature gaps."""
     recs = comparable(test)
     pairs = pair_tensors(test, tokenizer, max_length)
     held = HeldOut.build(test, context_pool, seed)
@@ -91,11 +100,11 @@ def evaluate_reward_models(
             delta = score_pairs(model, pairs)[tidx] if len(tidx) else np.zeros(0)
             result["methods"][name] = {"kind": "bt", **breakdown(delta, groups, kinds, raters)}
     if kinds is not None and targets:
-        result["ceilings"] = ceilings(targets, kinds, sim_pairs)
+        result["ceilings"] = ceilings(targets, kinds, sim_pairs, train)
     return result
 
 
-def ceilings(targets: Sequence[Preference], kinds: Sequence[str], sim_pairs: dict[str, Any]) -> dict[str, Any]:
+def ceilings(targets: Sequence[Preference], kinds: Sequence[str], sim_pairs: dict[str, Any], train: Sequence[Preference] = ()) -> dict[str, Any]:
     disputed = [r for r, k in zip(targets, kinds) if k == "disputed"]
     out: dict[str, Any] = {}
     noise = np.array([sim_pairs[r.pair_id]["p_label"] > 0.5 for r in targets], dtype=float)
@@ -107,4 +116,10 @@ def ceilings(targets: Sequence[Preference], kinds: Sequence[str], sim_pairs: dic
         out["bt_ceiling_disputed"] = max(follow.values())
         out["disputed_accuracy_if_following"] = follow
         out["disputed_share_by_group"] = {g: float(np.mean([r.rater_group == g for r in disputed])) for g in sorted({r.rater_group or "-" for r in disputed})}
+    fit = [r for r in comparable(train) if "feature_gap" in sim_pairs.get(r.pair_id or "", {})]
+    if fit and all("feature_gap" in sim_pairs[r.pair_id] for r in targets):
+        w = fit_linear_bt(torch.tensor([sim_pairs[r.pair_id]["feature_gap"] for r in fit]))
+        right = (torch.tensor([sim_pairs[r.pair_id]["feature_gap"] for r in targets], dtype=torch.float64) @ w > 0).numpy()  # [targets]
+        out["bt_features"] = {"weights": w.tolist(), "pairs": len(fit),
+                              **{k: float(right[[kk == k for kk in kinds]].mean()) for k in sorted(set(kinds))}}
     return out

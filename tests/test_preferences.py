@@ -210,6 +210,8 @@ def test_simulation_shares_agreement_and_sidecar(tmp_path):
     for r in sim.records:  # disputed ⇔ the prototypes disagree on the pair
         pa, pb = prototype(cfg, "A"), prototype(cfg, "B")
         assert sim.meta["pairs"][r.pair_id]["disputed"] == (prefers(pa, r.chosen, r.rejected) != prefers(pb, r.chosen, r.rejected))
+        gap = text_features([r.chosen])[0] - text_features([r.rejected])[0]  # the oracle BT ceiling's input
+        assert sim.meta["pairs"][r.pair_id]["feature_gap"] == pytest.approx(gap.tolist())
     path = write_simulation(sim, tmp_path / "pets.csv")
     assert load_preferences(path) == sim.records
     meta = load_sidecar(path)
