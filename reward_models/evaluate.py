@@ -119,7 +119,6 @@ def ceilings(targets: Sequence[Preference], kinds: Sequence[str], sim_pairs: dic
     fit = [r for r in comparable(train) if "feature_gap" in sim_pairs.get(r.pair_id or "", {})]
     if fit and all("feature_gap" in sim_pairs[r.pair_id] for r in targets):
         w = fit_linear_bt(torch.tensor([sim_pairs[r.pair_id]["feature_gap"] for r in fit]))
-        right = (torch.tensor([sim_pairs[r.pair_id]["feature_gap"] for r in targets], dtype=torch.float64) @ w > 0).numpy()  # [targets]
-        out["bt_features"] = {"weights": w.tolist(), "pairs": len(fit),
-                              **{k: float(right[[kk == k for kk in kinds]].mean()) for k in sorted(set(kinds))}}
+        delta = (torch.tensor([sim_pairs[r.pair_id]["feature_gap"] for r in targets], dtype=torch.float64) @ w).numpy()  # [targets] r(chosen) − r(rejected)
+        out["bt_features"] = {"weights": w.tolist(), "pairs": len(fit), **accuracy_by(delta, kinds)}  # scored as the learned models are
     return out
