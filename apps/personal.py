@@ -1,5 +1,5 @@
-"""Personalised fine-tuning (issue: reward models, sec. 4): one VPL reward model, one policy per
-rater group. For each group, z = μ(C) from a handful of that group's labelled pairs (held-out
+"""Personalised fine-tuning: one VPL reward model, one policy per
+rater group. For each group, z (``infer_z``) from a handful of that group's labelled pairs (held-out
 raters: never seen in reward training), the reward is the win probability under that z against
 the prior's own answers, and the policy is tuned with the usual KL term to the frozen prior.
 The simulator's prototype of each group then judges tuned answers against the prior's.
@@ -39,7 +39,7 @@ class PersonalConfig(RunSettings):
     progress: bool = Field(True, description="Show progress bars.")
     reward_run: str = Field("runs/reward-pets", description="Run folder of `rlhf train-reward` with a VPL model: models/reward-vpl, data/test.jsonl (held-out raters) and its data's .sim.json sidecar.")
     groups: list[str] = Field(default_factory=lambda: ["A", "B"], description="Rater groups to tune a policy for, one each.")
-    context_size: int = Field(8, ge=1, le=64, description="Labelled pairs of the group (held-out raters) that give z = μ(C).")
+    context_size: int = Field(8, ge=1, le=64, description="Labelled pairs of the group (held-out raters) that give z.")
     reference_per_prompt: int = Field(32, ge=1, description="Prior answers per prompt in the win-probability reference set.")
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of the candidate answers held out from the prior's MLE training.")
     eval_samples: int = Field(200, ge=1, description="Answers sampled per prompt and model for the win rates.")
@@ -111,7 +111,7 @@ def write_report(run: Run, cfg: PersonalConfig, ev: dict[str, Any]) -> Path:
     tuned = [k for k in rows if k != "prior"]
     animals = list(rows["prior"]["animals"])
     md = ["# Personalised fine-tuning (Pets)", "",
-          f"One VPL reward model ({cfg.reward_run}); for each rater group a policy tuned from the same prior with z = μ(C) of "
+          f"One VPL reward model ({cfg.reward_run}); for each rater group a policy tuned from the same prior with z inferred from "
           f"{cfg.context_size} labelled pairs of that group's held-out raters, reward = win probability against the prior's answers, "
           f"KL to the prior as configured (tune.kl). Judged by the simulator's group prototypes on {ev['samples_per_prompt']} answers "
           f"per prompt × {ev['prompts']} prompts against the prior's answers (ties count ½). Target: ≥ 80% for the group a policy was tuned for.", "",

@@ -8,7 +8,8 @@ experiment of Poddar et al. 2024, "Personalizing RLHF with variational preferenc
     EIG(a, b | C) = I(y; z | C) = H[ E_q p(y | z) ] − E_q H[ p(y | z) ],
     p(y = a ≻ b | z) = σ(r(a, z) − r(b, z)),   z ~ q(z | C),
 
-estimated with S samples of z. A pair that every plausible rater would label alike (an agreed
+estimated with S samples of z (or, with ``inference: bank``, over the bank of latents weighed
+by their posterior, ``bank_posterior``). A pair that every plausible rater would label alike (an agreed
 pair) has EIG ≈ 0 however uncertain its label; a pair that raters of different z label
 differently (a disputed pair) has EIG up to log 2. Queries are chosen greedily: after each
 answer, C grows and q(z | C) is inferred again.
@@ -21,7 +22,7 @@ from typing import Sequence
 import torch
 
 from reward_models.backbone import PairTensors
-from reward_models.vpl import VPLRewardModel, reparameterize
+from reward_models.vpl import VPLRewardModel
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -29,30 +30,23 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
     return -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p))
 
 
-def expected_information_gain(p: torch.Tensor) -> torch.Tensor:
-    """[S, Q] → [Q]: I(y_q; z) = H(mean_s p_sq) − mean_s H(p_sq), with p_sq = p(y_q = 1 | z_s) for
-    S samples z_s ~ q(z | C) (BALD's Monte-Carlo estimate; in nats, within [0, log 2])."""
-    return binary_entropy(p.mean(0)) - binary_entropy(p).mean(0)
+def expected_information_gain(p: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """[S, Q] → [Q]: I(y_q; z) = H(Σ_s w_s p_sq) − Σ_s w_s H(p_sq), with p_sq = p(y_q = 1 | z_s) for
+    S samples z_s of the posterior with weights w_s (default 1/S: samples z_s ~ q(z | C), BALD's
+    Monte-Carlo estimate; in nats, within [0, log 2])."""
+    if w is None:
+        return binary_entropy(p.mean(0)) - binary_entropy(p).mean(0)
+    return binary_entropy(w @ p) - w @ binary_entropy(p)
 
 
 @torch.no_grad()
-def posterior(model: VPLRewardModel, h_chosen: torch.Tensor, h_rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(μ, log σ²) [1, D] of q(z | C) for context pairs given as pooled states [C, H] (C may be 0:
-    the encoder then returns the prior N(0, I))."""
-    mask = torch.ones(1, len(h_chosen), dtype=torch.bool, device=h_chosen.device)
-    return model.encode(h_chosen[None], h_rejected[None], mask)
-
-
-@torch.no_grad()
-def information_gains(model: VPLRewardModel, h_a: torch.Tensor, h_b: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-                      samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[Q] EIG of the candidate pairs (a_q, b_q), pooled states [Q, H] each, under q(z | C) =
-    N(μ, σ²) estimated with ``samples`` draws of z."""
-    eps = torch.randn(samples, model.latent_dim, generator=generator).to(h_a.device)
-    z = reparameterize(mu, logvar, eps)[:, None]  # [S, 1, D]
-    shape = (samples, *h_a.shape)
-    p = torch.sigmoid(model.reward(h_a.expand(shape), z) - model.reward(h_b.expand(shape), z))  # [S, Q]
-    return expected_information_gain(p)
+def information_gains(model: VPLRewardModel, h_a: torch.Tensor, h_b: torch.Tensor, z: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """[Q] EIG of the candidate pairs (a_q, b_q), pooled states [Q, H] each, under the posterior
+    given as latents z [S, D] with weights w [S] (None: equal; :meth:`VPLRewardModel.posterior_samples`)."""
+    shape = (len(z), *h_a.shape)
+    zs = z[:, None]  # [S, 1, D]
+    p = torch.sigmoid(model.reward(h_a.expand(shape), zs) - model.reward(h_b.expand(shape), zs))  # [S, Q]
+    return expected_information_gain(p, w)
 
 
 @torch.no_grad()
@@ -63,9 +57,9 @@ def next_query(model: VPLRewardModel, h_a: torch.Tensor, h_b: torch.Tensor, answ
     (row, the rater prefers side a), each entering the context oriented by the answer."""
     won = torch.stack([h_a[i] if a else h_b[i] for i, a in answered]) if answered else h_a[:0]
     lost = torch.stack([h_b[i] if a else h_a[i] for i, a in answered]) if answered else h_b[:0]
-    mu, logvar = posterior(model, won, lost)
+    z, w = model.posterior_samples(won, lost, samples, generator)
     idx = torch.as_tensor(list(left), device=h_a.device)
-    return int(left[int(information_gains(model, h_a[idx], h_b[idx], mu, logvar, samples, generator).argmax())])
+    return int(left[int(information_gains(model, h_a[idx], h_b[idx], z, w).argmax())])
 
 
 @torch.no_grad()

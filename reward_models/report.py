@@ -197,6 +197,13 @@ def plot_context(result: dict[str, Any], path: Path) -> Path | None:
     return save_fig(fig, path)
 
 
+def _inference(method: dict[str, Any]) -> str:
+    if method.get("inference") == "bank":
+        return (f"the posterior mean over a bank of {method.get('bank_size')} training raters' latents, weighed by the decoder's BT "
+                "likelihood of the context pairs (no context: the bank's mean)")
+    return "the encoder's mean μ(C) (no context: 0)"
+
+
 def write_report(run: Run, result: dict[str, Any]) -> Path:
     rows = read_metrics(run.root / "metrics.jsonl")
     plots = run.root / "plots"
@@ -245,7 +252,8 @@ def write_report(run: Run, result: dict[str, Any]) -> Path:
     lines += ["## Held-out accuracy by rater group and pair kind", "", group_kind_table(result), ""]
     ct = context_table(result)
     if ct:
-        lines += ["## VPL: accuracy vs context size", "", ct, ""]
+        how = [f"z of a rater: {_inference(m)}." for m in result["methods"].values() if m.get("kind") == "vpl"]
+        lines += ["## VPL: accuracy vs context size", "", *how, *([""] if how else []), ct, ""]
     at = active_table(result)
     if at:
         lines += ["## VPL: actively chosen context pairs", "",

@@ -28,7 +28,10 @@ Feedback with Variational Preference Learning", NeurIPS 2024 (sec. 4, eqs. 3-5).
   averaged over the raters of a batch; β·KL with the per-target mean NLL is the ELBO of the
   paper up to the scale of β (β = 1/|T_u| is the exact ELBO per target pair).
 * Inference for a new rater: z = μ(C) from a handful of labelled pairs; with no context the
-  encoder returns the prior (μ = 0, log σ² = 0), so z = 0.
+  encoder returns the prior (μ = 0, log σ² = 0), so z = 0. Or (``inference: bank``) the
+  posterior mean over a bank of the training raters' latents, weighed by the decoder's own BT
+  likelihood of the context pairs (:func:`bank_posterior`): every pair's evidence counts in
+  full, where the mean-pooled encoder divides it by the context size.
 * Training samples a context size per rater from ``context_sizes`` (0 included), so the model
   also learns the population reward at z = 0 and how to read 1, 2, 4 or 8 pairs.
 
@@ -122,6 +125,20 @@ def bayesian_aggregation(r: torch.Tensor, logvar_k: torch.Tensor, mask: torch.Te
     return (prec * r).sum(1) / total, -torch.log(total)
 
 
+def bank_posterior(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, J, C] → [B, J]: posterior weights of J bank latents z_j given a rater's C context pairs,
+
+        w_j ∝ Π_k σ(Δ_jk),   Δ_jk = r(c_k, z_j) − r(r_k, z_j),
+
+    under the empirical prior that puts mass 1/J on each z_j (``mask`` [B, C] marks real pairs;
+    no context gives uniform weights). With the bank drawn from the encoder's posteriors of the
+    training raters this is the aggregate posterior q(z) = E_u q(z | C_u) as the prior (Hoffman &
+    Johnson 2016, "ELBO surgery"; Tomczak & Welling 2018, "VAE with a VampPrior") and the decoder's
+    own BT likelihood as the evidence: every pair counts in full, where a pooled encoder averages."""
+    ll = (F.logsigmoid(delta) * mask.to(delta.dtype)[:, None, :]).sum(-1)
+    return torch.softmax(ll, dim=-1)
+
+
 def win_probability(r_x: torch.Tensor, r_ref: torch.Tensor) -> torch.Tensor:
     """Reward scaled for RL: s(x) = (1/M) Σ_m σ(r(x, z) − r(y_m, z)), the expected probability
     that x beats a reference sample y under the rater's BT model; in [0, 1] for every rater."""
@@ -152,11 +169,15 @@ class VPLConfig(PreTrainedConfig):
     logvar_init: float = 0.0
     head: str = "mlp"  # mlp: MLP([h; z]); bilinear: MLP(h) + z · Linear(h)
     encoder: str = "pair"  # pair: MLP([h_c; h_r]); reward: MLP([v(c) − v(r); u(c) − u(r)]) (bilinear head)
+    readout: str = "last"  # h(x): last, the last real token's state; mean, the mean state over real tokens
+    inference: str = "encoder"  # z of a new rater: encoder, μ(C); bank, the posterior mean over z_bank (bank_posterior)
+    bank_size: int = 0  # rows of the z_bank buffer (set by set_bank after training)
 
 
 class VPLRewardModel(PreTrainedModel):
     config_class = VPLConfig
     base_model_prefix = "vpl"
+    _keys_to_ignore_on_load_missing = [r"z_bank"]  # folders saved before the bank existed load with an empty one
 
     def __init__(self, config: VPLConfig):
         super().__init__(config)
@@ -174,6 +195,7 @@ class VPLRewardModel(PreTrainedModel):
         self.to_logvar = nn.Linear(p, d)
         self.head = nn.Sequential(nn.Linear(h if self.bilinear else h + d, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, 1))
         self.directions = nn.Linear(h, d) if self.bilinear else None  # v(h): one reward per latent dim
+        self.register_buffer("z_bank", torch.zeros(int(getattr(config, "bank_size", 0)), d))  # [J, D], saved with the weights
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -188,8 +210,11 @@ class VPLRewardModel(PreTrainedModel):
         return int(self.config.latent_dim)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[N, H] pooled backbone representation h(x) (last real token)."""
+        """[N, H] pooled backbone representation h(x): the last real token's state, or (``readout:
+        mean``) the mean over real tokens, a sum-of-local-terms reward's natural form."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if getattr(self.config, "readout", "last") == "mean":
+            return masked_mean(hidden, attention_mask.bool())
         return last_token_hidden(hidden, attention_mask)
 
     def encode(self, h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +236,42 @@ class VPLRewardModel(PreTrainedModel):
         has = mask.any(-1, keepdim=True)
         zero = torch.zeros((), dtype=pooled.dtype, device=pooled.device)
         return torch.where(has, self.to_mu(pooled), zero), torch.where(has, self.to_logvar(pooled), zero)
+
+    @property
+    def uses_bank(self) -> bool:
+        return getattr(self.config, "inference", "encoder") == "bank" and len(self.z_bank) > 0
+
+    def set_bank(self, z: torch.Tensor) -> None:
+        """Store the latents [J, D] that ``inference: bank`` weighs (see :func:`build_bank`)."""
+        self.z_bank = z.detach().to(self.z_bank.device, self.z_bank.dtype).clone()
+        self.config.bank_size = len(z)
+
+    def bank_weights(self, h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, J] :func:`bank_posterior` of context pairs [B, C, H] (``mask`` [B, C])."""
+        B, C, H = h_chosen.shape
+        shape = (B, len(self.z_bank), C, H)
+        z = self.z_bank[None, :, None, :]
+        delta = self.reward(h_chosen[:, None].expand(shape), z) - self.reward(h_rejected[:, None].expand(shape), z)  # [B, J, C]
+        return bank_posterior(delta, mask)
+
+    def posterior_z(self, h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, D] the z a rater's context pairs [B, C, H] give: μ(C) of the encoder, or with
+        ``inference: bank`` the posterior mean Σ_j w_j z_j over the bank."""
+        if self.uses_bank:
+            return self.bank_weights(h_chosen, h_rejected, mask) @ self.z_bank
+        return self.encode(h_chosen, h_rejected, mask)[0]
+
+    def posterior_samples(self, h_chosen: torch.Tensor, h_rejected: torch.Tensor, samples: int,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(z [S, D], weights [S]) representing one rater's posterior given context pairs [C, H]:
+        the bank with its posterior weights (``inference: bank``), or ``samples`` draws from
+        q(z | C) = N(μ, σ²) with equal weights (None)."""
+        mask = torch.ones(1, len(h_chosen), dtype=torch.bool, device=h_chosen.device)
+        if self.uses_bank:
+            return self.z_bank, self.bank_weights(h_chosen[None], h_rejected[None], mask)[0]
+        mu, logvar = self.encode(h_chosen[None], h_rejected[None], mask)
+        eps = torch.randn(samples, self.latent_dim, generator=generator).to(h_chosen.device)
+        return reparameterize(mu, logvar, eps), None
 
     def reward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """r(x, z) = head([h(x); z]), or u(h) + z · v(h) (bilinear), for h [..., H] and z
@@ -244,13 +305,15 @@ class VPLRewardModel(PreTrainedModel):
 
     @torch.no_grad()
     def infer_z(self, context: PairTensors | None) -> torch.Tensor:
-        """[D] posterior mean μ(C) of one rater's context pairs (0 for no context)."""
+        """[D] z of one rater's context pairs (:meth:`posterior_z`; 0 for no context)."""
         device = next(self.parameters()).device
         if context is None or len(context) == 0:
+            if self.uses_bank:  # the bank's mean: the aggregate posterior's
+                return self.z_bank.mean(0)
             return torch.zeros(self.latent_dim, device=device)
         hc, hr = self.embed_pairs(context, range(len(context)))
         mask = torch.ones(1, len(context), dtype=torch.bool, device=device)
-        return self.encode(hc[None], hr[None], mask)[0][0]
+        return self.posterior_z(hc[None], hr[None], mask)[0]
 
 
 AutoConfig.register(VPLConfig.model_type, VPLConfig, exist_ok=True)  # AutoTokenizer/AutoConfig can read a VPL folder
@@ -258,11 +321,13 @@ AutoModel.register(VPLConfig, VPLRewardModel, exist_ok=True)
 
 
 def build_vpl(backbone: PreTrainedModel, latent_dim: int, pair_hidden: int, head_hidden: int, pooling: str,
-              logvar_init: float = 0.0, head: str = "mlp", encoder: str = "pair", lora: LoraSettings | None = None) -> VPLRewardModel:
+              logvar_init: float = 0.0, head: str = "mlp", encoder: str = "pair", lora: LoraSettings | None = None,
+              readout: str = "last", inference: str = "encoder") -> VPLRewardModel:
     """A VPL model around ``backbone`` (its weights are copied in); with ``lora`` (``model.lora``,
     a pre-trained backbone), adapters on the backbone while the new heads train whole."""
     config = VPLConfig(backbone=backbone.config.to_dict(), latent_dim=latent_dim, pair_hidden=pair_hidden, head_hidden=head_hidden,
-                       pooling=pooling, logvar_init=logvar_init, head=head, encoder=encoder)
+                       pooling=pooling, logvar_init=logvar_init, head=head, encoder=encoder, readout=readout,
+                       inference=inference)
     model = VPLRewardModel(config)
     model.backbone.load_state_dict(backbone.state_dict())
     if lora is None:
@@ -304,8 +369,14 @@ def vpl_forward(model: VPLRewardModel, pairs: PairTensors, rb: RaterBatch, devic
         out[mask] = x
         return out
 
-    mu, logvar = model.encode(place(hc[:n_ctx], cmask_d, C), place(hr[:n_ctx], cmask_d, C), cmask_d)
-    z = reparameterize(mu, logvar, eps) if eps is not None else mu
+    ctx_c, ctx_r = place(hc[:n_ctx], cmask_d, C), place(hr[:n_ctx], cmask_d, C)
+    mu, logvar = model.encode(ctx_c, ctx_r, cmask_d)
+    if eps is not None:  # training: the reparameterised sample
+        z = reparameterize(mu, logvar, eps)
+    elif model.uses_bank:  # inference over the bank; no context: its mean
+        z = torch.where(cmask_d.any(-1, keepdim=True), model.posterior_z(ctx_c, ctx_r, cmask_d), model.z_bank.mean(0))
+    else:
+        z = mu
     rc = model.reward(place(hc[n_ctx:], tmask_d, T), z[:, None, :])
     rr = model.reward(place(hr[n_ctx:], tmask_d, T), z[:, None, :])
     out = {"delta": rc - rr, "target_mask": tmask_d, "mu": mu, "logvar": logvar, "z": z}
@@ -332,6 +403,36 @@ def sample_rater_batch(rater_pairs: Sequence[np.ndarray], n_raters: int, context
     return RaterBatch(ctx, tgt)
 
 
+@torch.no_grad()
+def build_bank(model: VPLRewardModel, pairs: PairTensors, rater_pairs: Sequence[np.ndarray], context_sizes: Sequence[int],
+               seed: int, chunk: int = 16) -> torch.Tensor:
+    """[J, D] latents for ``inference: bank``: μ(C) of every training rater for one random context
+    of each non-zero size in ``context_sizes`` and one of all their pairs: samples of the
+    aggregate posterior E_u q(z | C_u), from contexts as large as the encoder was trained on and
+    larger."""
+    was = model.training
+    model.eval()
+    rng = np.random.default_rng([seed, 1])
+    sizes = sorted({int(k) for k in context_sizes if k > 0})
+    contexts = [own[rng.permutation(len(own))[: min(k, len(own))]] for own in rater_pairs for k in [*sizes, len(own)]]
+    width = max(len(c) for c in contexts)
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, len(contexts), chunk):
+        part = contexts[s : s + chunk]
+        ctx = torch.full((len(part), width), -1, dtype=torch.long)
+        for b, c in enumerate(part):
+            ctx[b, : len(c)] = torch.from_numpy(c)
+        mask = ctx >= 0
+        hc, hr = model.embed_pairs(pairs, ctx[mask])
+        pc, pr = hc.new_zeros(*ctx.shape, hc.shape[-1]), hr.new_zeros(*ctx.shape, hr.shape[-1])
+        m = mask.to(device)
+        pc[m], pr[m] = hc, hr
+        out.append(model.encode(pc, pr, m)[0])
+    model.train(was)
+    return torch.cat(out)
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -346,6 +447,8 @@ class VPLTrainConfig(Section):
     pooling: Literal["mean", "sum", "attention", "bayes"] = Field("mean", description="Permutation-invariant pooling of the context pair embeddings: mean, sum (each pair adds its evidence; an uninformative pair can add nothing), attention, or bayes (each pair a Gaussian observation of z, combined with the prior in closed form: bayesian_aggregation).")
     head: Literal["mlp", "bilinear"] = Field("mlp", description="Reward head: mlp, r = MLP([h; z]); bilinear, r = MLP(h) + z · Linear(h) (z weighs D learned rewards).")
     encoder: Literal["pair", "reward"] = Field("pair", description="Context pair embedding: pair, MLP([h_c; h_r]); reward, MLP of the pair's reward differences along the bilinear head's directions (needs head: bilinear).")
+    readout: Literal["last", "mean"] = Field("last", description="Sequence representation h(x) the heads read: last, the last real token's state (as *ForSequenceClassification); mean, the mean state over the real tokens.")
+    inference: Literal["encoder", "bank"] = Field("encoder", description="z of a new rater: encoder, the encoder's μ(C); bank, the posterior mean over a bank of training raters' μ under the decoder's own BT likelihood of the context (bank_posterior), which also weighs the active queries.")
     beta: float = Field(0.003, ge=0, description="Weight β of KL(q(z|C) ‖ N(0, I)) against the mean target NLL.")
     beta_warmup_steps: int = Field(200, ge=0, description="Ramp β and the sampling noise of z linearly from 0 over this many steps (against posterior collapse).")
     free_bits: float = Field(0.25, ge=0, description="Free nats λ per latent dim: the KL term is β·Σ_j max(KL_j, λ) (0 = plain β·KL), against posterior collapse.")
@@ -501,4 +604,8 @@ def train_vpl(run: Run, cfg: VPLTrainConfig, model: VPLRewardModel, tokenizer: P
         held = HeldOut.build(val, eval_context, seed)
     trainer = VPLTrainer(run, cfg, model, tokenizer, tr, rater_pairs, va, held, seed=seed, progress=progress, stage=stage, eval_context=eval_context)
     trainer.fit(resume)
+    final = trainer.loop.unwrapped
+    final.config.inference = cfg.inference
+    if cfg.inference == "bank":
+        final.set_bank(build_bank(final, tr, rater_pairs, cfg.context_sizes, seed))
     return trainer.loop.finish(run.final_model_dir(stage))

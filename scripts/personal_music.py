@@ -3,7 +3,7 @@
     python scripts/personal_music.py OUT --reward-run RUN --prior PRIOR [key=value ...] [--groups A B] [--context 8]
 
 For each group g, a held-out rater of g (never seen in reward training; the first of the group
-in RUN/data/test.jsonl, or ``--rater g=ID``) gives z = μ(C) from ``--context`` of their labelled
+in RUN/data/test.jsonl, or ``--rater g=ID``) gives z (``infer_z``) from ``--context`` of their labelled
 pairs, and ``rlhf tune`` tunes PRIOR against the VPL reward r(x, z) (``reward.*`` of
 ``configs/counterpoint.yaml``; the overrides go to every run) into OUT/tuned-g. Then the prior and
 every tuned policy sample the evaluation cantus firmi (the same prompts and sample indices), and
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
     groups = args.groups
     md = ["# Counterpoint tuned to one rater's taste", "",
-          f"VPL reward `{vpl}`; z = μ(C) of {args.context} labelled pairs of one held-out rater per group ({', '.join(f'{g}: {r}' for g, r in raters.items())}). "
+          f"VPL reward `{vpl}`; z inferred from {args.context} labelled pairs of one held-out rater per group ({', '.join(f'{g}: {r}' for g, r in raters.items())}). "
           f"{result['samples_per_model']} pieces per model on the evaluation cantus firmi, judged by each group's simulated prototype (ties ½).", "",
           "## Win rate against the prior", "",
           markdown_table(["policy"] + [f"judged by {g}" for g in groups] + ["violations / note", "clean", "KL to prior / note"],

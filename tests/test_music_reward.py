@@ -134,6 +134,18 @@ def test_expected_information_gain_matches_a_naive_loop():
         assert got[q].item() == pytest.approx(naive, abs=1e-12)
     assert got[0].item() == pytest.approx(0.0, abs=1e-12) and got[1].item() == pytest.approx(np.log(2))
     assert torch.all(binary_entropy(torch.tensor([0.0, 1.0])) == 0)
+    # weighted latents (the bank's posterior): the same sums with w_s in place of 1/S
+    w = torch.rand(50, generator=g, dtype=torch.float64)
+    w = w / w.sum()
+    got_w = expected_information_gain(p, w)
+    for q in range(p.shape[1]):
+        def h(x):
+            return -sum(v * np.log(v) for v in (x, 1 - x) if v > 0)
+
+        mean = sum(float(w[s]) * float(p[s, q]) for s in range(p.shape[0]))
+        naive = h(mean) - sum(float(w[s]) * h(float(p[s, q])) for s in range(p.shape[0]))
+        assert got_w[q].item() == pytest.approx(naive, abs=1e-12)
+    torch.testing.assert_close(expected_information_gain(p, torch.full((50,), 1 / 50, dtype=torch.float64)), got)
 
 
 def test_stratified_rater_split_keeps_the_group_mix():

@@ -186,3 +186,61 @@ def test_bayesian_aggregation_is_the_gaussian_posterior():
     mask2 = mask.clone()
     mask2[0, 2] = False
     assert torch.allclose(bayesian_aggregation(r, lv2, mask)[0][0], bayesian_aggregation(r, lv, mask2)[0][0])
+
+
+def test_bank_posterior_is_the_normalised_likelihood_a_naive_loop_computes():
+    """w_j ∝ Π_k σ(Δ_jk) over the unmasked context pairs, per rater; no context: uniform; a pair
+    every latent labels alike leaves the weights unchanged."""
+    from reward_models.vpl import bank_posterior
+
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(3, 6, 4, generator=g, dtype=torch.float64) * 3
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    w = bank_posterior(delta, mask)
+    for b in range(3):
+        lik = [math.prod(1 / (1 + math.exp(-float(delta[b, j, k]))) for k in range(4) if mask[b, k]) for j in range(6)]
+        for j in range(6):
+            assert float(w[b, j]) == pytest.approx(lik[j] / sum(lik))
+    assert torch.allclose(w[2], torch.full((6,), 1 / 6, dtype=torch.float64))
+    same = delta.clone()
+    same[0, :, 3] = 1.7  # one more pair, labelled alike under every latent
+    mask2 = mask.clone()
+    mask2[0, 3] = True
+    assert torch.allclose(bank_posterior(same, mask2)[0], w[0])
+
+
+def test_bank_inference_weighs_the_bank_and_survives_save_load(tmp_path):
+    """With ``inference: bank`` a rater's z is Σ_j w_j z_j with w from a naive loop over the bank
+    and the context pairs; the bank is saved with the weights; the encoder's μ is used otherwise."""
+    from reward_models.backbone import PairTensors, build_backbone
+    from reward_models.reward_source import load_reward_model
+    from reward_models.vpl import build_bank, build_vpl
+    from rlhf.models import ModelConfig
+    from tasks.counterpoint.tokens import build_codec
+
+    tok = build_codec("first_species").tokenizer
+    torch.manual_seed(0)
+    vpl = build_vpl(build_backbone(ModelConfig(n_layer=1, n_embd=32, n_head=2, dropout=0.0, max_positions=48), tok), 3, 16, 16, "mean",
+                    head="bilinear", encoder="reward", inference="bank").eval()
+    with torch.no_grad():
+        vpl.directions.weight.mul_(20)
+    ids = [tok.convert_tokens_to_ids(t) for t in ("cf_60", "cf_62", "cf_64", "iv_7", "iv_3", "iv_4", "iv_12", "iv_-3")]
+    seqs = [[ids[i % 3], ids[(i + 1) % 3], ids[3 + i % 5], ids[3 + (i * 2) % 5]] for i in range(12)]
+    pairs = PairTensors.build(seqs[:6], seqs[6:], tok.pad_token_id)
+    enc_z = vpl.infer_z(pairs)  # no bank yet: the encoder's μ
+    hc, hr = vpl.embed_pairs(pairs, range(6))
+    torch.testing.assert_close(enc_z, vpl.encode(hc[None], hr[None], torch.ones(1, 6, dtype=torch.bool))[0][0])
+    bank = build_bank(vpl, pairs, [np.arange(3), np.arange(3, 6)], [0, 1, 2], seed=0)
+    assert bank.shape == (6, 3)  # 2 raters × (sizes 1, 2 and all 3)
+    vpl.set_bank(bank)
+    z = vpl.infer_z(pairs)
+    with torch.no_grad():
+        lik = torch.tensor([math.prod(float(torch.sigmoid(vpl.reward(hc[k], bank[j]) - vpl.reward(hr[k], bank[j]))) for k in range(6))
+                            for j in range(6)])
+    torch.testing.assert_close(z, (lik / lik.sum()) @ bank, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vpl.infer_z(None), bank.mean(0))
+    vpl.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    back = load_reward_model(tmp_path / "m")
+    torch.testing.assert_close(back.z_bank, bank)
+    torch.testing.assert_close(back.infer_z(pairs), z)

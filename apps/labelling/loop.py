@@ -266,7 +266,7 @@ def one_rater_loop(out: str | Path, pairs: Sequence[CandidatePair], reward_model
                    labels: int = 8, tune_steps: int = 30, beta: float = 0.1, seed: int = 0) -> dict[str, Any]:
     """A new rater's loop: the page serves them the pairs a VPL reward model finds most
     informative about their taste (``rlhf label serve --active``); their exported labels give
-    z = μ(C); the prior is tuned against r(x, z) (PPO, KL to the prior); the rater compares the
+    z (``infer_z``); the prior is tuned against r(x, z) (PPO, KL to the prior); the rater compares the
     tuned model's pieces with the prior's. Returns the pairs served, z, the tuned model folder and
     the rater's win rate against the prior."""
     from apps.labelling.cli import label_main
