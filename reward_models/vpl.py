@@ -248,10 +248,15 @@ class VPLRewardModel(PreTrainedModel):
 
     def bank_weights(self, h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, J] :func:`bank_posterior` of context pairs [B, C, H] (``mask`` [B, C])."""
-        B, C, H = h_chosen.shape
-        shape = (B, len(self.z_bank), C, H)
-        z = self.z_bank[None, :, None, :]
-        delta = self.reward(h_chosen[:, None].expand(shape), z) - self.reward(h_rejected[:, None].expand(shape), z)  # [B, J, C]
+        if self.bilinear:  # Δ_jk = Δu_k + z_j · Δv_k: u and v once per pair, not once per latent
+            du = (self.head(h_chosen) - self.head(h_rejected)).squeeze(-1)  # [B, C]
+            dv = self.directions(h_chosen) - self.directions(h_rejected)  # [B, C, D]
+            delta = du[:, None, :] + torch.einsum("jd,bcd->bjc", self.z_bank, dv)  # [B, J, C]
+        else:
+            B, C, H = h_chosen.shape
+            shape = (B, len(self.z_bank), C, H)
+            z = self.z_bank[None, :, None, :]
+            delta = self.reward(h_chosen[:, None].expand(shape), z) - self.reward(h_rejected[:, None].expand(shape), z)
         return bank_posterior(delta, mask)
 
     def posterior_z(self, h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

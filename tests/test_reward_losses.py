@@ -209,9 +209,11 @@ def test_bank_posterior_is_the_normalised_likelihood_a_naive_loop_computes():
     assert torch.allclose(bank_posterior(same, mask2)[0], w[0])
 
 
-def test_bank_inference_weighs_the_bank_and_survives_save_load(tmp_path):
+@pytest.mark.parametrize("head", ["bilinear", "mlp"])
+def test_bank_inference_weighs_the_bank_and_survives_save_load(tmp_path, head):
     """With ``inference: bank`` a rater's z is Σ_j w_j z_j with w from a naive loop over the bank
-    and the context pairs; the bank is saved with the weights; the encoder's μ is used otherwise."""
+    and the context pairs (the bilinear head's shortcut and the general path alike); the bank is
+    saved with the weights; the encoder's μ is used otherwise."""
     from reward_models.backbone import PairTensors, build_backbone
     from reward_models.reward_source import load_reward_model
     from reward_models.vpl import build_bank, build_vpl
@@ -221,9 +223,9 @@ def test_bank_inference_weighs_the_bank_and_survives_save_load(tmp_path):
     tok = build_codec("first_species").tokenizer
     torch.manual_seed(0)
     vpl = build_vpl(build_backbone(ModelConfig(n_layer=1, n_embd=32, n_head=2, dropout=0.0, max_positions=48), tok), 3, 16, 16, "mean",
-                    head="bilinear", encoder="reward", inference="bank").eval()
+                    head=head, encoder="reward" if head == "bilinear" else "pair", inference="bank").eval()
     with torch.no_grad():
-        vpl.directions.weight.mul_(20)
+        (vpl.directions if head == "bilinear" else vpl.head[0]).weight.mul_(20)
     ids = [tok.convert_tokens_to_ids(t) for t in ("cf_60", "cf_62", "cf_64", "iv_7", "iv_3", "iv_4", "iv_12", "iv_-3")]
     seqs = [[ids[i % 3], ids[(i + 1) % 3], ids[3 + i % 5], ids[3 + (i * 2) % 5]] for i in range(12)]
     pairs = PairTensors.build(seqs[:6], seqs[6:], tok.pad_token_id)
