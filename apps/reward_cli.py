@@ -186,7 +186,7 @@ def train_reward_main(config_path: str | None, overrides: Sequence[str] = (), re
                     log.info("vpl: backbone initialised from %s", bt_dir)
                 v = cfg.vpl
                 model = build_vpl(backbone, v.latent_dim, v.pair_hidden, v.head_hidden, v.pooling, head=v.head, encoder=v.encoder,
-                                  lora=cfg.model.lora, readout=v.readout, inference=v.inference)
+                                  lora=cfg.model.lora, readout=v.readout)
                 train_vpl(run, cfg.vpl, model, tokenizer, train, test, seed=cfg.seed, resume=resume, progress=cfg.progress,
                           max_length=max_len, eval_context=cfg.eval.context_pool)
         models[method] = load_reward_model(final)

@@ -88,7 +88,7 @@ def evaluate_reward_models(
                 delta, mu = vpl_deltas(model, pairs, held, k)
                 per_k[str(k)] = {**breakdown(delta, groups, kinds, raters), "active_units": active_units(mu)}
             result["methods"][name] = {"kind": "vpl", "by_context": per_k, "inference": "bank" if model.uses_bank else "encoder",
-                                       "bank_size": len(model.z_bank)}
+                                       "bank_size": len(model.z_bank) if model.uses_bank else 0}
             if active:
                 gen = torch.Generator().manual_seed(seed)
                 n = max(context_sizes)

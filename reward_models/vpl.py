@@ -170,14 +170,12 @@ class VPLConfig(PreTrainedConfig):
     head: str = "mlp"  # mlp: MLP([h; z]); bilinear: MLP(h) + z · Linear(h)
     encoder: str = "pair"  # pair: MLP([h_c; h_r]); reward: MLP([v(c) − v(r); u(c) − u(r)]) (bilinear head)
     readout: str = "last"  # h(x): last, the last real token's state; mean, the mean state over real tokens
-    inference: str = "encoder"  # z of a new rater: encoder, μ(C); bank, the posterior mean over z_bank (bank_posterior)
-    bank_size: int = 0  # rows of the z_bank buffer (set by set_bank after training)
+    bank_size: int = 0  # rows of z_bank (set_bank); with a bank, a rater's z is the bank posterior's mean, else μ(C)
 
 
 class VPLRewardModel(PreTrainedModel):
     config_class = VPLConfig
     base_model_prefix = "vpl"
-    _keys_to_ignore_on_load_missing = [r"z_bank"]  # folders saved before the bank existed load with an empty one
 
     def __init__(self, config: VPLConfig):
         super().__init__(config)
@@ -195,7 +193,8 @@ class VPLRewardModel(PreTrainedModel):
         self.to_logvar = nn.Linear(p, d)
         self.head = nn.Sequential(nn.Linear(h if self.bilinear else h + d, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, 1))
         self.directions = nn.Linear(h, d) if self.bilinear else None  # v(h): one reward per latent dim
-        self.register_buffer("z_bank", torch.zeros(int(getattr(config, "bank_size", 0)), d))  # [J, D], saved with the weights
+        j = int(getattr(config, "bank_size", 0))
+        self.register_buffer("z_bank", torch.zeros(j, d) if j else None)  # [J, D] (set_bank), saved with the weights
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -239,11 +238,13 @@ class VPLRewardModel(PreTrainedModel):
 
     @property
     def uses_bank(self) -> bool:
-        return getattr(self.config, "inference", "encoder") == "bank" and len(self.z_bank) > 0
+        return self.z_bank is not None
 
     def set_bank(self, z: torch.Tensor) -> None:
-        """Store the latents [J, D] that ``inference: bank`` weighs (see :func:`build_bank`)."""
-        self.z_bank = z.detach().to(self.z_bank.device, self.z_bank.dtype).clone()
+        """Store the latents [J, D] (:func:`build_bank`); from now on a rater's z is inferred over
+        them (``inference: bank``)."""
+        p = next(self.parameters())
+        self.z_bank = z.detach().to(p.device, p.dtype).clone()
         self.config.bank_size = len(z)
 
     def bank_weights(self, h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -327,12 +328,11 @@ AutoModel.register(VPLConfig, VPLRewardModel, exist_ok=True)
 
 def build_vpl(backbone: PreTrainedModel, latent_dim: int, pair_hidden: int, head_hidden: int, pooling: str,
               logvar_init: float = 0.0, head: str = "mlp", encoder: str = "pair", lora: LoraSettings | None = None,
-              readout: str = "last", inference: str = "encoder") -> VPLRewardModel:
+              readout: str = "last") -> VPLRewardModel:
     """A VPL model around ``backbone`` (its weights are copied in); with ``lora`` (``model.lora``,
     a pre-trained backbone), adapters on the backbone while the new heads train whole."""
     config = VPLConfig(backbone=backbone.config.to_dict(), latent_dim=latent_dim, pair_hidden=pair_hidden, head_hidden=head_hidden,
-                       pooling=pooling, logvar_init=logvar_init, head=head, encoder=encoder, readout=readout,
-                       inference=inference)
+                       pooling=pooling, logvar_init=logvar_init, head=head, encoder=encoder, readout=readout)
     model = VPLRewardModel(config)
     model.backbone.load_state_dict(backbone.state_dict())
     if lora is None:
@@ -420,22 +420,14 @@ def build_bank(model: VPLRewardModel, pairs: PairTensors, rater_pairs: Sequence[
     rng = np.random.default_rng([seed, 1])
     sizes = sorted({int(k) for k in context_sizes if k > 0})
     contexts = [own[rng.permutation(len(own))[: min(k, len(own))]] for own in rater_pairs for k in [*sizes, len(own)]]
-    width = max(len(c) for c in contexts)
+    ctx = torch.full((len(contexts), max(len(c) for c in contexts)), -1, dtype=torch.long)
+    for b, c in enumerate(contexts):
+        ctx[b, : len(c)] = torch.from_numpy(c)
     device = next(model.parameters()).device
-    out = []
-    for s in range(0, len(contexts), chunk):
-        part = contexts[s : s + chunk]
-        ctx = torch.full((len(part), width), -1, dtype=torch.long)
-        for b, c in enumerate(part):
-            ctx[b, : len(c)] = torch.from_numpy(c)
-        mask = ctx >= 0
-        hc, hr = model.embed_pairs(pairs, ctx[mask])
-        pc, pr = hc.new_zeros(*ctx.shape, hc.shape[-1]), hr.new_zeros(*ctx.shape, hr.shape[-1])
-        m = mask.to(device)
-        pc[m], pr[m] = hc, hr
-        out.append(model.encode(pc, pr, m)[0])
+    mus = [vpl_forward(model, pairs, RaterBatch(part, torch.full((len(part), 1), -1, dtype=torch.long)), device)["mu"]  # no targets
+           for part in ctx.split(chunk)]
     model.train(was)
-    return torch.cat(out)
+    return torch.cat(mus)
 
 
 # --------------------------------------------------------------------------- training
@@ -609,8 +601,7 @@ def train_vpl(run: Run, cfg: VPLTrainConfig, model: VPLRewardModel, tokenizer: P
         held = HeldOut.build(val, eval_context, seed)
     trainer = VPLTrainer(run, cfg, model, tokenizer, tr, rater_pairs, va, held, seed=seed, progress=progress, stage=stage, eval_context=eval_context)
     trainer.fit(resume)
-    final = trainer.loop.unwrapped
-    final.config.inference = cfg.inference
     if cfg.inference == "bank":
+        final = trainer.loop.unwrapped
         final.set_bank(build_bank(final, tr, rater_pairs, cfg.context_sizes, seed))
     return trainer.loop.finish(run.final_model_dir(stage))

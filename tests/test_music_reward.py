@@ -119,33 +119,25 @@ def test_columns_backbone_refuses_other_tokenizers():
 
 
 def test_expected_information_gain_matches_a_naive_loop():
+    def h(x):
+        return -sum(v * np.log(v) for v in (x, 1 - x) if v > 0)
+
     g = torch.Generator().manual_seed(0)
     p = torch.rand(50, 7, generator=g, dtype=torch.float64)
     p[:, 0] = 0.9  # every z labels alike: no information however uncertain the label
     p[:25, 1], p[25:, 1] = 0.0, 1.0  # half the latents say yes, half no: one full bit (log 2)
-    got = expected_information_gain(p)
+    w = torch.rand(50, generator=g, dtype=torch.float64)
+    w = w / w.sum()  # weighted latents (the bank's posterior)
+    got, got_w = expected_information_gain(p), expected_information_gain(p, w)
+    S = p.shape[0]
     for q in range(p.shape[1]):
-        mean = sum(float(p[s, q]) for s in range(p.shape[0])) / p.shape[0]
-
-        def h(x):
-            return -sum(v * np.log(v) for v in (x, 1 - x) if v > 0)
-
-        naive = h(mean) - sum(h(float(p[s, q])) for s in range(p.shape[0])) / p.shape[0]
-        assert got[q].item() == pytest.approx(naive, abs=1e-12)
+        for ws, res in (([1 / S] * S, got), (w.tolist(), got_w)):
+            mean = sum(ws[s] * float(p[s, q]) for s in range(S))
+            naive = h(mean) - sum(ws[s] * h(float(p[s, q])) for s in range(S))
+            assert res[q].item() == pytest.approx(naive, abs=1e-12)
     assert got[0].item() == pytest.approx(0.0, abs=1e-12) and got[1].item() == pytest.approx(np.log(2))
     assert torch.all(binary_entropy(torch.tensor([0.0, 1.0])) == 0)
-    # weighted latents (the bank's posterior): the same sums with w_s in place of 1/S
-    w = torch.rand(50, generator=g, dtype=torch.float64)
-    w = w / w.sum()
-    got_w = expected_information_gain(p, w)
-    for q in range(p.shape[1]):
-        def h(x):
-            return -sum(v * np.log(v) for v in (x, 1 - x) if v > 0)
-
-        mean = sum(float(w[s]) * float(p[s, q]) for s in range(p.shape[0]))
-        naive = h(mean) - sum(float(w[s]) * h(float(p[s, q])) for s in range(p.shape[0]))
-        assert got_w[q].item() == pytest.approx(naive, abs=1e-12)
-    torch.testing.assert_close(expected_information_gain(p, torch.full((50,), 1 / 50, dtype=torch.float64)), got)
+    torch.testing.assert_close(expected_information_gain(p, torch.full((S,), 1 / S, dtype=torch.float64)), got)
 
 
 def test_stratified_rater_split_keeps_the_group_mix():

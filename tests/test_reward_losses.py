@@ -223,13 +223,14 @@ def test_bank_inference_weighs_the_bank_and_survives_save_load(tmp_path, head):
     tok = build_codec("first_species").tokenizer
     torch.manual_seed(0)
     vpl = build_vpl(build_backbone(ModelConfig(n_layer=1, n_embd=32, n_head=2, dropout=0.0, max_positions=48), tok), 3, 16, 16, "mean",
-                    head=head, encoder="reward" if head == "bilinear" else "pair", inference="bank").eval()
+                    head=head, encoder="reward" if head == "bilinear" else "pair").eval()
     with torch.no_grad():
         (vpl.directions if head == "bilinear" else vpl.head[0]).weight.mul_(20)
     ids = [tok.convert_tokens_to_ids(t) for t in ("cf_60", "cf_62", "cf_64", "iv_7", "iv_3", "iv_4", "iv_12", "iv_-3")]
     seqs = [[ids[i % 3], ids[(i + 1) % 3], ids[3 + i % 5], ids[3 + (i * 2) % 5]] for i in range(12)]
     pairs = PairTensors.build(seqs[:6], seqs[6:], tok.pad_token_id)
     enc_z = vpl.infer_z(pairs)  # no bank yet: the encoder's μ
+    assert "z_bank" not in vpl.state_dict()
     hc, hr = vpl.embed_pairs(pairs, range(6))
     torch.testing.assert_close(enc_z, vpl.encode(hc[None], hr[None], torch.ones(1, 6, dtype=torch.bool))[0][0])
     bank = build_bank(vpl, pairs, [np.arange(3), np.arange(3, 6)], [0, 1, 2], seed=0)
