@@ -20,13 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from reward_models.backbone import PairTensors
 from reward_models.data import Preference, comparable, encode_pairs
 from reward_models.metrics import summary
-from rlhf.config import CheckpointEvery, EvalEvery, GradClip, KeepCheckpoints, LearningRate, Section, Steps, WarmupSteps, WeightDecay
+from rlhf.config import CheckpointEvery, EMADecay, EvalEvery, GradClip, KeepCheckpoints, LearningRate, Section, Steps, WarmupSteps, WeightDecay
 from rlhf.pretrain import batch_indices
+from rlhf.errors import UserError
 from rlhf.runs import Run
 from rlhf import distributed
 from rlhf.trainer import TrainLoop
@@ -104,6 +106,7 @@ class BTConfig(Section):
     warmup_steps: WarmupSteps = 20
     grad_clip: GradClip = 1.0
     center_coef: float | None = Field(None, ge=0, description="Reward centring λ·mean((r_c + r_r)²) as TRL's center_rewards_coefficient; null = off.")
+    ema: EMADecay = None
     eval_every: EvalEvery = 100
     checkpoint_every: CheckpointEvery = 200
     keep_checkpoints: KeepCheckpoints = 2
@@ -149,6 +152,12 @@ class PairTrainer:
         self.loop = TrainLoop(run, stage, model, optimizer, scheduler, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
                               keep_checkpoints=cfg.keep_checkpoints, grad_clip=cfg.grad_clip, tokenizer=tokenizer, progress=progress)
         self.shard = slice(*distributed.shard_bounds(global_rows, what))
+        self.ema = None
+        if cfg.ema is not None:
+            if distributed.is_deepspeed(self.loop.model):  # ZeRO partitions the parameters this average would copy
+                raise UserError(f"{what.split('.')[0]}.ema: weight averaging is not available under DeepSpeed; set it to null")
+            self.ema = AveragedModel(self.loop.unwrapped, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=False)
+            self.loop.extra_state["ema"] = self.ema.state_dict  # called at save time: resume continues the same average
 
     def step(self, step: int) -> dict[str, float]:
         raise NotImplementedError
@@ -157,11 +166,20 @@ class PairTrainer:
         raise NotImplementedError
 
     def fit(self, resume: bool = False) -> None:
-        if resume:
-            self.loop.resume()
+        resumed = self.loop.resume() if resume else False
+        if resumed and self.ema is not None:
+            if "ema" not in self.loop.extra_state:
+                raise UserError(f"{self.loop.run.latest_checkpoint(self.loop.stage)}: written without ema; resume with the config that wrote it")
+            self.ema.load_state_dict(self.loop.extra_state["ema"])
+            self.loop.extra_state["ema"] = self.ema.state_dict
         self.loop.model.train()
         for step in self.loop.steps():
             metrics = self.step(step)
+            if self.ema is not None:
+                self.ema.update_parameters(self.loop.unwrapped)
+                if self.loop.step == self.cfg.steps:  # the average becomes the model: evaluated, saved, used
+                    torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(self.ema.module.parameters()),
+                                                        self.loop.unwrapped.parameters())
             if self.loop.step % self.cfg.eval_every == 0 or self.loop.step == self.cfg.steps:
                 metrics.update(self.evaluate())
             self.loop.log(metrics)

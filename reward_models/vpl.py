@@ -58,7 +58,7 @@ from reward_models.backbone import PairTensors, last_token_hidden
 from reward_models.bradley_terry import PairTrainer
 from reward_models.data import Preference, by_rater, comparable
 from reward_models.metrics import summary
-from rlhf.config import CheckpointEvery, EvalEvery, GradClip, KeepCheckpoints, LearningRate, Section, Steps, WarmupSteps, WeightDecay
+from rlhf.config import CheckpointEvery, EMADecay, EvalEvery, GradClip, KeepCheckpoints, LearningRate, Section, Steps, WarmupSteps, WeightDecay
 from rlhf.lora import LoraSettings, with_lora
 from rlhf.models import ensure_model_type
 from rlhf.runs import Run
@@ -453,6 +453,7 @@ class VPLTrainConfig(Section):
     weight_decay: WeightDecay = 0.0
     warmup_steps: WarmupSteps = 20
     grad_clip: GradClip = 1.0
+    ema: EMADecay = None
     init_from_bt: bool = Field(True, description="Start the backbone from the trained BT model of the same run (when methods include bt).")
     eval_every: EvalEvery = 250  # held-out: context 0 and the largest, active units
     checkpoint_every: CheckpointEvery = 500

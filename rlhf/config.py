@@ -40,6 +40,7 @@ GradClip = Annotated[float, Field(gt=0, description="Clip the global gradient no
 EvalEvery = Annotated[int, Field(ge=1, description="Held-out metrics every this many steps.")]
 CheckpointEvery = Annotated[int, Field(ge=1, description="Write a resumable checkpoint every this many steps (RL: iterations).")]
 KeepCheckpoints = Annotated[int, Field(ge=1, description="How many of the newest checkpoints to keep.")]
+EMADecay = Annotated[float | None, Field(gt=0, lt=1, description="Keep an exponential moving average of the weights with this decay and save it as the final model (Polyak averaging); null = off.")]
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow"]

@@ -14,7 +14,7 @@ from conftest import simulate_and_train_rewards
 
 from reward_models.backbone import PairTensors, build_backbone, build_reward_model
 from reward_models.reward_source import load_reward_model
-from reward_models.bradley_terry import BTConfig, bt_loss, pair_rewards, pair_tensors, score_pairs, train_bt
+from reward_models.bradley_terry import BTConfig, BTTrainer, bt_loss, pair_rewards, pair_tensors, score_pairs, train_bt
 from reward_models.data import Preference, build_word_tokenizer, to_hf_dataset
 from reward_models.reward_source import LearnedRewardConfig, RewardSource, context_records, learned_reward
 from rlhf.interfaces import Completions
@@ -106,6 +106,56 @@ def test_bt_learns_a_known_reward(tmp_path):
     rank = lambda x: np.argsort(np.argsort(x))
     assert np.corrcoef(rank(r), rank(truth))[0, 1] > 0.85
     assert (final / "tokenizer.json").is_file() and (run.checkpoints / "reward-bt" / "step-000250").is_dir()
+
+
+def test_weight_averaging_is_the_naive_ema_of_the_trajectory_and_resumes_exactly(tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    train, sents, _ = known_reward_data(200, 0)
+    tok = build_word_tokenizer(sents)
+    cfg = BTConfig(steps=12, batch_size=16, lr=3e-3, warmup_steps=2, eval_every=100, checkpoint_every=5, ema=0.8)
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_reward_model(TINY, tok)
+
+    # the raw trajectory θ_1..θ_T (averaging does not change it) and e_1 = θ_1, e_t = d·e_{t-1} + (1 − d)·θ_t by hand
+    raw = BTTrainer(Run(tmp_path / "raw"), cfg.model_copy(update={"ema": None}), fresh(), tok, pair_tensors(train, tok), None, seed=0, progress=False)
+    raw.loop.model.train()
+    ema = None
+    for step in raw.loop.steps():
+        raw.step(step)
+        theta = {k: v.detach().clone() for k, v in raw.loop.unwrapped.named_parameters()}
+        ema = theta if ema is None else {k: 0.8 * ema[k] + 0.2 * theta[k] for k in ema}
+    final = load_file(str(train_bt(Run(tmp_path / "ema"), cfg, fresh(), tok, train, seed=0, progress=False) / "model.safetensors"))
+    for k, v in ema.items():
+        torch.testing.assert_close(final[k], v, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(final[k], theta[k], atol=1e-4) for k in ema)  # the saved model is the average, not θ_T
+
+    # killed during step 8 (after the step-5 checkpoint), resumed in a fresh process: the same average
+    real_step = BTTrainer.step
+
+    def dies_at_8(self, step):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(BTTrainer, "step", dies_at_8)
+    run = Run(tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        train_bt(run, cfg, fresh(), tok, train, seed=0, progress=False)
+    monkeypatch.setattr(BTTrainer, "step", real_step)
+    resumed = load_file(str(train_bt(run, cfg, fresh(), tok, train, seed=0, resume=True, progress=False) / "model.safetensors"))
+    for k in final:
+        torch.testing.assert_close(resumed[k], final[k], rtol=1e-5, atol=1e-6)
+    # a checkpoint written without the average cannot continue one
+    plain = Run(tmp_path / "plain")
+    train_bt(plain, cfg.model_copy(update={"ema": None, "steps": 6}), fresh(), tok, train, seed=0, progress=False)
+    shutil.rmtree(plain.checkpoints / "reward-bt" / "step-000006")  # back to the step-5 checkpoint
+    with pytest.raises(UserError, match="written without ema"):
+        train_bt(plain, cfg.model_copy(update={"steps": 6}), fresh(), tok, train, seed=0, resume=True, progress=False)
 
 
 @pytest.fixture(scope="module")
