@@ -378,8 +378,8 @@ def vpl_forward(model: VPLRewardModel, pairs: PairTensors, rb: RaterBatch, devic
     mu, logvar = model.encode(ctx_c, ctx_r, cmask_d)
     if eps is not None:  # training: the reparameterised sample
         z = reparameterize(mu, logvar, eps)
-    elif model.uses_bank:  # inference over the bank; no context: its mean
-        z = torch.where(cmask_d.any(-1, keepdim=True), model.posterior_z(ctx_c, ctx_r, cmask_d), model.z_bank.mean(0))
+    elif model.uses_bank:  # inference over the bank (a row without context gets uniform weights: the bank's mean)
+        z = model.posterior_z(ctx_c, ctx_r, cmask_d)
     else:
         z = mu
     rc = model.reward(place(hc[n_ctx:], tmask_d, T), z[:, None, :])

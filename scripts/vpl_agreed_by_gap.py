@@ -62,23 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     hits: dict[tuple, list[float]] = {}
     with torch.no_grad():
         hc, hr = model.embed_pairs(pairs, range(len(pairs)))
-        du = (model.head(hc) - model.head(hr)).squeeze(-1)  # [N] Δu
-        dv = model.directions(hc) - model.directions(hr)  # [N, D] Δv
         zbar = model.z_bank.mean(0)
         for ctx, tgt in zip(held.context, held.targets):
-            c = torch.as_tensor(ctx[: a.context])
+            c, t = torch.as_tensor(ctx[: a.context]), torch.as_tensor(tgt)
             z = model.posterior_z(hc[c][None], hr[c][None], torch.ones(1, len(c), dtype=torch.bool))[0]
-            for i in tgt.tolist():
+            right = {s: (model.reward(hc[t], zbar + s * (z - zbar)) > model.reward(hr[t], zbar + s * (z - zbar))).tolist() for s in SCALES}
+            none = (model.reward(hc[t], zbar) > model.reward(hr[t], zbar)).tolist()  # no context: the bank's mean
+            for n, i in enumerate(tgt.tolist()):
                 r, p = recs[i], meta[recs[i].pair_id]
                 kind = "disputed" if p["disputed"] else "agreed"
                 gap = abs(float(np.dot(raters[r.rater_id]["weights"], p["feature_gap"])))
                 b = next(name for lo, hi, name in BINS if lo <= gap < hi)
                 for s in SCALES:
-                    ok = float(du[i] + dv[i] @ (zbar + s * (z - zbar)) > 0)
-                    hits.setdefault(("scale", s, r.rater_group, kind), []).append(ok)
-                    if s == 1.0:
-                        hits.setdefault(("gap", "z", r.rater_group, kind, b), []).append(ok)
-                hits.setdefault(("gap", "none", r.rater_group, kind, b), []).append(float(du[i] + dv[i] @ zbar > 0))
+                    hits.setdefault(("scale", s, r.rater_group, kind), []).append(float(right[s][n]))
+                hits.setdefault(("gap", "z", r.rater_group, kind, b), []).append(float(right[1.0][n]))
+                hits.setdefault(("gap", "none", r.rater_group, kind, b), []).append(float(none[n]))
     acc = {k: (float(np.mean(v)), len(v)) for k, v in hits.items()}
     groups = sorted({k[2] for k in acc})
     print("| rater's gap | " + " | ".join(f"{g} agreed, rater's z / no context" for g in groups) + " | pairs (" + " / ".join(groups) + ") |")
