@@ -73,6 +73,23 @@ def expected_reward_loss(logp_all: torch.Tensor, action_rewards: torch.Tensor, m
     return -masked_mean(expected, mask)
 
 
+def tilted_target(logits_prior: torch.Tensor, action_rewards: torch.Tensor, scale: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """log π*(a|s) ∝ log p(a|s) + scale·r(a|s): the maximiser of E_π[scale·r] − KL(π‖p) at one
+    state (the KL-regularised optimum, Todorov 2007; Jaques et al. 2017, "Sequence Tutor", eq. 8,
+    with scale = 1/(βc)).  logits_prior, action_rewards [B, T, V] → log-probs [B, T, V] (−inf
+    outside the action space)."""
+    return masked_log_softmax(masked_log_softmax(logits_prior.float(), allowed) + scale * action_rewards.float(), allowed)
+
+
+def distillation_loss(logp_all: torch.Tensor, target_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean_t −Σ_a π*(a|s_t)·log π(a|s_t): the cross-entropy from a target distribution at every
+    state (its gradient is that of KL(π*‖π), the forward KL; Hinton et al. 2015; on the student's
+    own states, Agarwal et al. 2024, "On-Policy Distillation of Language Models").  logp_all,
+    target_logp [B, T, V] (−inf outside the action space), mask [B, T]."""
+    p = target_logp.detach().exp()
+    return masked_mean(-(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1), mask)
+
+
 def risk_loss(seq_logp: torch.Tensor, returns: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:
     """Minimum risk training (Shen et al. 2016, "Minimum Risk Training for Neural Machine
     Translation", eq. 11–13), as a loss: the expected return under the model's distribution

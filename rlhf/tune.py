@@ -39,7 +39,8 @@ log = logging.getLogger("rlhf")
 class TuneConfig(Section):
     algorithm: str = Field(
         "ppo",
-        description="ppo, rloo (REINFORCE with leave-one-out baseline), mrt (minimum risk training over k candidates per prompt), Sequence "
+        description="ppo, rloo (REINFORCE with leave-one-out baseline), tilt (on-policy distillation of the prior tilted by every action's reward), "
+        "mrt (minimum risk training over k candidates per prompt), Sequence "
         "Tutor's q, psi, g, or an algorithm of yours (an rlhf.algorithms entry point or 'package.module:SPEC'). Its settings are the "
         "section tune.<algorithm> (tune.kl_control for q, psi and g); a section of another algorithm is an error.",
     )
@@ -170,6 +171,7 @@ class Sampling:
     generator: torch.Generator
     max_new: int  # the longest completion budget of the global batch
     row_seeds: list[int] | None = None
+    prior_temperature: float = 1.0  # the KL anchor is p^(1/T) (KLConfig.prior_temperature)
 
     def sample(self, policy, prompts: Sequence[Any], *, probs_fn=None, hidden: bool = False, temperature: float | None = None) -> Rollout:
         """Sample ``policy`` on ``prompts`` (τ = 0: greedy, no random numbers drawn)."""
@@ -177,12 +179,13 @@ class Sampling:
         if self.row_seeds is not None and t > 0:  # row b of the global batch draws from its own stream, whatever process samples it
             probs_fn = distributed.RowSampler(self.row_seeds, self.max_new, allowed=self.allowed, temperature=t, base=probs_fn)
         return make_rollout(policy, self.prior, [p.ids for p in prompts], [p.n_new for p in prompts], pad_id=self.pad_id, allowed=self.allowed,
-                            generator=self.generator if t > 0 else None, probs_fn=probs_fn, temperature=t, eos_id=self.eos_id, hidden=hidden)
+                            generator=self.generator if t > 0 else None, probs_fn=probs_fn, temperature=t, eos_id=self.eos_id, hidden=hidden,
+                            prior_temperature=self.prior_temperature)
 
     def beam(self, policy, prompts: Sequence[Any], k: int) -> Rollout:
         """The k best beam-search completions of each prompt."""
         return beam_rollout(policy, self.prior, [p.ids for p in prompts], [p.n_new for p in prompts], k, pad_id=self.pad_id,
-                            allowed=self.allowed, eos_id=self.eos_id)
+                            allowed=self.allowed, eos_id=self.eos_id, prior_temperature=self.prior_temperature)
 
 
 class Tuner:
@@ -291,7 +294,7 @@ class Tuner:
         self.gen.manual_seed(base_seed)
         rows = distributed.row_seeds(base_seed, step, range(self.start, self.end)) if self.per_sequence else None
         sampling = Sampling(self.prior, task.tokenizer.pad_token_id, self.allowed, task.eos_id, cfg.temperature, self.gen,
-                            max(p.n_new for p in batch), rows)
+                            max(p.n_new for p in batch), rows, cfg.kl.prior_temperature)
         with distributed.generation(self.loop.model):
             ro = algo.rollout(sampling, picked)  # [B, T]
         comps = self.completions(picked, ro)

@@ -193,3 +193,64 @@ def test_expected_reward_loss_matches_loop_and_its_gradient_is_sum_of_grad_pi_ti
     assert loss.item() == pytest.approx(want, abs=1e-12)
     assert torch.allclose(logits.grad, grad, atol=1e-12)
     assert logits.grad[0, 1].abs().max() < 1e-15 and logits.grad[2, 1:].abs().max() == 0.0
+
+
+def test_tilted_target_is_the_loop_softmax_and_maximises_reward_minus_kl():
+    """π*(a) = p(a)·exp(s·r(a)) / Σ_b p(b)·exp(s·r(b)) over the allowed actions (loop), and no
+    other distribution at that state has a larger E_π[s·r] − KL(π‖p)."""
+    from rlhf.kl import masked_log_softmax
+    from rlhf.losses import tilted_target
+
+    g = torch.Generator().manual_seed(2)
+    B, T, V = 2, 3, 5
+    prior_logits = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    rewards = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    allowed = torch.tensor([True, False, True, True, True])
+    got = tilted_target(prior_logits, rewards, 2.5, allowed).double()
+    logp = masked_log_softmax(prior_logits, allowed)
+    for b in range(B):
+        for t in range(T):
+            w = [math.exp(logp[b, t, a].item() + 2.5 * rewards[b, t, a].item()) if allowed[a] else 0.0 for a in range(V)]
+            for a in range(V):
+                want = math.log(w[a] / sum(w)) if allowed[a] else -math.inf
+                assert got[b, t, a].item() == pytest.approx(want, abs=1e-5)
+
+            def objective(q):
+                return sum(q[a] * (2.5 * rewards[b, t, a].item() - math.log(q[a]) + logp[b, t, a].item()) for a in range(V) if allowed[a] and q[a] > 0)
+
+            best = objective(got[b, t].exp().tolist())
+            for _ in range(20):
+                q = torch.softmax(got[b, t].masked_fill(~allowed, -math.inf) + 0.3 * torch.randn(V, generator=g, dtype=torch.float64), -1).tolist()
+                assert objective(q) <= best + 1e-9
+
+
+def test_distillation_loss_matches_loop_and_its_gradient_is_pi_minus_target():
+    """Value: mean over real steps of −Σ_a π*(a) log π(a); gradient w.r.t. the logits at a real
+    step: (π(a) − π*(a)) / n, zero where π = π*."""
+    from rlhf.kl import masked_log_softmax
+    from rlhf.losses import distillation_loss
+
+    g = torch.Generator().manual_seed(4)
+    B, T, V = 3, 4, 6
+    allowed = torch.tensor([True, True, False, True, True, True])
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    target = masked_log_softmax(torch.randn(B, T, V, generator=g, dtype=torch.float64), allowed)
+    target[1, 2] = masked_log_softmax(logits[1, 2].detach(), allowed)  # the policy already equals the target here
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.float64)
+    loss = distillation_loss(masked_log_softmax(logits, allowed), target, mask)
+    loss.backward()
+    n = int(mask.sum())
+    want, grad = 0.0, torch.zeros(B, T, V, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            z = sum(math.exp(logits[b, t, a].item()) for a in range(V) if allowed[a])
+            for a in range(V):
+                if allowed[a]:
+                    pi, tgt = math.exp(logits[b, t, a].item()) / z, math.exp(target[b, t, a].item())
+                    want -= tgt * math.log(pi) / n
+                    grad[b, t, a] = (pi - tgt) / n
+    assert loss.item() == pytest.approx(want, abs=1e-12)
+    assert torch.allclose(logits.grad, grad, atol=1e-12)
+    assert logits.grad[1, 2].abs().max() < 1e-15 and logits.grad[0, 2:].abs().max() == 0.0

@@ -1,5 +1,6 @@
 """Sampling with a KV cache and completion log-probs, checked against naive recomputation."""
 
+import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -123,3 +124,25 @@ def test_draw_has_the_law_of_multinomial():
     counts = torch.bincount(draw(p.expand(n, -1), torch.Generator().manual_seed(1))[:, 0], minlength=10).double()
     chi2 = float(((counts - n * p) ** 2 / (n * p)).sum())
     assert chi2 < 27.9, chi2
+
+
+def test_prior_temperature_scores_the_rollout_under_the_tempered_prior():
+    """kl.prior_temperature T: the same samples, with the prior's log-probs those of p^(1/T)
+    renormalised over the action space (a loop over the allowed tokens), the policy's unchanged."""
+    import math
+
+    from rlhf.algorithms.common import make_rollout
+
+    policy, prior = tiny(seed=0), tiny(seed=1)
+    allowed = torch.zeros(17, dtype=torch.bool)
+    allowed[2:13] = True
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    kw = dict(pad_id=0, allowed=allowed, n_new=[5, 5, 5])
+    plain = make_rollout(policy, prior, prompts, generator=torch.Generator().manual_seed(3), **kw)
+    warm = make_rollout(policy, prior, prompts, generator=torch.Generator().manual_seed(3), prior_temperature=2.0, **kw)
+    assert torch.equal(plain.tokens, warm.tokens) and torch.allclose(plain.logp, warm.logp)
+    for b in range(3):
+        for t in range(5):
+            z = sum(math.exp(plain.logits_prior[b, t, a].item() / 2.0) for a in range(17) if allowed[a])
+            a = int(plain.tokens[b, t])
+            assert warm.logp_prior[b, t].item() == pytest.approx(plain.logits_prior[b, t, a].item() / 2.0 - math.log(z), abs=1e-5)

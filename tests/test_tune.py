@@ -39,6 +39,8 @@ SETTINGS = {
     # samples beat the greedy output of the column prior, so each update is sparse: lr 1e-3 and
     # T 0.85 raise the reward by 5.7 in 24 steps (lr 3e-4, T 0.7: by 1.5).
     "rloo-filtered": {"algorithm": "rloo", "lr": 1e-3, "temperature": 0.85, "rloo": {"baseline": "greedy", "positive_only": True}},
+    # each visited state's rule reward for every note tilts the prior; the policy imitates that distribution
+    "tilt": {},
     "mrt": {"mrt": {"k": 4, "alpha": 0.5}},
     "q": {"kl_control": {"exploration": "epsilon", "epsilon": 0.05}},
     "psi": {},
@@ -228,3 +230,9 @@ def test_tempered_rollout_scores_with_the_tempered_policy():
     assert torch.allclose(same.kl("k1", allowed), torch.zeros(3, 4))  # tempering alone is no KL
     with pytest.raises(ValueError, match="PPO"):
         TuneConfig.model_validate({"algorithm": "ppo", "temperature": 0.5})
+
+
+@pytest.mark.parametrize("kl", [{"beta": 0.0}, {"adaptive": True}])
+def test_tilt_needs_a_fixed_positive_beta(kl):
+    with pytest.raises(ValueError, match=r"tilt distils p·exp\(r/\(βc\)\): it needs a fixed tune.kl.beta > 0"):
+        TuneConfig.model_validate({"algorithm": "tilt", "kl": kl})

@@ -23,6 +23,13 @@ class KLConfig(Section):
     target_kl: float = Field(2.0, gt=0, description="Adaptive β: target KL per sequence (nats).")
     horizon: float = Field(2000.0, gt=0, description="Adaptive β: controller horizon in sequences.")
     c: float = Field(1.0, gt=0, description="Reward scale: the task reward enters as r / c (Sequence Tutor's c).")
+    prior_temperature: float = Field(
+        1.0, gt=0,
+        description="Temperature T of the KL anchor: the policy is held toward p_T ∝ p^(1/T) over the action space instead of the prior p "
+        "itself, so the KL-regularised optimum is π ∝ p^(1/T)·exp(r/(βc)). T > 1 flattens the anchor: among equally good actions the "
+        "policy keeps more variety than the prior's own odds would give (the same optimum as an entropy bonus of β(T−1) at KL weight βT). "
+        "kl/* and logp/prior are then measured against p_T; the evaluation's KL is always to p.",
+    )
     max: float | None = Field(None, gt=0, description="KL guard: when the KL to the prior, in nats per token (kl/mean) averaged over the last max_window iterations, exceeds this, do on_max; the last checkpoint stays as it was. null = no guard.")
     max_window: int = Field(10, ge=1, description="KL guard: iterations averaged before comparing with max.")
     on_max: Literal["stop", "rollback"] = Field(
@@ -121,13 +128,14 @@ def score_logits(model, ids: torch.Tensor, pmask: torch.Tensor, tokens: torch.Te
 def make_rollout(
     policy, prior, prompts: list[list[int]], n_new: list[int], *, pad_id: int, allowed: torch.Tensor | None,
     generator: torch.Generator | None, probs_fn=None, temperature: float = 1.0, eos_id: int | None = None,
-    hidden: bool = False,
+    hidden: bool = False, prior_temperature: float = 1.0,
 ) -> Rollout:
     """Sample from ``policy`` (a causal LM) and score under it and the frozen ``prior``.
 
     Row b gets up to ``n_new[b]`` tokens; with ``eos_id`` it ends at its first EOS (included,
     mask 1; pad and mask 0 after it) and sampling stops once every row has ended. ``hidden``
     keeps the policy's last hidden states of every step (e.g. for a value head).
+    ``prior_temperature`` T scores the rollout under p_T ∝ p^(1/T) (KLConfig.prior_temperature).
     """
     device = next(policy.parameters()).device
     ids, pmask = left_pad(prompts, pad_id, device)
@@ -137,7 +145,7 @@ def make_rollout(
     lengths = eos_lengths(d.tokens, eos_id, torch.tensor(n_new, device=device)).tolist()
     mask = length_mask(lengths, d.tokens.shape[1], device)  # [B, T]
     logits_prior = score_logits(prior, ids, pmask, d.tokens, lengths)
-    logits, logits_prior = d.logits.float(), logits_prior.float()
+    logits, logits_prior = d.logits.float(), logits_prior.float() / prior_temperature
     return Rollout(ids, pmask, d.tokens, mask, logits, logits_prior, gather_logp(logits, d.tokens, allowed, mask),
                    gather_logp(logits_prior, d.tokens, allowed, mask), lengths, d.hidden)
 
@@ -145,7 +153,7 @@ def make_rollout(
 @torch.no_grad()
 def beam_rollout(
     policy, prior, prompts: list[list[int]], n_new: list[int], k: int, *, pad_id: int, allowed: torch.Tensor | None,
-    eos_id: int | None = None,
+    eos_id: int | None = None, prior_temperature: float = 1.0,
 ) -> Rollout:
     """The k best beam-search completions of each prompt (width k, transformers' ``generate``),
     scored like :func:`make_rollout`: rows k·g … k·g + k − 1 are prompt g's. Candidates for
@@ -170,7 +178,7 @@ def beam_rollout(
     mask = length_mask(lengths.tolist(), tokens.shape[1], device)  # [G·k, T]
     tokens = torch.where(mask.bool(), tokens, torch.full_like(tokens, pad_id))
     logits = sequence_forward(policy, ids, pmask, tokens)[0].float()
-    logits_prior = sequence_forward(prior, ids, pmask, tokens)[0].float()
+    logits_prior = sequence_forward(prior, ids, pmask, tokens)[0].float() / prior_temperature
     return Rollout(ids, pmask, tokens, mask, logits, logits_prior, gather_logp(logits, tokens, allowed),
                    gather_logp(logits_prior, tokens, allowed), lengths.tolist())
 

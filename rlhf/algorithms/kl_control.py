@@ -112,7 +112,7 @@ class KLControl:
         ids, pmask, tokens, task_reward, mask = self._batch(rows, device)
         logits, _ = sequence_forward(distributed.training_forward(loop, self.model), ids, pmask, tokens)  # [b, T, V], synchronised gradients
         with torch.no_grad():
-            prior_logits = sequence_forward(self.prior, ids, pmask, tokens)[0].float()
+            prior_logits = sequence_forward(self.prior, ids, pmask, tokens)[0].float() / self.kl_cfg.prior_temperature  # the anchor p_T
             logp_prior_all = masked_log_softmax(prior_logits, self.allowed)  # [b, T, V]
             offset = self._offset(prior_logits, logp_prior_all)
             target_values = sequence_forward(self.target, ids, pmask, tokens)[0].float() - offset

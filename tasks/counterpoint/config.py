@@ -108,6 +108,12 @@ class CounterpointConfig(TaskConfig):
         0.0, ge=0, description="RL reward added on the last note of a piece that breaks no hard rule (first species): "
         "a credit for the whole piece, as the target is clean pieces; not part of the evaluated rule reward.",
     )
+    lookahead: float = Field(
+        0.0, ge=0, description="RL reward shaping by what the notes after a choice can still do (first species; tasks/counterpoint/lookahead.py): "
+        "a note after which the rest of the piece can no longer be written without breaking a hard rule costs this much (in rule-weight "
+        "units), given back when the piece goes on, so a piece's return changes only by a constant of its cantus and the best policy "
+        "does not change. 0 = off.",
+    )
     data: CounterpointDataConfig = Field(default_factory=CounterpointDataConfig, description="Corpus extraction.")
     eval: CounterpointEvalConfig = Field(default_factory=CounterpointEvalConfig, description="Evaluation.")
 

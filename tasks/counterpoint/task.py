@@ -21,7 +21,7 @@ from tasks.counterpoint import corpus
 from tasks.counterpoint.config import CounterpointConfig
 from tasks.counterpoint.export import write_midi, write_musicxml
 from tasks.counterpoint.report import write_report
-from tasks.counterpoint import rules
+from tasks.counterpoint import lookahead, rules
 from tasks.counterpoint.piece import MELODY_STEPS, FirstSpeciesBatch, FirstSpeciesPiece, Item, Melody, from_json, to_json
 from tasks.counterpoint.scoring import RuleScores, score
 from tasks.counterpoint.tokens import CANTUS_HIGH, CANTUS_LOW, Codec, build_codec
@@ -99,6 +99,7 @@ class CounterpointTask:
         self.allowed[self.codec.completion_token_ids] = True
         self._pool: tuple[list[cantus_gen.Cantus], list[cantus_gen.Cantus]] | None = None
         self.rules = cfg.rules()  # the built-in rules of the mode plus task.extra_rules
+        self._solved: dict[tuple, lookahead.Lookahead] = {}  # cantus, position, final -> its solved lookahead (task.lookahead)
 
     @property
     def tokenizer(self):
@@ -230,6 +231,11 @@ class CounterpointTask:
         if self.cfg.clean_bonus and self.cfg.mode == "first_species":
             r = r.copy()
             r[np.arange(len(items)), s.notes - 1] += self.cfg.clean_bonus * s.clean()
+        if self.cfg.lookahead and self.cfg.mode == "first_species":
+            r = r.copy()
+            for b, it in enumerate(items):
+                n = len(it.cantus)
+                r[b, :n] += lookahead.shaped_rewards(self._lookahead(it), it.counterpoint, np.zeros((n, 0), dtype=np.int64), self.cfg.lookahead)[1]
         out = torch.zeros(tokens.shape, dtype=torch.float32)
         out[:, : r.shape[1]] = torch.from_numpy(r[:, : tokens.shape[1]]).float()
         return out.to(tokens.device)
@@ -247,10 +253,23 @@ class CounterpointTask:
         bonus = self.cfg.clean_bonus
         r = rules.counterfactual_step_rewards(FirstSpeciesBatch.from_pieces(items), self.codec.completion_values(ids), self.cfg.rule_weights, bonus,
                                               self.rules)
+        if self.cfg.lookahead:
+            values = self.codec.completion_values(ids)
+            for b, it in enumerate(items):
+                m = len(it.cantus)
+                pitches = np.asarray(it.cantus)[:, None] + values[None, :]  # [N, A]: the note each action writes
+                r[b, :m] += lookahead.shaped_rewards(self._lookahead(it), it.counterpoint, pitches, self.cfg.lookahead)[0]
         out = torch.zeros(B, T, len(self.allowed), dtype=torch.float32)
         n = min(T, r.shape[1])
         out[:, :n, torch.from_numpy(ids)] = torch.from_numpy(r[:, :n]).float()
         return out.to(tokens.device)
+
+    def _lookahead(self, it: FirstSpeciesPiece) -> lookahead.Lookahead:
+        key = (it.cantus, it.cantus_position, it.final)
+        if key not in self._solved:
+            values = self.codec.completion_values(np.asarray(self.codec.completion_token_ids))
+            self._solved[key] = lookahead.solve(it.cantus, it.cantus_position == "below", it.final, values, self.rules)
+        return self._solved[key]
 
     # ----- sampling and scoring -----------------------------------------------------------
     def sample(self, model: PreTrainedModel, prompts: Sequence[Prompt], per_prompt: int, *, temperature: float, seed: int) -> tuple[list[Prompt], list[list[int]]]:

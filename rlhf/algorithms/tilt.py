@@ -1,0 +1,79 @@
+"""On-policy distillation of the tilted prior. At every state s the policy visits, the target is
+
+    π*(a|s) ∝ p(a|s) · exp(r(s, a) / (βc)),
+
+the policy that maximises E_π[r/c] − β·KL(π‖p) at s (the prior p tilted by the reward of every
+action, which the reward must know: ``ActionRewards``). The policy is trained toward it by the
+cross-entropy −Σ_a π*(a|s) log π(a|s) on its own samples (Agarwal et al. 2024, "On-Policy
+Distillation of Language Models": the student's states, so it learns to recover from its own
+mistakes). Where r(s, a) already carries what a step does to the rest of the sequence (the
+counterpoint rules with ``task.lookahead``), π* is the KL-regularised optimum of the whole
+sequence up to what the reward leaves out, and no sampled return is needed: the update has the
+variance of supervised learning. ``kl.prior_temperature`` tilts p^(1/T) instead of p."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from rlhf import distributed
+from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, Rollout, TemperedScoring, rl_metrics
+from rlhf.interfaces import Step
+from rlhf.kl import masked_log_softmax
+from rlhf.losses import distillation_loss, tilted_target
+
+
+class TiltConfig(AlgorithmSettings):
+    k: int = Field(4, ge=1, description="Samples per prompt in one iteration (rewards that compare a prompt's samples, such as novelty, need k ≥ 2).")
+
+    @property
+    def group(self) -> int:
+        return self.k
+
+    @property
+    def needs_action_rewards(self) -> bool:
+        return True
+
+    def check_tune(self, tune) -> None:
+        if tune.kl.beta <= 0 or tune.kl.adaptive:
+            raise ValueError("tune.algorithm=tilt distils p·exp(r/(βc)): it needs a fixed tune.kl.beta > 0 (and tune.kl.adaptive: false)")
+        if tune.temperature != 1.0:
+            raise ValueError(f"tune.algorithm=tilt trains on the policy's own samples at temperature 1; got tune.temperature={tune.temperature}")
+
+
+class Tilt:
+    def __init__(self, cfg: TiltConfig, kl: KLConfig, model, allowed: torch.Tensor | None):
+        self.cfg, self.kl_cfg, self.model, self.allowed = cfg, kl, model, allowed
+        self.scoring = TemperedScoring(kl, allowed, 1.0)
+        self.policy = model
+        self.group = cfg.k
+        self.needs_action_rewards = True
+
+    @classmethod
+    def build(cls, ctx: BuildContext) -> tuple["Tilt", torch.nn.Module]:
+        return cls(ctx.settings, ctx.kl, ctx.policy, ctx.allowed), ctx.policy
+
+    def rollout(self, sampling, prompts) -> Rollout:
+        return sampling.sample(self.model, prompts)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def update(self, loop, step: Step) -> dict[str, float]:
+        """One step of cross-entropy toward the tilted prior at the rollout's states."""
+        ro, beta = step.rollout, step.beta
+        target = tilted_target(ro.logits_prior, step.action_rewards(), 1.0 / (beta * self.kl_cfg.c), self.allowed)  # [B, T, V]
+        kl, shaped, _ = self.scoring.returns(ro, step.task_reward, beta)
+        model = distributed.training_forward(loop, self.model)
+        scale = distributed.token_share(ro.mask)[0] if distributed.world_size() > 1 else 1.0  # global token mean
+
+        def losses():
+            logits, _ = self.scoring.fresh_logp(model, ro)
+            yield distillation_loss(masked_log_softmax(logits.float(), self.allowed), target, ro.mask) * scale
+
+        out = {"loss/policy": loop.accumulate_step(losses())[0]}
+        out.update(rl_metrics(ro, step.task_reward, kl, shaped))
+        return out

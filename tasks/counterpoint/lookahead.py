@@ -1,0 +1,136 @@
+"""Which partial counterpoints can still be finished without breaking a hard rule, and the
+reward shaping that tells every note about it.
+
+Many of the hard rules are met or broken by the notes *after* a choice: after a leap the next
+note must turn back by step, the penultimate note must allow a cadence by step onto the final
+octave, a third run must end before its fourth third. A note's own rule reward does not see
+this; the tuned policy learns it only from sampled returns. The first-species rules read at
+most four notes, a flag at note j depends on the counterpoint's notes j-3..j (and the cantus)
+(``parallel_run``: three thirds or sixths in similar motion arriving at j), so whether notes
+t+1.. can still be written clean depends on the last three notes only. :func:`solve` answers
+that for every such window by dynamic programming backwards over the cantus, with the rules
+themselves (``rules.violations`` on pieces that differ in the window) as the oracle.
+
+:func:`shaped_rewards` adds potential-based shaping (Ng, Harada & Russell 1999,
+"Policy invariance under reward transformations"): r'_t = r_t + Φ(s_{t+1}) − Φ(s_t) with
+Φ(s) = −κ·[no clean completion exists from s] and Φ = 0 once the piece is complete. A piece's
+shaped return differs from its rule return by −Φ(s_0), a constant of its prompt, so the
+objective and its optimum are unchanged (the KL-regularised one too); what changes is that a
+note that leads into a dead end is charged κ at that note, where ``credit: all_actions`` sees it
+for every candidate note without sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from tasks.counterpoint.piece import FirstSpeciesBatch
+from tasks.counterpoint.rules import SOFT_RULES, Rule, violations
+
+WINDOW = 4  # a flag at note j reads the counterpoint's notes j-3..j
+# Rules whose flag at note j reads the counterpoint's note j alone (with the cantus and the piece's
+# length): a clean piece uses at note j only pitches that pass them, so the search starts there.
+VERTICAL = frozenset({"dissonance", "voice_crossing", "voice_range", "outside_mode", "middle_unison", "bad_start", "bad_end"})
+
+
+@dataclass(frozen=True)
+class Lookahead:
+    """The solved cantus: ``cands[i]`` [k_i] the counterpoint pitches note i may take (those that
+    pass the vertical rules there); ``feasible[i]`` bool [k_{i-2}, k_{i-1}, k_i] (axes of size 1
+    before note 0): notes i+1.. can be written breaking no hard rule after these three notes;
+    ``start``: a clean piece exists at all."""
+
+    cands: tuple[np.ndarray, ...]
+    feasible: tuple[np.ndarray, ...]
+    start: bool
+
+    def index(self, i: int, pitches: np.ndarray) -> np.ndarray:
+        """Position of each pitch in ``cands[i]`` (-1 where it is not a candidate); index 0 before note 0."""
+        if i < 0:
+            return np.zeros(np.shape(pitches), dtype=np.int64)
+        table = np.full(129, -1, dtype=np.int64)
+        table[self.cands[i]] = np.arange(len(self.cands[i]))
+        return table[np.clip(pitches, 0, 128)]
+
+    def potential_after(self, i: int, prev2: int, prev1: int, pitches: np.ndarray) -> np.ndarray:
+        """[A] bool: notes i+1.. can be written clean after notes i-2, i-1 = prev2, prev1 and note i = each of ``pitches``."""
+        if i == len(self.cands) - 1:
+            return np.ones(len(pitches), dtype=bool)  # the piece is complete
+        x, y, z = self.index(i - 2, np.array(prev2)), self.index(i - 1, np.array(prev1)), self.index(i, pitches)
+        if x < 0 or y < 0:
+            return np.zeros(len(pitches), dtype=bool)
+        out = np.zeros(len(pitches), dtype=bool)
+        ok = z >= 0
+        out[ok] = self.feasible[i][x, y, z[ok]]
+        return out
+
+
+def _hard(rules: Sequence[Rule]) -> list[Rule]:
+    return [r for r in rules if r.name not in SOFT_RULES]
+
+
+def _flags(cantus: np.ndarray, cps: np.ndarray, below: bool, final: int, rules: Sequence[Rule]) -> np.ndarray:
+    """[P, N] bool: any of ``rules`` broken at each note of the pieces ``cps`` [P, N] over one cantus."""
+    P, N = cps.shape
+    batch = FirstSpeciesBatch(np.broadcast_to(cantus, (P, N)).copy(), cps, np.full(P, below), np.full(P, final % 12), np.full(P, N))
+    v = violations(batch, rules)
+    return np.logical_or.reduce(list(v.values())) if v else np.zeros((P, N), dtype=bool)
+
+
+def solve(cantus: Sequence[int], below: bool, final: int, intervals: Sequence[int], rules: Sequence[Rule]) -> Lookahead:
+    """Solve one cantus firmus: candidates per note, then ``feasible`` backwards from the last note.
+
+    ``intervals`` are the counterpoint's possible signed distances to the cantus (the action
+    space); ``rules`` the task's rules (soft ones are ignored)."""
+    cf = np.asarray(cantus, dtype=np.int64)
+    N = len(cf)
+    hard = _hard(rules)
+    iv = np.asarray(intervals, dtype=np.int64)
+    pitches = cf[None, :] + iv[:, None]  # [A, N]: the same interval at every note
+    inside = (pitches >= 0) & (pitches <= 127)
+    vert = [r for r in hard if r.name in VERTICAL]
+    bad = _flags(cf, np.clip(pitches, 0, 127), below, final, vert) | ~inside
+    cands = tuple(np.unique(pitches[~bad[:, i], i]) for i in range(N))
+    fill = np.array([c[0] if len(c) else cf[i] for i, c in enumerate(cands)])
+    valid = []  # valid[j]: bool [k_{j-3}, k_{j-2}, k_{j-1}, k_j]: note j breaks no hard rule after the window
+    for j in range(N):
+        axes = [cands[i] if i >= 0 else np.array([0]) for i in range(j - WINDOW + 1, j + 1)]
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, WINDOW)  # [P, 4]
+        cps = np.repeat(fill[None, :], len(grid), axis=0)
+        for w in range(WINDOW):
+            i = j - WINDOW + 1 + w
+            if i >= 0:
+                cps[:, i] = grid[:, w]
+        ok = ~_flags(cf, cps, below, final, hard)[:, j] if len(grid) else np.zeros(0, dtype=bool)
+        valid.append(ok.reshape([len(a) for a in axes]))
+    feasible: list[np.ndarray] = [np.zeros(0, dtype=bool)] * N
+    shape = lambda i: [len(cands[k]) if k >= 0 else 1 for k in (i - 2, i - 1, i)]  # noqa: E731
+    feasible[N - 1] = np.ones(shape(N - 1), dtype=bool)
+    for j in range(N - 1, 0, -1):  # notes j.. clean after the window ending at j-1
+        feasible[j - 1] = (valid[j] & feasible[j][None]).any(-1).reshape(shape(j - 1))
+    start = bool((valid[0].reshape(-1) & feasible[0].reshape(-1)).any())
+    return Lookahead(cands, tuple(feasible), start)
+
+
+def shaped_rewards(la: Lookahead, cp: Sequence[int], action_pitches: np.ndarray, kappa: float) -> tuple[np.ndarray, np.ndarray]:
+    """The shaping terms of one piece: ``Φ(s_{t+1}(a)) − Φ(s_t)`` for every note t and action a
+    ([N, A], ``action_pitches`` [N, A] the pitch action a writes at note t), and for the piece's
+    own notes ([N]); Φ(s) = −κ·[no clean completion from s], 0 at the end of the piece."""
+    N = len(la.cands)
+    cp = np.asarray(cp, dtype=np.int64)
+    phi_before = np.empty(N)  # Φ(s_t): before note t is written
+    phi_before[0] = 0.0 if la.start else -kappa
+    after = np.empty(action_pitches.shape)
+    own = np.empty(N)
+    for t in range(N):
+        p2 = int(cp[t - 2]) if t >= 2 else 0
+        p1 = int(cp[t - 1]) if t >= 1 else 0
+        ok = la.potential_after(t, p2, p1, np.concatenate([action_pitches[t], cp[t : t + 1]]))
+        phi = np.where(ok, 0.0, -kappa)
+        after[t], own[t] = phi[:-1], phi[-1]
+        if t + 1 < N:
+            phi_before[t + 1] = own[t]
+    return after - phi_before[:, None], own - phi_before

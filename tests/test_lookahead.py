@@ -1,0 +1,121 @@
+"""The counterpoint lookahead (tasks/counterpoint/lookahead.py) against brute-force enumeration
+of every consonant counterpoint, the locality its search rests on, and the shaping's promise:
+a piece's return changes only by a constant of its cantus."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from apps.pipeline import load_run_config, make_task
+from rlhf.interfaces import Completions
+from rlhf.rollout import length_mask
+from tasks.counterpoint import lookahead as L
+from tasks.counterpoint import rules as R
+from tasks.counterpoint.cantus_gen import generate_melodies
+from tasks.counterpoint.piece import FirstSpeciesBatch
+
+HARD = [r for r in R.FIRST_SPECIES_RULES if r.name not in R.SOFT_RULES]
+INTERVALS = np.arange(-24, 25)
+
+
+def _hard_flags(cf: np.ndarray, cps: np.ndarray, below: bool) -> np.ndarray:
+    """[P, N] any hard rule broken, straight from rules.violations."""
+    P, N = cps.shape
+    batch = FirstSpeciesBatch(np.repeat(cf[None], P, 0), cps, np.full(P, below), np.full(P, cf[-1] % 12), np.full(P, N))
+    return np.logical_or.reduce([v for v in R.violations(batch, HARD).values()])
+
+
+def test_feasibility_is_what_enumerating_every_counterpoint_finds():
+    """For 5-note cantus firmi in both positions, every counterpoint over the consonances is
+    enumerated (a clean piece uses no other interval); a prefix can be finished clean exactly
+    where potential_after says so, and ``start`` is whether any clean piece exists."""
+    seen_dead_end = 0
+    for m in generate_melodies(8, 0, min_notes=8, max_notes=10):
+        cf = np.array(m.pitches[:5])
+        for below in (True, False):
+            la = L.solve(cf, below, int(cf[-1] % 12), INTERVALS, R.FIRST_SPECIES_RULES)
+            cons = np.array([0, 3, 4, 7, 8, 9, 12, 15, 16]) * (1 if below else -1)
+            grid = np.array(list(itertools.product(cons, repeat=len(cf)))) + cf[None]  # [9^5, 5]
+            flags = _hard_flags(cf, grid, below)
+            assert la.start == bool((~flags.any(1)).any())
+            for t in range(len(cf)):
+                finishable: dict[tuple, bool] = {}
+                for pre, ok in zip(map(tuple, grid[:, : t + 1]), ~flags[:, t + 1 :].any(1)):
+                    finishable[pre] = finishable.get(pre, False) or bool(ok)
+                for pre, want in finishable.items():
+                    p2, p1 = (pre[t - 2] if t >= 2 else 0), (pre[t - 1] if t >= 1 else 0)
+                    got = bool(la.potential_after(t, p2, p1, np.array([pre[t]]))[0])
+                    window = [la.index(i, np.array(pre[i])) >= 0 for i in range(max(0, t - 2), t + 1)]
+                    if all(window):
+                        assert got == want, (cf.tolist(), below, pre)
+                        seen_dead_end += not want
+                    else:  # a note that breaks a vertical rule in the last three: not finishable (the potential's convention), unless complete
+                        assert got == (t == len(cf) - 1)
+    assert seen_dead_end > 100  # dead ends occur, so the comparison is not vacuous
+
+
+def test_a_rule_at_a_note_reads_only_the_three_notes_before_it():
+    """The premise of the search: changing notes outside j-3..j never changes a hard rule's flag
+    at j, and the VERTICAL rules' flag at j reads note j alone."""
+    rng = np.random.default_rng(5)
+    vertical = [r for r in HARD if r.name in L.VERTICAL]
+    for _ in range(60):
+        m = generate_melodies(1, int(rng.integers(1 << 30)), min_notes=8, max_notes=14)[0]
+        cf = np.array(m.pitches)
+        N, below = len(cf), bool(rng.random() < 0.5)
+        sign = 1 if below else -1
+        base = cf + sign * rng.choice([0, 3, 4, 7, 8, 9, 12, 16], size=N)
+        j = int(rng.integers(N))
+        other = base.copy()
+        far = np.array([i for i in range(N) if i < j - 3 or i > j], dtype=int)
+        other[far] += rng.choice([-5, -2, 2, 7], size=len(far))
+        near = np.array([i for i in range(N) if i != j], dtype=int)
+        moved = base.copy()
+        moved[near] += rng.choice([-5, -2, 2, 7], size=len(near))
+        for rule_set, a, b in ((HARD, base, other), (vertical, base, moved)):
+            batch = FirstSpeciesBatch(np.stack([cf, cf]), np.stack([a, b]), np.array([below] * 2), np.array([cf[-1] % 12] * 2), np.array([N] * 2))
+            for name, v in R.violations(batch, rule_set).items():
+                assert v[0, j] == v[1, j], (name, j, a.tolist(), b.tolist())
+
+
+@pytest.fixture(scope="module")
+def tasks_and_batch():
+    plain = make_task(load_run_config("configs/counterpoint.yaml", quick=True))
+    shaped = make_task(load_run_config("configs/counterpoint.yaml", ["task.lookahead=3.0"], quick=True))
+    prompts = plain.train_prompts()[:24] * 6
+    ids = torch.tensor(plain.codec.completion_token_ids)
+    values = plain.codec.completion_values(ids.numpy())
+    consonant = ids[torch.from_numpy(np.isin(np.abs(values), [3, 4, 7, 8, 9, 12, 15, 16]))]
+    T = max(p.n_new for p in prompts)
+    g = torch.Generator().manual_seed(0)
+    tokens = consonant[torch.randint(len(consonant), (len(prompts), T), generator=g)]  # mostly consonant: dead ends and clean pieces both occur
+    lengths = [p.n_new for p in prompts]
+    return plain, shaped, Completions(prompts, tokens, length_mask(lengths, T), lengths)
+
+
+def test_shaping_changes_each_return_by_a_constant_of_its_cantus(tasks_and_batch):
+    """Σ_t r'_t − Σ_t r_t = −Φ(s_0): κ where no clean piece exists for the cantus, else 0; yet
+    single notes are charged (dead ends) and given back (later)."""
+    plain, shaped, comps = tasks_and_batch
+    raw, new = plain.reward(comps).values, shaped.reward(comps).values  # [B, T]
+    diff = (new - raw) * comps.mask
+    items = plain.decode(comps.prompts, [comps.tokens[b, : comps.lengths[b]].tolist() for b in range(len(comps))])
+    starts = np.array([shaped._lookahead(it).start for it in items])
+    np.testing.assert_allclose(diff.sum(1).numpy(), np.where(starts, 0.0, 3.0), atol=1e-5)
+    assert (diff < -2.9).any() and (diff > 2.9).any()
+
+
+def test_shaped_action_rewards_agree_with_the_shaped_reward_and_charge_dead_ends(tasks_and_batch):
+    plain, shaped, comps = tasks_and_batch
+    act, act_plain = shaped.action_rewards(comps), plain.action_rewards(comps)
+    at_sampled = act.gather(-1, comps.tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(at_sampled * comps.mask, shaped.reward(comps).values * comps.mask)
+    # at a step, two actions with the same rule reward differ by κ exactly when one of them leads into a dead end
+    extra = (act - act_plain)[:, :, shaped.allowed]  # [B, T, A]
+    spread = extra.amax(-1) - extra.amin(-1)
+    assert torch.isclose(spread[comps.mask.bool()], torch.tensor(3.0)).any()
+    assert set(torch.unique(spread[comps.mask.bool()].round(decimals=4)).tolist()) <= {0.0, 3.0}
