@@ -41,6 +41,7 @@ SETTINGS = {
     "rloo-filtered": {"algorithm": "rloo", "lr": 1e-3, "temperature": 0.85, "rloo": {"baseline": "greedy", "positive_only": True}},
     # each visited state's rule reward for every note tilts the prior; the policy imitates that distribution
     "tilt": {},
+    "rloo-distill": {"algorithm": "rloo", "rloo": {"credit": "all_actions", "distill": 2.0}, "kl": {"estimator": "exact"}},
     "mrt": {"mrt": {"k": 4, "alpha": 0.5}},
     "q": {"kl_control": {"exploration": "epsilon", "epsilon": 0.05}},
     "psi": {},
@@ -236,3 +237,8 @@ def test_tempered_rollout_scores_with_the_tempered_policy():
 def test_tilt_needs_a_fixed_positive_beta(kl):
     with pytest.raises(ValueError, match=r"tilt distils p·exp\(r/\(βc\)\): it needs a fixed tune.kl.beta > 0"):
         TuneConfig.model_validate({"algorithm": "tilt", "kl": kl})
+
+
+def test_rloo_distill_needs_every_actions_reward():
+    with pytest.raises(ValueError, match="distill=1.0 needs every action's reward at every step: set rloo.credit: all_actions"):
+        TuneConfig.model_validate({"algorithm": "rloo", "rloo": {"distill": 1.0}})

@@ -14,7 +14,7 @@ from rlhf.advantages import discounted_returns, masked_sum, rloo_advantages, sel
 from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, Rollout, TemperedScoring, rl_metrics, row_chunks
 from rlhf.interfaces import Step
 from rlhf.kl import masked_log_softmax
-from rlhf.losses import expected_reward_loss, reinforce_loss
+from rlhf.losses import distillation_loss, expected_reward_loss, reinforce_loss, tilted_target
 
 
 class RLOOConfig(AlgorithmSettings):
@@ -53,6 +53,13 @@ class RLOOConfig(AlgorithmSettings):
         "policy gradient with far less variance, since most samples of a weak model are worse than its greedy output.",
     )
 
+    distill: float = Field(
+        0.0, ge=0,
+        description="Weight of tune.algorithm tilt's loss added to RLOO's: the cross-entropy from the prior tilted by every action's "
+        "reward, π*(a|s) ∝ p(a|s)·exp(r(s,a)/(βc)), at each state of the rollout (rlhf/algorithms/tilt.py). RLOO's own terms are "
+        "mode-seeking (reverse KL); this forward-KL term keeps the actions π* keeps. Needs credit: all_actions. 0 = off.",
+    )
+
     @property
     def group(self) -> int:
         return self.k
@@ -66,6 +73,8 @@ class RLOOConfig(AlgorithmSettings):
         if self.credit != "sequence" and self.baseline == "greedy":
             raise ValueError(f"credit={self.credit} needs baseline=leave_one_out (the greedy baseline is one return per prompt, not one per step); "
                              "set rloo.credit: sequence or rloo.baseline: leave_one_out")
+        if self.distill and self.credit != "all_actions":
+            raise ValueError(f"distill={self.distill} needs every action's reward at every step: set rloo.credit: all_actions, or rloo.distill: 0")
         if self.credit == "sequence" and self.gamma != 1.0:
             raise ValueError(f"gamma={self.gamma} discounts the reward-to-go of credit=token or all_actions; credit=sequence has one "
                              "return per sample: set rloo.credit: token (or all_actions), or leave rloo.gamma at 1")
@@ -107,6 +116,7 @@ class RLOO:
         action_rewards = step.action_rewards() if self.cfg.credit == "all_actions" else None  # [B, T, V]
         ro = sc.tempered(step.rollout)
         kl, shaped, ret = sc.returns(ro, task_reward, beta)
+        target = tilted_target(ro.logits_prior, action_rewards, 1.0 / (beta * self.kl_cfg.c), self.allowed) if self.cfg.distill else None
         if greedy is not None:
             adv = self_critical_advantages(ret, sc.returns(sc.tempered(greedy[0]), greedy[1], beta)[2], self.cfg.k)  # [B]
         elif self.cfg.credit == "token":
@@ -131,8 +141,10 @@ class RLOO:
                 logits, logp = sc.fresh_logp(model, c)
                 loss = reinforce_loss(logp, adv[rows] if adv.ndim == 1 else adv[rows, :t], c.mask) + beta * sc.kl_loss(logits, logp, c)
                 if action_rewards is not None:
-                    loss = loss + expected_reward_loss(masked_log_softmax(logits.float(), self.allowed), action_rewards[rows, :t] / self.kl_cfg.c,
-                                                       c.mask)
+                    logp_all = masked_log_softmax(logits.float(), self.allowed)
+                    loss = loss + expected_reward_loss(logp_all, action_rewards[rows, :t] / self.kl_cfg.c, c.mask)
+                    if target is not None:
+                        loss = loss + self.cfg.distill * distillation_loss(logp_all, target[rows, :t], c.mask)
                 yield loss * (c.mask.sum() / tokens) * scale
 
         for _ in range(self.cfg.epochs):
