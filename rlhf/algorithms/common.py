@@ -230,6 +230,23 @@ class AlgorithmSettings(Section):
         """Raise ValueError (cause and fix) when these settings clash with the shared tune settings."""
 
 
+class OnPolicy:
+    """What an on-policy algorithm with no state of its own beside the model shares (PPO, RLOO,
+    MRT, tilt): it samples its policy, and a checkpoint holds nothing more (the optimizer and
+    the model are the loop's)."""
+
+    model: torch.nn.Module
+
+    def rollout(self, sampling, prompts) -> Rollout:
+        return sampling.sample(self.model, prompts)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class TemperedScoring:
     """What the sequence-level algorithms (RLOO, MRT) share: they train the tempered policy
     π_τ = softmax(logits/τ) on its own samples, scored by the KL-shaped return.

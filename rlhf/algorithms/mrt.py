@@ -12,7 +12,7 @@ from rlhf import distributed
 from rlhf.advantages import first_in_group, masked_sum
 import torch
 
-from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, Rollout, TemperedScoring, rl_metrics
+from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, OnPolicy, Rollout, TemperedScoring, rl_metrics
 from rlhf.interfaces import Step
 from rlhf.losses import risk_loss
 
@@ -41,7 +41,7 @@ class MRTConfig(AlgorithmSettings):
                              "sampling temperature; set tune.temperature: 1 (mrt.alpha sets how sharply the loss weighs them)")
 
 
-class MRT:
+class MRT(OnPolicy):
     """Samples and scores like RLOO (the tempered policy, the KL-shaped return:
     ``TemperedScoring``); only the loss differs."""
 
@@ -61,12 +61,6 @@ class MRT:
         if self.cfg.candidates == "beam":  # the k best beams of each prompt (rows k·g … k·g + k − 1)
             return sampling.beam(self.model, prompts[:: self.cfg.k], self.cfg.k)
         return sampling.sample(self.model, prompts)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     def update(self, loop, step: Step) -> dict[str, float]:
         k, alpha, sc = self.cfg.k, self.cfg.alpha, self.scoring

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from rlhf import distributed
 from rlhf.advantages import gae, masked_mean
-from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, Rollout, gather_logp, rl_metrics
+from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, OnPolicy, Rollout, gather_logp, rl_metrics
 from rlhf.interfaces import Step
 from rlhf.kl import kl_pathwise_loss, shape_rewards
 from rlhf.losses import entropy_from_logits, ppo_policy_loss, value_loss
@@ -38,7 +38,7 @@ class PPOConfig(AlgorithmSettings):
                              "itself; set tune.temperature: 1, or use tune.algorithm: rloo, which trains the tempered policy")
 
 
-class PPO:
+class PPO(OnPolicy):
     group = 1
     needs_action_rewards = False
 
@@ -53,12 +53,6 @@ class PPO:
 
     def rollout(self, sampling, prompts) -> Rollout:
         return sampling.sample(self.policy, prompts, hidden=True)  # the hidden states feed the value head
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     @torch.no_grad()
     def _values(self, ro: Rollout) -> torch.Tensor:

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from rlhf import distributed
 from rlhf.advantages import discounted_returns, masked_sum, rloo_advantages, self_critical_advantages
-from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, Rollout, TemperedScoring, rl_metrics, row_chunks
+from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, OnPolicy, TemperedScoring, rl_metrics, row_chunks
 from rlhf.interfaces import Step
 from rlhf.kl import masked_log_softmax
 from rlhf.losses import distillation_loss, expected_reward_loss, reinforce_loss, tilted_target
@@ -81,7 +81,7 @@ class RLOOConfig(AlgorithmSettings):
         return self
 
 
-class RLOO:
+class RLOO(OnPolicy):
     def __init__(self, cfg: RLOOConfig, kl: KLConfig, model, allowed: torch.Tensor | None, temperature: float = 1.0):
         self.cfg, self.kl_cfg, self.model, self.allowed = cfg, kl, model, allowed
         self.scoring = TemperedScoring(kl, allowed, temperature)
@@ -92,15 +92,6 @@ class RLOO:
     @classmethod
     def build(cls, ctx: BuildContext) -> tuple["RLOO", torch.nn.Module]:
         return cls(ctx.settings, ctx.kl, ctx.policy, ctx.allowed, temperature=ctx.temperature), ctx.policy
-
-    def rollout(self, sampling, prompts) -> Rollout:
-        return sampling.sample(self.model, prompts)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     def update(self, loop, step: Step) -> dict[str, float]:
         """One REINFORCE step on the KL-shaped return. The self-critical baseline samples the

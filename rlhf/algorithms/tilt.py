@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from rlhf import distributed
-from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, Rollout, TemperedScoring, rl_metrics
+from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, OnPolicy, TemperedScoring, rl_metrics
 from rlhf.interfaces import Step
 from rlhf.kl import masked_log_softmax
 from rlhf.losses import distillation_loss, tilted_target
@@ -41,7 +41,7 @@ class TiltConfig(AlgorithmSettings):
             raise ValueError(f"tune.algorithm=tilt trains on the policy's own samples at temperature 1; got tune.temperature={tune.temperature}")
 
 
-class Tilt:
+class Tilt(OnPolicy):
     def __init__(self, cfg: TiltConfig, kl: KLConfig, model, allowed: torch.Tensor | None):
         self.cfg, self.kl_cfg, self.model, self.allowed = cfg, kl, model, allowed
         self.scoring = TemperedScoring(kl, allowed, 1.0)
@@ -52,15 +52,6 @@ class Tilt:
     @classmethod
     def build(cls, ctx: BuildContext) -> tuple["Tilt", torch.nn.Module]:
         return cls(ctx.settings, ctx.kl, ctx.policy, ctx.allowed), ctx.policy
-
-    def rollout(self, sampling, prompts) -> Rollout:
-        return sampling.sample(self.model, prompts)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     def update(self, loop, step: Step) -> dict[str, float]:
         """One step of cross-entropy toward the tilted prior at the rollout's states."""

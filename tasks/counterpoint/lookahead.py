@@ -41,19 +41,19 @@ class Lookahead:
     """The solved cantus: ``cands[i]`` [k_i] the counterpoint pitches note i may take (those that
     pass the vertical rules there); ``feasible[i]`` bool [k_{i-2}, k_{i-1}, k_i] (axes of size 1
     before note 0): notes i+1.. can be written breaking no hard rule after these three notes;
-    ``start``: a clean piece exists at all."""
+    ``start``: a clean piece exists at all; ``slots[i]`` [129] each MIDI pitch's position in
+    ``cands[i]`` (-1 where it is not one; entry 128 stands for anything out of range)."""
 
     cands: tuple[np.ndarray, ...]
     feasible: tuple[np.ndarray, ...]
     start: bool
+    slots: tuple[np.ndarray, ...]
 
     def index(self, i: int, pitches: np.ndarray) -> np.ndarray:
         """Position of each pitch in ``cands[i]`` (-1 where it is not a candidate); index 0 before note 0."""
         if i < 0:
             return np.zeros(np.shape(pitches), dtype=np.int64)
-        table = np.full(129, -1, dtype=np.int64)
-        table[self.cands[i]] = np.arange(len(self.cands[i]))
-        return table[np.clip(pitches, 0, 128)]
+        return self.slots[i][np.clip(pitches, 0, 128)]
 
     def potential_after(self, i: int, prev2: int, prev1: int, pitches: np.ndarray) -> np.ndarray:
         """[A] bool: notes i+1.. can be written clean after notes i-2, i-1 = prev2, prev1 and note i = each of ``pitches``."""
@@ -112,7 +112,10 @@ def solve(cantus: Sequence[int], below: bool, final: int, intervals: Sequence[in
     for j in range(N - 1, 0, -1):  # notes j.. clean after the window ending at j-1
         feasible[j - 1] = (valid[j] & feasible[j][None]).any(-1).reshape(shape(j - 1))
     start = bool((valid[0].reshape(-1) & feasible[0].reshape(-1)).any())
-    return Lookahead(cands, tuple(feasible), start)
+    slots = tuple(np.full(129, -1, dtype=np.int64) for _ in cands)
+    for slot, c in zip(slots, cands):
+        slot[c] = np.arange(len(c))
+    return Lookahead(cands, tuple(feasible), start, slots)
 
 
 def shaped_rewards(la: Lookahead, cp: Sequence[int], action_pitches: np.ndarray, kappa: float) -> tuple[np.ndarray, np.ndarray]:

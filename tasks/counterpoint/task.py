@@ -100,6 +100,8 @@ class CounterpointTask:
         self._pool: tuple[list[cantus_gen.Cantus], list[cantus_gen.Cantus]] | None = None
         self.rules = cfg.rules()  # the built-in rules of the mode plus task.extra_rules
         self._solved: dict[tuple, lookahead.Lookahead] = {}  # cantus, position, final -> its solved lookahead (task.lookahead)
+        self._action_ids = np.asarray(self.codec.completion_token_ids)  # [A] the action space's token ids
+        self._action_values = self.codec.completion_values(self._action_ids)  # [A] each action's interval (first species) or event
 
     @property
     def tokenizer(self):
@@ -249,12 +251,10 @@ class CounterpointTask:
         prompts, tokens = completions.prompts, completions.tokens
         B, T = tokens.shape
         items = self.decode(prompts, [t[: p.n_new] for p, t in zip(prompts, tokens.tolist())])
-        ids = np.asarray(self.codec.completion_token_ids)
+        ids, values = self._action_ids, self._action_values
         bonus = self.cfg.clean_bonus
-        r = rules.counterfactual_step_rewards(FirstSpeciesBatch.from_pieces(items), self.codec.completion_values(ids), self.cfg.rule_weights, bonus,
-                                              self.rules)
+        r = rules.counterfactual_step_rewards(FirstSpeciesBatch.from_pieces(items), values, self.cfg.rule_weights, bonus, self.rules)
         if self.cfg.lookahead:
-            values = self.codec.completion_values(ids)
             for b, it in enumerate(items):
                 m = len(it.cantus)
                 pitches = np.asarray(it.cantus)[:, None] + values[None, :]  # [N, A]: the note each action writes
@@ -267,8 +267,7 @@ class CounterpointTask:
     def _lookahead(self, it: FirstSpeciesPiece) -> lookahead.Lookahead:
         key = (it.cantus, it.cantus_position, it.final)
         if key not in self._solved:
-            values = self.codec.completion_values(np.asarray(self.codec.completion_token_ids))
-            self._solved[key] = lookahead.solve(it.cantus, it.cantus_position == "below", it.final, values, self.rules)
+            self._solved[key] = lookahead.solve(it.cantus, it.cantus_position == "below", it.final, self._action_values, self.rules)
         return self._solved[key]
 
     # ----- sampling and scoring -----------------------------------------------------------
