@@ -90,6 +90,19 @@ def distillation_loss(logp_all: torch.Tensor, target_logp: torch.Tensor, mask: t
     return masked_mean(-(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1), mask)
 
 
+def reverse_kl_loss(logp_all: torch.Tensor, target_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean_t Σ_a π(a|s_t)·(log π(a|s_t) − log π*(a|s_t)): the reverse KL(π‖π*) to a target
+    distribution at every state, exact over the action space. Mode-seeking: an action π* all but
+    rules out (a rule broken, log π* far below) costs π(a)·|log π*(a)|, so its mass is removed
+    much harder than by the cross-entropy (whose gradient there is only π(a) − π*(a)). With π* the
+    tilted prior it is −E_π[r/(βc)] + KL(π‖p) at the state, up to a constant (Jaques et al. 2017,
+    eq. 8).  logp_all, target_logp [B, T, V] (−inf outside the action space), mask [B, T]."""
+    out = ~torch.isfinite(target_logp)
+    lp = logp_all.masked_fill(out, 0.0)
+    kl = (lp.exp() * (lp - target_logp.detach().masked_fill(out, 0.0))).masked_fill(out, 0.0).sum(-1)  # [B, T]
+    return masked_mean(kl, mask)
+
+
 def risk_loss(seq_logp: torch.Tensor, returns: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:
     """Minimum risk training (Shen et al. 2016, "Minimum Risk Training for Neural Machine
     Translation", eq. 11–13), as a loss: the expected return under the model's distribution

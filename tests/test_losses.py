@@ -254,3 +254,35 @@ def test_distillation_loss_matches_loop_and_its_gradient_is_pi_minus_target():
     assert loss.item() == pytest.approx(want, abs=1e-12)
     assert torch.allclose(logits.grad, grad, atol=1e-12)
     assert logits.grad[1, 2].abs().max() < 1e-15 and logits.grad[0, 2:].abs().max() == 0.0
+
+
+def test_reverse_kl_loss_matches_loop_and_its_gradient():
+    """Value: mean over real steps of Σ_a π(a)(log π(a) − log π*(a)); gradient w.r.t. the logits
+    at a real step: π(a)·(log π(a) − log π*(a) − KL) / n, zero where π = π*."""
+    from rlhf.kl import masked_log_softmax
+    from rlhf.losses import reverse_kl_loss
+
+    g = torch.Generator().manual_seed(5)
+    B, T, V = 3, 4, 6
+    allowed = torch.tensor([True, False, True, True, True, True])
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    target = masked_log_softmax(3 * torch.randn(B, T, V, generator=g, dtype=torch.float64), allowed)
+    target[2, 1] = masked_log_softmax(logits[2, 1].detach(), allowed)  # the policy already equals the target here
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    loss = reverse_kl_loss(masked_log_softmax(logits, allowed), target, mask)
+    loss.backward()
+    n = int(mask.sum())
+    want, grad = 0.0, torch.zeros(B, T, V, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            z = sum(math.exp(logits[b, t, a].item()) for a in range(V) if allowed[a])
+            pi = {a: math.exp(logits[b, t, a].item()) / z for a in range(V) if allowed[a]}
+            kl = sum(pi[a] * (math.log(pi[a]) - target[b, t, a].item()) for a in pi)
+            want += kl / n
+            for a in pi:
+                grad[b, t, a] = pi[a] * (math.log(pi[a]) - target[b, t, a].item() - kl) / n
+    assert loss.item() == pytest.approx(want, abs=1e-12)
+    assert torch.allclose(logits.grad, grad, atol=1e-12)
+    assert logits.grad[2, 1].abs().max() < 1e-15 and logits.grad[1, 1:].abs().max() == 0.0 and logits.grad[:, :, 1].abs().max() == 0.0

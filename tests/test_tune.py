@@ -41,6 +41,8 @@ SETTINGS = {
     "rloo-filtered": {"algorithm": "rloo", "lr": 1e-3, "temperature": 0.85, "rloo": {"baseline": "greedy", "positive_only": True}},
     # each visited state's rule reward for every note tilts the prior; the policy imitates that distribution
     "tilt": {},
+    # the reverse KL to the same target, two gradient steps per rollout
+    "tilt-reverse": {"algorithm": "tilt", "tilt": {"divergence": "reverse", "epochs": 2}},
     "rloo-distill": {"algorithm": "rloo", "rloo": {"credit": "all_actions", "distill": 2.0}, "kl": {"estimator": "exact"}},
     "mrt": {"mrt": {"k": 4, "alpha": 0.5}},
     "q": {"kl_control": {"exploration": "epsilon", "epsilon": 0.05}},

@@ -9,9 +9,12 @@ Distillation of Language Models": the student's states, so it learns to recover 
 mistakes). Where r(s, a) already carries what a step does to the rest of the sequence (the
 counterpoint rules with ``task.lookahead``), π* is the KL-regularised optimum of the whole
 sequence up to what the reward leaves out, and no sampled return is needed: the update has the
-variance of supervised learning. ``kl.prior_temperature`` tilts p^(1/T) instead of p."""
+variance of supervised learning. ``kl.prior_temperature`` tilts p^(1/T) instead of p.
+``divergence: reverse`` takes KL(π‖π*) instead (mode-seeking), ``symmetric`` the sum of both."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -20,11 +23,19 @@ from rlhf import distributed
 from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, OnPolicy, TemperedScoring, rl_metrics
 from rlhf.interfaces import Step
 from rlhf.kl import masked_log_softmax
-from rlhf.losses import distillation_loss, tilted_target
+from rlhf.losses import distillation_loss, reverse_kl_loss, tilted_target
 
 
 class TiltConfig(AlgorithmSettings):
     k: int = Field(4, ge=1, description="Samples per prompt in one iteration (rewards that compare a prompt's samples, such as novelty, need k ≥ 2).")
+    divergence: Literal["forward", "reverse", "symmetric"] = Field(
+        "forward",
+        description="forward: the cross-entropy −Σ_a π*(a|s)·log π(a|s) (mass-covering: keeps every action π* keeps, and so the variety); "
+        "reverse: KL(π‖π*) exact over the action space (mode-seeking: removes the mass of actions π* all but rules out, such as a "
+        "broken rule, far harder; rlhf/losses.py reverse_kl_loss, but on its way there it sharpens the policy beyond π*); symmetric: their "
+        "sum (Jeffreys' divergence, up to π*'s entropy). All three have π* as their optimum.",
+    )
+    epochs: int = Field(1, ge=1, description="Gradient steps on each rollout batch. The target does not depend on the policy, so reusing the batch stays sound.")
 
     @property
     def group(self) -> int:
@@ -61,10 +72,13 @@ class Tilt(OnPolicy):
         model = distributed.training_forward(loop, self.model)
         scale = distributed.token_share(ro.mask)[0] if distributed.world_size() > 1 else 1.0  # global token mean
 
+        terms = {"forward": [distillation_loss], "reverse": [reverse_kl_loss], "symmetric": [distillation_loss, reverse_kl_loss]}[self.cfg.divergence]
+
         def losses():
             logits, _ = self.scoring.fresh_logp(model, ro)
-            yield distillation_loss(masked_log_softmax(logits.float(), self.allowed), target, ro.mask) * scale
+            logp_all = masked_log_softmax(logits.float(), self.allowed)
+            yield sum(term(logp_all, target, ro.mask) for term in terms) * scale
 
-        out = {"loss/policy": loop.accumulate_step(losses())[0]}
+        out = {"loss/policy": sum(loop.accumulate_step(losses())[0] for _ in range(self.cfg.epochs)) / self.cfg.epochs}
         out.update(rl_metrics(ro, step.task_reward, kl, shaped))
         return out
