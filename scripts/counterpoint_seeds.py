@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prior", type=Path, default=None)
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--config", default="configs/counterpoint.yaml")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # key=value overrides before or after the flags
     out = args.out.resolve()
     ov = [*args.overrides, "progress=false"]
     prior = args.prior.resolve() if args.prior else out / "prior" / "models" / "prior"

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=8, help="labelled pairs of the rater that give z")
     ap.add_argument("--rater", action="append", default=[], metavar="GROUP=ID", help="the held-out rater of a group (default: its first)")
     ap.add_argument("--config", default="configs/counterpoint.yaml")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # key=value overrides before or after the flags
     args.overrides = [*DEFAULTS, *args.overrides]
 
     import numpy as np

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--config", default="configs/counterpoint.yaml")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # key=value overrides before or after the flags
     torch.manual_seed(args.seed)
     cfg = load_run_config(args.config, args.overrides)
     task = make_task(cfg, args.prior)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--prior", type=Path, default=None)
     ap.add_argument("--config", default="configs/translation.yaml")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # key=value overrides before or after the flags
     out = args.out.resolve()
     ov = [*args.overrides, "progress=false"]
     prior = args.prior.resolve() if args.prior else out / "prior" / "models" / "prior"
