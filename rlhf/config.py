@@ -33,7 +33,7 @@ class Section(BaseModel):
 # documented here once; each loop's section gives only its own default, e.g.
 # ``steps: Steps = 3000``. (``batch_size`` counts different things per loop and stays local.)
 Steps = Annotated[int, Field(ge=1, description="Training steps: optimizer steps (MLE, BT, VPL) or iterations of rollout + update (RL).")]
-LearningRate = Annotated[float, Field(gt=0, le=1, description="Learning rate: the peak of AdamW's linear warm-up and cosine decay (MLE, BT, VPL); constant Adam in RL.")]
+LearningRate = Annotated[float, Field(gt=0, le=1, description="Learning rate: the peak of AdamW's linear warm-up and cosine decay (MLE, BT, VPL); constant Adam in RL unless tune.lr_schedule says otherwise.")]
 WeightDecay = Annotated[float, Field(ge=0, description="AdamW weight decay.")]
 WarmupSteps = Annotated[int, Field(ge=0, description="Linear learning-rate warm-up steps.")]
 GradClip = Annotated[float, Field(gt=0, description="Clip the global gradient norm to this value.")]

@@ -10,6 +10,7 @@ sequence reward becomes per-step rewards in ``Rewards.per_step`` and nowhere els
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -47,6 +48,11 @@ class TuneConfig(Section):
     steps: Steps = 150
     batch_size: int = Field(64, ge=2, description="Sequences sampled per iteration.")
     lr: LearningRate = 3e-4
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="constant: tune.lr throughout; cosine: tune.lr decayed by half a cosine to 0 over tune.steps (iterations, not optimizer "
+        "steps), so the last iterations average out the noise of the sampled batches (rlhf/tune.py: scheduled_lr).",
+    )
     grad_clip: GradClip = 1.0
     temperature: float = Field(
         1.0, gt=0,
@@ -286,6 +292,9 @@ class Tuner:
         rolled the run back to its last checkpoint."""
         cfg, task, algo = self.cfg, self.task, self.algo
         group = cfg.group
+        lr = scheduled_lr(cfg.lr, cfg.lr_schedule, step, cfg.steps)
+        for g in self.loop.optimizer.param_groups:
+            g["lr"] = lr
         rng = np.random.default_rng([self.seed, step])
         index = [int(i) for i in self.sampler.draw(rng, cfg.batch_size // group) for _ in range(group)]
         batch = [self.prompts[i] for i in index]
@@ -308,6 +317,8 @@ class Tuner:
             metrics = algo.update(self.loop, Step(ro, task_reward, self.ctl.value, comps, sampling, self.score, action_rewards))
         metrics.update({f"reward/{k}": v for k, v in rewards.diagnostics.items()})
         metrics["kl/coef"] = self.ctl.value
+        if cfg.lr_schedule != "constant":
+            metrics["lr"] = lr
         if "kl/mean" in metrics and self.guard_kl(metrics["kl/mean"]):  # every built-in algorithm reports kl/mean (rl_metrics)
             return None
         if self.cfg.kl.on_max == "rollback":
@@ -320,6 +331,13 @@ class Tuner:
         self.loop.extra_state["prompts"] = self.sampler.state_dict
         self.loop.extra_state["algo"] = algo.state_dict
         return metrics
+
+
+def scheduled_lr(peak: float, schedule: Literal["constant", "cosine"], step: int, total: int) -> float:
+    """The learning rate of iteration ``step`` of ``total``: ``peak``, or with ``cosine``
+    peak·½(1 + cos(π·step/total)) (Loshchilov & Hutter 2017, "SGDR", eq. 5 with one cycle and
+    η_min = 0). A function of the iteration alone, so a resumed run goes on where it was."""
+    return peak if schedule == "constant" else peak * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
 def tune(run: Run, cfg: TuneConfig, task: Task, prior_dir: Path, *, seed: int, resume: bool = False, progress: bool = True, name: str | None = None,

@@ -15,7 +15,7 @@ from apps.pipeline import load_run_config
 from rlhf.rollout import left_pad, sample_padded, sequence_forward
 from rlhf.runs import Run, latest_checkpoint, read_metrics
 from rlhf.interfaces import Rewards
-from rlhf.tune import TuneConfig, tune
+from rlhf.tune import TuneConfig, scheduled_lr, tune
 from tasks.counterpoint.task import CounterpointTask
 from tasks.counterpoint.tokens import Codec
 
@@ -78,7 +78,7 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("algorithm,extra", [("ppo", {}), ("psi", {}), ("ppo", {"prompt_sampling": "prioritized"})])
+@pytest.mark.parametrize("algorithm,extra", [("ppo", {}), ("psi", {}), ("ppo", {"prompt_sampling": "prioritized"}), ("rloo", {"lr_schedule": "cosine"})])
 def test_tune_resumes_exactly_after_a_crash(quick_run, tmp_path, algorithm, extra, monkeypatch):
     task, prior = task_and_prior(quick_run)
     cfg = TuneConfig.model_validate({"algorithm": algorithm, "steps": 6, "batch_size": 16, "checkpoint_every": 3, "kl": {"adaptive": True}, **extra})
@@ -108,6 +108,19 @@ def test_tune_resumes_exactly_after_a_crash(quick_run, tmp_path, algorithm, extr
     rb = read_metrics(run.root / "metrics.jsonl")
     assert [r["step"] for r in rb] == list(range(1, 7))
     assert [r["kl/coef"] for r in ra] == pytest.approx([r["kl/coef"] for r in rb])
+    if cfg.lr_schedule == "cosine":  # the resumed run goes on down the same schedule
+        assert [r["lr"] for r in rb] == pytest.approx([r["lr"] for r in ra])
+        assert [r["lr"] for r in rb] == pytest.approx([cfg.lr * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(6)])
+
+
+def test_cosine_schedule_against_its_endpoints_and_a_naive_sum():
+    assert scheduled_lr(1e-3, "constant", 7, 10) == 1e-3
+    assert scheduled_lr(1e-3, "cosine", 0, 10) == pytest.approx(1e-3)
+    assert scheduled_lr(1e-3, "cosine", 5, 10) == pytest.approx(5e-4)
+    lrs = [scheduled_lr(1.0, "cosine", s, 1000) for s in range(1000)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] > 0
+    # the mean of half a cosine from 1 to 0 is 1/2: the schedule spends half the constant schedule's step size
+    assert sum(lrs) / len(lrs) == pytest.approx(0.5, abs=1e-3)
 
 
 def test_centred_psi_and_g_learning_take_the_same_steps(quick_run, tmp_path):
