@@ -317,8 +317,7 @@ class Tuner:
             metrics = algo.update(self.loop, Step(ro, task_reward, self.ctl.value, comps, sampling, self.score, action_rewards))
         metrics.update({f"reward/{k}": v for k, v in rewards.diagnostics.items()})
         metrics["kl/coef"] = self.ctl.value
-        if cfg.lr_schedule != "constant":
-            metrics["lr"] = lr
+        metrics["lr"] = lr
         if "kl/mean" in metrics and self.guard_kl(metrics["kl/mean"]):  # every built-in algorithm reports kl/mean (rl_metrics)
             return None
         if self.cfg.kl.on_max == "rollback":

@@ -111,6 +111,8 @@ def test_tune_resumes_exactly_after_a_crash(quick_run, tmp_path, algorithm, extr
     if cfg.lr_schedule == "cosine":  # the resumed run goes on down the same schedule
         assert [r["lr"] for r in rb] == pytest.approx([r["lr"] for r in ra])
         assert [r["lr"] for r in rb] == pytest.approx([cfg.lr * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(6)])
+    else:
+        assert [r["lr"] for r in rb] == [cfg.lr] * 6
 
 
 def test_cosine_schedule_against_its_endpoints_and_a_naive_sum():
