@@ -16,7 +16,7 @@ from pydantic import Field, create_model, model_validator
 
 from apps.simulate import load_sidecar, preference_win_rates
 from reward_models.reward_source import LearnedRewardConfig, learned_reward
-from rlhf.config import RunSettings, Section, TaskConfig, apply_overrides, format_validation_error, read_yaml
+from rlhf.config import RunSettings, Section, TaskConfig, apply_overrides, deep_merge, format_validation_error, read_yaml
 from rlhf.errors import UserError
 from rlhf.interfaces import PipelineTask, RewardFn
 from rlhf.models import ModelConfig, build_model, count_parameters, load_model
@@ -76,14 +76,6 @@ def run_config_class(task_cls: type) -> type[RunConfig]:
     cfg_cls = task_cls.Config
     return create_model(f"{cfg_cls.__name__.removesuffix('Config')}RunConfig", __base__=RunConfig,
                         task=(cfg_cls, Field(default_factory=cfg_cls, description="The task.")))
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over`` laid over ``base`` (sections merged key by key), as a new dict."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *, quick: bool = False) -> RunConfig:

@@ -119,8 +119,14 @@ def _key_lines(text: str, source: str = "config") -> dict[tuple[str, ...], int]:
     return lines
 
 
-def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    """Read a YAML mapping; returns (data, key -> line). Raises UserError on any problem."""
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """Read a YAML mapping; returns (data, key -> ``file:line`` where it was set). Raises UserError
+    on any problem.
+
+    A top-level ``base: other.yaml`` (a path relative to this file) inherits that config: this
+    file is laid over it, sections merged key by key, lists and values replaced (``deep_merge``),
+    so a preset states only how it differs from its base. Bases may themselves have a base.
+    """
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: config file not found. Pass a path to a YAML file, e.g. configs/counterpoint.yaml.")
@@ -150,7 +156,50 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], i
                         "or configs/translation.yaml, or write the keys you want to set.")
     if not isinstance(data, dict):
         raise UserError(f"{p}: the top level must be a mapping of keys to values, got {type(data).__name__}.")
-    return data, lines
+    where = {k: f"{p}:{n}" for k, n in lines.items()}
+    if "base" not in data:
+        return data, where
+    return _inherit(p, data, where, _chain)
+
+
+def _inherit(p: Path, data: dict[str, Any], where: dict[tuple[str, ...], str], chain: tuple[Path, ...]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """``data`` (read from ``p``, with its ``base`` key) laid over the config it names."""
+    base = data.pop("base")
+    at = where.pop(("base",))
+    if not isinstance(base, str) or not base.strip():
+        raise UserError(f"{at}: base: expected the path of the config this one inherits, relative to this file (e.g. base: "
+                        f"counterpoint.yaml); got {_shown(base)}.")
+    target = p.parent / base
+    chain = (*chain, p.resolve())
+    try:
+        found, resolved = target.is_file(), target.resolve()
+    except (OSError, ValueError):  # a NUL byte, a name longer than the file system takes
+        found, resolved = False, None
+    if resolved in chain:
+        names = " -> ".join(str(c.name) for c in (*chain, resolved))
+        raise UserError(f"{at}: base: {base} inherits from itself ({names}); remove the base key from one of them.")
+    if not found:
+        raise UserError(f"{at}: base: {_shown(str(target))} is not a config file (the path is relative to the folder of {p}); give the "
+                        "path of an existing config.")
+    base_data, base_where = read_yaml(target, chain)
+    # drop the base's locations under a key this file replaces with a value or a list
+    replaced = [k for k in where if not isinstance(_get(data, k), dict)]
+    base_where = {k: v for k, v in base_where.items() if not any(k[: len(r)] == r for r in replaced)}
+    return deep_merge(base_data, data), {**base_where, **where}
+
+
+def _get(data: Any, key: tuple[str, ...]) -> Any:
+    for part in key:
+        data = data.get(part) if isinstance(data, dict) else data[int(part)] if isinstance(data, list) else None
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid over ``base`` (sections merged key by key; values and lists replaced), as a new dict."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -210,7 +259,7 @@ def format_validation_error(
     err: ValidationError,
     model: type[BaseModel],
     source: str,
-    lines: dict[tuple[str, ...], int],
+    lines: dict[tuple[str, ...], str],
     overridden: set[tuple[str, ...]],
 ) -> str:
     out = []
@@ -222,8 +271,7 @@ def format_validation_error(
         if any(loc[: len(o)] == o or o[: len(loc)] == loc for o in overridden):
             where = "command-line override"
         else:
-            line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
-            where = f"{source}:{line}" if line else source
+            where = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), source)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = f"unknown key.{_allowed_hint(model, loc, loc[-1])}"

@@ -43,7 +43,8 @@ class TuneConfig(Section):
         description="ppo, rloo (REINFORCE with leave-one-out baseline), tilt (on-policy distillation of the prior tilted by every action's reward), "
         "mrt (minimum risk training over k candidates per prompt), Sequence "
         "Tutor's q, psi, g, or an algorithm of yours (an rlhf.algorithms entry point or 'package.module:SPEC'). Its settings are the "
-        "section tune.<algorithm> (tune.kl_control for q, psi and g); a section of another algorithm is an error.",
+        "section tune.<algorithm> (tune.kl_control for q, psi and g); a section of another algorithm is an error (null drops one "
+        "inherited from a base config).",
     )
     steps: Steps = 150
     batch_size: int = Field(64, ge=2, description="Sequences sampled per iteration.")
@@ -92,10 +93,12 @@ class TuneConfig(Section):
             raise ValueError(str(e).replace("unknown algorithm", "tune.algorithm: unknown algorithm")) from None
         key = spec.key(name)
         others = {ALGORITHMS.get(n).key(n) for n in ALGORITHMS.names()} - {key}
+        for k in [k for k in data if k in others and data[k] is None]:  # tune.rloo: null in a preset drops its base's rloo section
+            del data[k]
         for k in data:
             if k in others:
                 raise ValueError(f"tune.{k}: settings of another algorithm, but tune.algorithm is {name} (whose settings are tune.{key}); "
-                                 f"remove tune.{k} or set tune.algorithm to the algorithm it configures")
+                                 f"remove tune.{k} (tune.{k}: null where it comes from a base config) or set tune.algorithm to the algorithm it configures")
         raw = data.pop(key, None)
         if data.get("settings") is not None and raw is None:  # a copy of a loaded config
             return data

@@ -126,3 +126,52 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
         load_run_config(nested)
     for path in Path("configs").glob("*.yaml"):  # the shipped presets are free of repeats
         read_yaml(path)
+
+
+def test_base_inherits_a_config_and_lays_this_one_over_it(tmp_path):
+    """`base:` merges sections key by key and replaces values and lists, through a chain of bases,
+    with the path relative to the file that names it; every error names the file that set the key."""
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "root.yaml").write_text("seed: 3\npretrain:\n  steps: 40\n  lr: 0.01\ntask:\n  data:\n    transpositions: [0, 1, 2]\n"
+                                        "tune:\n  algorithm: rloo\n  rloo:\n    k: 4\n")
+    (tmp_path / "presets" / "mid.yaml").write_text("base: ../root.yaml\npretrain:\n  lr: 0.02\n")
+    leaf = tmp_path / "presets" / "leaf.yaml"
+    leaf.write_text("base: mid.yaml\ntask:\n  data:\n    transpositions: [5]\ntune:\n  algorithm: tilt\n  rloo: null\n")
+    cfg = load_run_config(leaf)
+    assert (cfg.seed, cfg.pretrain.steps, cfg.pretrain.lr) == (3, 40, 0.02)  # from the root, the root, the middle
+    assert cfg.task.data.transpositions == [5] and cfg.tune.algorithm == "tilt"  # a list replaced; the base's rloo dropped
+    # naive reference: the merged dict is the leaf's keys laid one by one over the root's
+    data, where = read_yaml(leaf)
+    assert data["pretrain"] == {"steps": 40, "lr": 0.02} and "base" not in data
+    assert where[("pretrain", "steps")] == f"{tmp_path / 'presets' / '..' / 'root.yaml'}:3"
+    assert where[("pretrain", "lr")].endswith("mid.yaml:3") and ("task", "data", "transpositions", "2") not in where
+
+    (tmp_path / "presets" / "mid.yaml").write_text("base: ../root.yaml\npretrain:\n  lr: -1\n")
+    with pytest.raises(UserError, match=r"mid.yaml:3: pretrain.lr"):  # the file that set the bad value
+        load_run_config(leaf)
+    leaf.write_text("base: mid.yaml\ntune:\n  algorithm: tilt\n")  # the base's rloo section still there: refused, not ignored
+    (tmp_path / "presets" / "mid.yaml").write_text("base: ../root.yaml\n")
+    with pytest.raises(UserError, match=r"leaf.yaml:2: tune: tune.rloo: settings of another algorithm.*tune.rloo: null where it comes from a base config"):
+        load_run_config(leaf)
+
+
+@pytest.mark.parametrize("text, error", [
+    ("base: nowhere.yaml\n", r"c.yaml:1: base: .*nowhere.yaml' is not a config file \(the path is relative to the folder of"),
+    ("base: \"a\\0b\"\n", r"c.yaml:1: base: .* is not a config file"),
+    ("base: " + "x" * 5000 + "\n", r"c.yaml:1: base: .* is not a config file"),
+    ("base: c.yaml\nseed: 1\n", r"c.yaml:1: base: c.yaml inherits from itself \(c.yaml -> c.yaml\)"),
+    ("seed: 1\nbase: [a.yaml]\n", r"c.yaml:2: base: expected the path of the config this one inherits"),
+])
+def test_bad_base_is_refused_with_the_line(tmp_path, text, error):
+    with pytest.raises(UserError, match=error):
+        load_run_config(write(tmp_path, text))
+
+
+def test_the_tilt_preset_is_the_default_with_its_stated_differences():
+    """configs/counterpoint-tilt.yaml inherits configs/counterpoint.yaml: everything it does not set is the default's."""
+    tilt, default = load_run_config("configs/counterpoint-tilt.yaml").model_dump(), load_run_config("configs/counterpoint.yaml").model_dump()
+    own = read_yaml("configs/counterpoint-tilt.yaml")[1]
+    assert tilt["tune"]["algorithm"] == "tilt" and tilt["task"]["lookahead"] == 5.0
+    for section in ("model", "pretrain", "rewards", "seed"):
+        assert tilt[section] == default[section]
+    assert {k: v for k, v in tilt["task"].items() if ("task", k) not in own} == {k: v for k, v in default["task"].items() if ("task", k) not in own}
