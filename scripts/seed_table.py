@@ -1,10 +1,12 @@
-"""Mean ± standard deviation over seeds of counterpoint evaluations (``eval.json`` files).
+"""Mean ± standard deviation over seeds of counterpoint or melody evaluations (``eval.json`` files).
 
-    python scripts/seed_table.py RUN_DIR [RUN_DIR ...] [--model ppo] [--json out.json]
+    python scripts/seed_table.py RUN_DIR [RUN_DIR ...] [--model ppo] [--columns melody] [--json out.json]
 
 Each RUN_DIR holds an ``eval.json`` written by ``rlhf run`` or ``rlhf evaluate``. Prints one
 Markdown table: a row per seed for the tuned model on the held-out cantus firmi (the headline)
 and on the training pool, then the mean ± standard deviation (sample std, n − 1) and the prior.
+``--columns melody``: Sequence Tutor's Table 1 statistics instead, and a last column saying
+whether the seed meets every target of the paper's Q column (``MELODY_TARGETS``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-COLS = (("rules/per_note", "violations / note"), ("ratio", "vs prior"), ("rules/clean", "clean"), ("distinct/100", "distinct / 100"),
-        ("kl/prior", "KL / note"))
+COLUMNS = {
+    "counterpoint": (("rules/per_note", "violations / note"), ("ratio", "vs prior"), ("rules/clean", "clean"), ("distinct/100", "distinct / 100"),
+                     ("kl/prior", "KL / note")),
+    "melody": (("table1/notes_not_in_key", "not in key"), ("table1/notes_excessively_repeated", "excessively repeated"),
+               ("table1/compositions_starting_with_tonic", "start on tonic"), ("table1/leaps_resolved", "leaps resolved"),
+               ("table1/notes_in_motif", "in motif"), ("distinct/100", "distinct / 100"), ("kl/prior", "KL / note")),
+}
 
 
 def _row(r: dict[str, float], prior: dict[str, float]) -> dict[str, float]:
@@ -29,7 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--model", default=None, help="the tuned model's row name (default: the one row besides prior and references)")
     ap.add_argument("--json", type=Path, default=None, help="also write the per-seed figures and their mean and std here")
+    ap.add_argument("--columns", choices=sorted(COLUMNS), default="counterpoint", help="first-species rule figures, or melody mode's Table 1")
     args = ap.parse_args(argv)
+    cols = COLUMNS[args.columns]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tasks.counterpoint.report import MELODY_TARGETS
+
+    def meets(r: dict[str, float]) -> str:
+        if args.columns != "melody":
+            return ""
+        ok = all(r[k] >= b if at_least else r[k] <= b for k, at_least, b in MELODY_TARGETS)
+        return " ✓ |" if ok else " ✗ |"
     heads, trains, priors, names = [], [], [], []
     for run in args.runs:
         path = run / "eval.json" if run.is_dir() else run
@@ -44,20 +61,22 @@ def main(argv: list[str] | None = None) -> int:
         train = ev.get("rows_by_set", {}).get("pool-train", {})
         trains.append(_row(train[model], train["prior"]) if model in train else None)
         names.append(run.parent.name if run.name == "eval" else run.name)
-    print("| run | set | " + " | ".join(c[1] for c in COLS) + " |")
-    print("|---|---|" + "---|" * len(COLS))
+    last = " Table 1 Q met |" if args.columns == "melody" else ""
+    held = "samples" if args.columns == "melody" else "held out"  # melody mode has no prompts to hold out
+    print("| run | set | " + " | ".join(c[1] for c in cols) + " |" + last)
+    print("|---|---|" + "---|" * (len(cols) + bool(last)))
     for name, h, t in zip(names, heads, trains):
-        print(f"| {name} | held out | " + " | ".join(f"{h.get(k, float('nan')):.3f}" for k, _ in COLS) + " |")
+        print(f"| {name} | {held} | " + " | ".join(f"{h.get(k, float('nan')):.3f}" for k, _ in cols) + " |" + meets(h))
     summary: dict[str, dict[str, list[float]]] = {}
-    for label, rows in (("held out", heads), ("trained on", [t for t in trains if t is not None])):
+    for label, rows in ((held, heads), ("trained on", [t for t in trains if t is not None])):
         if not rows:
             continue
         stats = {k: [float(np.mean([r.get(k, np.nan) for r in rows])), float(np.std([r.get(k, np.nan) for r in rows], ddof=1)) if len(rows) > 1 else 0.0]
-                 for k, _ in COLS}
+                 for k, _ in cols}
         summary[label] = stats
-        print(f"| mean ± std ({len(rows)} seeds) | {label} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in stats.values()) + " |")
+        print(f"| mean ± std ({len(rows)} seeds) | {label} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in stats.values()) + " |" + (" |" if last else ""))
     p = priors[0]
-    print("| prior | held out | " + " | ".join(f"{_row(p, p).get(k, float('nan')):.3f}" for k, _ in COLS) + " |")
+    print(f"| prior | {held} | " + " | ".join(f"{_row(p, p).get(k, float('nan')):.3f}" for k, _ in cols) + " |" + meets(p))
     if args.json:
         args.json.write_text(json.dumps({"runs": names, "heldout": heads, "train": trains, "summary": summary, "prior": p}, indent=1))
     return 0
