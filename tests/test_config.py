@@ -74,6 +74,8 @@ def test_cross_field_validation(tmp_path):
     assert "needs the task's reward of every action" in msg and "tune.rloo.credit: token" in msg
     msg = str(pytest.raises(UserError, load_run_config, "configs/counterpoint.yaml", ["tune.ppo.clip=0.1"]).value)
     assert "tune.ppo: settings of another algorithm, but tune.algorithm is rloo" in msg
+    msg = str(pytest.raises(UserError, load_run_config, "configs/counterpoint-tilt.yaml", ["tune.tilt.divergence=forward", "tune.tilt.forward_weight=2"]).value)
+    assert "forward_weight weighs the forward term of divergence: symmetric" in msg and "divergence: forward" in msg
     msg = str(pytest.raises(UserError, load_run_config, None, ["tune.algorithm=sarsa"]).value)
     assert "unknown algorithm 'sarsa'" in msg and "ppo" in msg and "package.module:attribute" in msg
     msg = str(pytest.raises(UserError, load_run_config, None, ["task.pool.min_notes=12", "task.pool.max_notes=9"]).value)

@@ -43,6 +43,8 @@ SETTINGS = {
     "tilt": {},
     # the reverse KL to the same target, two gradient steps per rollout
     "tilt-reverse": {"algorithm": "tilt", "tilt": {"divergence": "reverse", "epochs": 2}},
+    # both, the forward (mass-covering) term weighted twice
+    "tilt-symmetric": {"algorithm": "tilt", "tilt": {"divergence": "symmetric", "forward_weight": 2.0}},
     "rloo-distill": {"algorithm": "rloo", "rloo": {"credit": "all_actions", "distill": 2.0}, "kl": {"estimator": "exact"}},
     "mrt": {"mrt": {"k": 4, "alpha": 0.5}},
     "q": {"kl_control": {"exploration": "epsilon", "epsilon": 0.05}},

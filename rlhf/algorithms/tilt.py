@@ -10,7 +10,8 @@ mistakes). Where r(s, a) already carries what a step does to the rest of the seq
 counterpoint rules with ``task.lookahead``), π* is the KL-regularised optimum of the whole
 sequence up to what the reward leaves out, and no sampled return is needed: the update has the
 variance of supervised learning. ``kl.prior_temperature`` tilts p^(1/T) instead of p.
-``divergence: reverse`` takes KL(π‖π*) instead (mode-seeking), ``symmetric`` the sum of both."""
+``divergence: reverse`` takes KL(π‖π*) instead (mode-seeking), ``symmetric`` the sum of both
+(the forward term weighted by ``forward_weight``)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ class TiltConfig(AlgorithmSettings):
         "broken rule, far harder; rlhf/losses.py reverse_kl_loss, but on its way there it sharpens the policy beyond π*); symmetric: their "
         "sum (Jeffreys' divergence, up to π*'s entropy). All three have π* as their optimum.",
     )
+    forward_weight: float = Field(
+        1.0, gt=0,
+        description="divergence: symmetric only: the loss is forward_weight·forward + reverse. Above 1 the mass-covering term weighs more "
+        "(more variety, less sharpening beyond π*); 1 is their plain sum.",
+    )
     epochs: int = Field(1, ge=1, description="Gradient steps on each rollout batch. The target does not depend on the policy, so reusing the batch stays sound.")
 
     @property
@@ -46,6 +52,9 @@ class TiltConfig(AlgorithmSettings):
         return True
 
     def check_tune(self, tune) -> None:
+        if self.forward_weight != 1.0 and self.divergence != "symmetric":
+            raise ValueError(f"tune.tilt.forward_weight weighs the forward term of divergence: symmetric; with divergence: {self.divergence} "
+                             "there is no sum to weigh. Remove it or set tune.tilt.divergence: symmetric")
         if tune.kl.beta <= 0 or tune.kl.adaptive:
             raise ValueError("tune.algorithm=tilt distils p·exp(r/(βc)): it needs a fixed tune.kl.beta > 0 (and tune.kl.adaptive: false)")
         if tune.temperature != 1.0:
@@ -72,12 +81,14 @@ class Tilt(OnPolicy):
         model = distributed.training_forward(loop, self.model)
         scale = distributed.token_share(ro.mask)[0] if distributed.world_size() > 1 else 1.0  # global token mean
 
-        terms = {"forward": [distillation_loss], "reverse": [reverse_kl_loss], "symmetric": [distillation_loss, reverse_kl_loss]}[self.cfg.divergence]
+        w = self.cfg.forward_weight
+        terms = {"forward": [(1.0, distillation_loss)], "reverse": [(1.0, reverse_kl_loss)],
+                 "symmetric": [(w, distillation_loss), (1.0, reverse_kl_loss)]}[self.cfg.divergence]
 
         def losses():
             logits, _ = self.scoring.fresh_logp(model, ro)
             logp_all = masked_log_softmax(logits.float(), self.allowed)
-            yield sum(term(logp_all, target, ro.mask) for term in terms) * scale
+            yield sum(weight * term(logp_all, target, ro.mask) for weight, term in terms) * scale
 
         out = {"loss/policy": sum(loop.accumulate_step(losses())[0] for _ in range(self.cfg.epochs)) / self.cfg.epochs}
         out.update(rl_metrics(ro, step.task_reward, kl, shaped))
