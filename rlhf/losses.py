@@ -103,6 +103,14 @@ def reverse_kl_loss(logp_all: torch.Tensor, target_logp: torch.Tensor, mask: tor
     return masked_mean(kl, mask)
 
 
+def symmetric_kl_loss(logp_all: torch.Tensor, target_logp: torch.Tensor, mask: torch.Tensor, forward_weight: float = 1.0) -> torch.Tensor:
+    """w·CE(π*, π) + KL(π‖π*) at every state: the forward term (``distillation_loss``) keeps every
+    action π* keeps, the reverse term (``reverse_kl_loss``) removes the mass π* rules out; at w = 1
+    Jeffreys' divergence up to π*'s entropy. Both terms, and so the sum, have π = π* as their
+    optimum.  logp_all, target_logp [B, T, V] (−inf outside the action space), mask [B, T]."""
+    return forward_weight * distillation_loss(logp_all, target_logp, mask) + reverse_kl_loss(logp_all, target_logp, mask)
+
+
 def risk_loss(seq_logp: torch.Tensor, returns: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:
     """Minimum risk training (Shen et al. 2016, "Minimum Risk Training for Neural Machine
     Translation", eq. 11–13), as a loss: the expected return under the model's distribution

@@ -286,3 +286,39 @@ def test_reverse_kl_loss_matches_loop_and_its_gradient():
     assert loss.item() == pytest.approx(want, abs=1e-12)
     assert torch.allclose(logits.grad, grad, atol=1e-12)
     assert logits.grad[2, 1].abs().max() < 1e-15 and logits.grad[1, 1:].abs().max() == 0.0 and logits.grad[:, :, 1].abs().max() == 0.0
+
+
+@pytest.mark.parametrize("w", [1.0, 2.5])
+def test_symmetric_kl_loss_matches_loop_and_its_gradient(w):
+    """Value: mean over real steps of w·(−Σ_a π*(a) log π(a)) + Σ_a π(a)(log π(a) − log π*(a));
+    gradient w.r.t. the logits at a real step: (w·(π(a) − π*(a)) + π(a)(log π(a) − log π*(a) − KL)) / n,
+    zero where π = π* whatever w."""
+    from rlhf.kl import masked_log_softmax
+    from rlhf.losses import symmetric_kl_loss
+
+    g = torch.Generator().manual_seed(6)
+    B, T, V = 2, 5, 5
+    allowed = torch.tensor([True, True, True, False, True])
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    target = masked_log_softmax(2 * torch.randn(B, T, V, generator=g, dtype=torch.float64), allowed)
+    target[0, 3] = masked_log_softmax(logits[0, 3].detach(), allowed)  # the policy already equals the target here
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.float64)
+    loss = symmetric_kl_loss(masked_log_softmax(logits, allowed), target, mask, forward_weight=w)
+    loss.backward()
+    n = int(mask.sum())
+    want, grad = 0.0, torch.zeros(B, T, V, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            z = sum(math.exp(logits[b, t, a].item()) for a in range(V) if allowed[a])
+            pi = {a: math.exp(logits[b, t, a].item()) / z for a in range(V) if allowed[a]}
+            tgt = {a: target[b, t, a].item() for a in pi}
+            kl = sum(pi[a] * (math.log(pi[a]) - tgt[a]) for a in pi)
+            ce = -sum(math.exp(tgt[a]) * math.log(pi[a]) for a in pi)
+            want += (w * ce + kl) / n
+            for a in pi:
+                grad[b, t, a] = (w * (pi[a] - math.exp(tgt[a])) + pi[a] * (math.log(pi[a]) - tgt[a] - kl)) / n
+    assert loss.item() == pytest.approx(want, abs=1e-12)
+    assert torch.allclose(logits.grad, grad, atol=1e-12)
+    assert logits.grad[0, 3].abs().max() < 1e-15 and logits.grad[1, 2:].abs().max() == 0.0 and logits.grad[:, :, 3].abs().max() == 0.0

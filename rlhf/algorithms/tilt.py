@@ -15,6 +15,7 @@ variance of supervised learning. ``kl.prior_temperature`` tilts p^(1/T) instead 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import torch
@@ -24,7 +25,7 @@ from rlhf import distributed
 from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, OnPolicy, TemperedScoring, rl_metrics
 from rlhf.interfaces import Step
 from rlhf.kl import masked_log_softmax
-from rlhf.losses import distillation_loss, reverse_kl_loss, tilted_target
+from rlhf.losses import distillation_loss, reverse_kl_loss, symmetric_kl_loss, tilted_target
 
 
 class TiltConfig(AlgorithmSettings):
@@ -81,14 +82,13 @@ class Tilt(OnPolicy):
         model = distributed.training_forward(loop, self.model)
         scale = distributed.token_share(ro.mask)[0] if distributed.world_size() > 1 else 1.0  # global token mean
 
-        w = self.cfg.forward_weight
-        terms = {"forward": [(1.0, distillation_loss)], "reverse": [(1.0, reverse_kl_loss)],
-                 "symmetric": [(w, distillation_loss), (1.0, reverse_kl_loss)]}[self.cfg.divergence]
+        divergence = {"forward": distillation_loss, "reverse": reverse_kl_loss,
+                      "symmetric": partial(symmetric_kl_loss, forward_weight=self.cfg.forward_weight)}[self.cfg.divergence]
 
         def losses():
             logits, _ = self.scoring.fresh_logp(model, ro)
             logp_all = masked_log_softmax(logits.float(), self.allowed)
-            yield sum(weight * term(logp_all, target, ro.mask) for weight, term in terms) * scale
+            yield divergence(logp_all, target, ro.mask) * scale
 
         out = {"loss/policy": sum(loop.accumulate_step(losses())[0] for _ in range(self.cfg.epochs)) / self.cfg.epochs}
         out.update(rl_metrics(ro, step.task_reward, kl, shaped))
