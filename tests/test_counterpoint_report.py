@@ -4,7 +4,7 @@ they motivate."""
 import pytest
 import torch
 
-from tasks.counterpoint.report import FALLBACK_KL_BOUND, kl_bound, targets_section
+from tasks.counterpoint.report import FALLBACK_KL_BOUND, kl_bound, meets_melody_target, targets_section
 
 
 def _rows(per_note: float, clean: float, kl: float, distinct: float = 70.0) -> dict:
@@ -35,6 +35,23 @@ def test_melody_targets_use_sequence_tutor_q_column():
     md = "\n".join(targets_section({"prior": {"rules/per_note": 1.0}, "psi": row}, "melody"))
     cells = [c.strip() for c in md.strip().splitlines()[-1].split("|")[2:-1]]
     assert [c.endswith("✓") for c in cells] == [True, True, False, True, True, True]
+
+
+def test_melody_targets_compare_at_the_papers_precision():
+    """Table 1 prints percentages to one decimal: a figure meets its bound when it prints as the
+    bound or better; distinct/100 is compared as it is."""
+    assert meets_melody_target("table1/notes_excessively_repeated", 0.000122, False, 0.0)  # 0.0122% prints 0.0%
+    assert not meets_melody_target("table1/notes_excessively_repeated", 0.0006, False, 0.0)  # 0.1%
+    assert meets_melody_target("table1/notes_not_in_key", 0.0104, False, 0.010)
+    assert not meets_melody_target("table1/notes_not_in_key", 0.0107, False, 0.010)  # 1.1% > 1.0%
+    assert meets_melody_target("table1/leaps_resolved", 0.9108, True, 0.911)
+    assert not meets_melody_target("table1/leaps_resolved", 0.9104, True, 0.911)  # 91.0% < 91.1%
+    assert not meets_melody_target("distinct/100", 89.99, True, 90.0)
+    assert not meets_melody_target("table1/notes_in_motif", float("nan"), True, 0.757)
+    row = {"table1/notes_not_in_key": 0.0003, "table1/notes_excessively_repeated": 0.000122, "table1/compositions_starting_with_tonic": 1.0,
+           "table1/leaps_resolved": 0.96, "table1/notes_in_motif": 0.78, "distinct/100": 100.0, "kl/prior": 2.2}
+    md = "\n".join(targets_section({"prior": {"rules/per_note": 1.0}, "ppo": row}, "melody"))
+    assert md.strip().splitlines()[-1].count("✓") == 6
 
 
 def test_clean_bonus_sits_on_the_last_note_of_clean_pieces_only():
