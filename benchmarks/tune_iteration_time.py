@@ -50,13 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     from apps.pipeline import load_run_config
 
     configured = load_run_config(args.config, args.overrides).tune.steps
-    rlhf = Path(sys.executable).with_name("rlhf")
     out: dict[str, object] = {"config": args.config, "overrides": args.overrides, "steps_timed": args.steps - 1 - args.warmup,
                               "seconds_per_iteration": {}, "iterations_in_budget": {}, "configured_steps": configured, "configured_minutes": {}}
     for n in args.threads:
         env = {**os.environ, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [str(rlhf), "tune", args.config, *args.overrides, f"tune.steps={args.steps}", f"run_dir={tmp}/run", "progress=false",
+            cmd = [sys.executable, "-m", "apps.cli", "tune", args.config, *args.overrides, f"tune.steps={args.steps}", f"run_dir={tmp}/run", "progress=false",
                    "--prior", args.prior]
             done = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if done.returncode != 0:

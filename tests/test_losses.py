@@ -224,6 +224,12 @@ def test_tilted_target_is_the_loop_softmax_and_maximises_reward_minus_kl():
                 assert objective(q) <= best + 1e-9
 
 
+def _loop_softmax(logits: torch.Tensor, allowed: torch.Tensor, b: int, t: int) -> dict[int, float]:
+    """π(a) at step (b, t) over the allowed actions, by an explicit sum."""
+    z = sum(math.exp(logits[b, t, a].item()) for a in range(len(allowed)) if allowed[a])
+    return {a: math.exp(logits[b, t, a].item()) / z for a in range(len(allowed)) if allowed[a]}
+
+
 def test_distillation_loss_matches_loop_and_its_gradient_is_pi_minus_target():
     """Value: mean over real steps of −Σ_a π*(a) log π(a); gradient w.r.t. the logits at a real
     step: (π(a) − π*(a)) / n, zero where π = π*."""
@@ -245,12 +251,10 @@ def test_distillation_loss_matches_loop_and_its_gradient_is_pi_minus_target():
         for t in range(T):
             if not mask[b, t]:
                 continue
-            z = sum(math.exp(logits[b, t, a].item()) for a in range(V) if allowed[a])
-            for a in range(V):
-                if allowed[a]:
-                    pi, tgt = math.exp(logits[b, t, a].item()) / z, math.exp(target[b, t, a].item())
-                    want -= tgt * math.log(pi) / n
-                    grad[b, t, a] = (pi - tgt) / n
+            for a, pi in _loop_softmax(logits, allowed, b, t).items():
+                tgt = math.exp(target[b, t, a].item())
+                want -= tgt * math.log(pi) / n
+                grad[b, t, a] = (pi - tgt) / n
     assert loss.item() == pytest.approx(want, abs=1e-12)
     assert torch.allclose(logits.grad, grad, atol=1e-12)
     assert logits.grad[1, 2].abs().max() < 1e-15 and logits.grad[0, 2:].abs().max() == 0.0
@@ -277,8 +281,7 @@ def test_reverse_kl_loss_matches_loop_and_its_gradient():
         for t in range(T):
             if not mask[b, t]:
                 continue
-            z = sum(math.exp(logits[b, t, a].item()) for a in range(V) if allowed[a])
-            pi = {a: math.exp(logits[b, t, a].item()) / z for a in range(V) if allowed[a]}
+            pi = _loop_softmax(logits, allowed, b, t)
             kl = sum(pi[a] * (math.log(pi[a]) - target[b, t, a].item()) for a in pi)
             want += kl / n
             for a in pi:
@@ -311,8 +314,7 @@ def test_symmetric_kl_loss_matches_loop_and_its_gradient(w):
         for t in range(T):
             if not mask[b, t]:
                 continue
-            z = sum(math.exp(logits[b, t, a].item()) for a in range(V) if allowed[a])
-            pi = {a: math.exp(logits[b, t, a].item()) / z for a in range(V) if allowed[a]}
+            pi = _loop_softmax(logits, allowed, b, t)
             tgt = {a: target[b, t, a].item() for a in pi}
             kl = sum(pi[a] * (math.log(pi[a]) - tgt[a]) for a in pi)
             ce = -sum(math.exp(tgt[a]) * math.log(pi[a]) for a in pi)
