@@ -28,7 +28,7 @@ EPILOG = """examples:
   rlhf run configs/counterpoint.yaml --quick         a one-minute smoke run
   rlhf run configs/counterpoint.yaml --resume        continue an interrupted run
   rlhf pretrain configs/melody.yaml pretrain.steps=2000
-  rlhf tune configs/counterpoint.yaml tune.algorithm=psi --prior runs/counterpoint/models/prior
+  rlhf tune configs/counterpoint.yaml tune.algorithm=psi tune.tilt=null --prior runs/counterpoint/models/prior
   rlhf evaluate configs/counterpoint.yaml --model runs/counterpoint/models/prior
   rlhf sample --model runs/counterpoint/models/prior --cantus "D4 F4 E4 D4 G4 F4 A4 G4 F4 E4 D4"
   rlhf run configs/translation.yaml                  MLE translation prior, RL on sentence BLEU, report

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from pydantic import Field, create_model, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
 from apps.simulate import load_sidecar, preference_win_rates
 from reward_models.reward_source import LearnedRewardConfig, learned_reward
@@ -61,6 +61,8 @@ class RunConfig(RunSettings):
         if self.pretrain is None and self.model.path is None:
             raise ValueError("pretrain: null uses model.path as the prior as it is; set model.path to a model folder, or give pretrain settings")
         self.task.check_run(self)
+        if self.tune is not None:
+            sweep_configs(self)  # a sweep run the algorithm refuses (tilt at β = 0) stops here, not after the main run
         return self
 
 
@@ -184,11 +186,20 @@ def sweep_configs(cfg: RunConfig) -> dict[str, TuneConfig]:
     ``<algorithm>-beta<β>``."""
     assert cfg.tune is not None
     steps = cfg.sweep.steps or cfg.tune.steps
-    base = cfg.tune.model_copy(update={"steps": steps})
-    out = {alg: cfg.tune.with_algorithm(alg, steps=steps) for alg in cfg.sweep.algorithms if alg != cfg.tune.algorithm}
+    data = {**cfg.tune.model_dump(), "steps": steps}
+
+    def validated(key: str, value: Any, make) -> TuneConfig:  # each run's config is checked as a config file's would be
+        try:
+            return make()
+        except ValidationError as e:
+            why = e.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ValueError(f"{key}: the run for {value} is refused: {why}; remove {value} from {key}") from None
+
+    out = {alg: validated("sweep.algorithms", alg, lambda alg=alg: cfg.tune.with_algorithm(alg, steps=steps))
+           for alg in cfg.sweep.algorithms if alg != cfg.tune.algorithm}
     for beta in cfg.sweep.betas:
-        kl = base.kl.model_copy(update={"beta": beta, "adaptive": False})
-        out[f"{base.algorithm}-beta{beta:g}"] = base.model_copy(update={"kl": kl})
+        kl = {**data["kl"], "beta": beta, "adaptive": False}
+        out[f"{cfg.tune.algorithm}-beta{beta:g}"] = validated("sweep.betas", f"{beta:g}", lambda kl=kl: TuneConfig.model_validate({**data, "kl": kl}))
     return out
 
 

@@ -45,12 +45,14 @@ How the comparison is kept fair (all in this process):
   notes per cantus. TRL: a logits processor added to the policy's ``generate`` allows only the
   note tokens until the row has as many notes as its prompt has cantus notes, then only
   ``<eos>`` (TRL needs it to end a row); max_completion_length = longest cantus + 1.
-* batch and updates: our ``tune.batch_size`` completions per rollout. Our default is RLOO with
-  ``rloo.k`` samples per prompt and one gradient step per rollout; TRL runs the same structure:
+* batch and updates: our ``tune.batch_size`` completions per rollout. Our default (tilt) and
+  RLOO take ``k`` samples per prompt and one gradient step per rollout; TRL runs the same structure:
   num_generations = k, generation_batch_size = per_device_train_batch_size = batch,
   num_iterations = 1 (with PPO: per_device_train_batch_size = batch / minibatches,
   steps_per_generation = minibatches, num_iterations = epochs, clip ε = ``ppo.clip``).
-  Same lr (Adam(W), no weight decay, constant), grad-norm clip, β (TRL ``beta``).
+  Same peak lr (Adam(W), no weight decay), grad-norm clip, β (TRL ``beta``). TRL's lr stays
+  constant (its run ends by the clock, not at a step count); ours follows ``tune.lr_schedule``
+  (the default: a cosine decay over ``tune.steps``).
 * clock: each system's clock runs only during its own training (TRL: from one ``on_step_end``
   to the next, so its batching, generation, scoring and update all count; ours:
   ``Tuner.iteration`` + ``loop.advance``). The two are interleaved: after each TRL optimizer
@@ -59,10 +61,12 @@ How the comparison is kept fair (all in this process):
 * evaluation: ``task.sample`` (our sampler, the same for both) with the same seed at every
   point, so both see the same random numbers and minute 0 gives both the same share.
 
-Differences that remain: the algorithms. Ours (the default ``rloo`` with ``credit: all_actions``)
-averages each note's rule reward exactly over every note it could have been and samples only
-the later consequences, with a leave-one-out baseline per step, and takes the exact per-note
-KL over the action space with its pathwise gradient; GRPO uses the group-normalised sequence
+Differences that remain: the algorithms. Ours (the default ``tilt``) trains the policy toward
+the prior tilted by the rule reward of every note it could write, p^(1/T)·exp(r/(βc)), at each
+state it visits, with no sampled return; with ``--config configs/counterpoint-rloo.yaml`` ours
+(``rloo`` with ``credit: all_actions``) averages each note's rule reward exactly over every note
+it could have been and samples only the later consequences, with a leave-one-out baseline per
+step, and takes the exact per-note KL over the action space with its pathwise gradient. GRPO uses the group-normalised sequence
 reward as every token's advantage, KL as k3 in the loss (TRL's ``loss_type`` default ``dapo``;
 group-std scaling makes the 1/c reward scale irrelevant to it). With ``tune.algorithm: ppo``
 ours samples one completion per prompt and GRPO ``--trl-group`` (default 4). TRL's log-probs
@@ -215,10 +219,10 @@ def trl_settings(tcfg: TuneConfig, group: int) -> dict:
     """GRPOConfig fields that mirror our tune config (see the module doc)."""
     if tcfg.algorithm == "ppo":
         minibatches, epochs, clip = tcfg.settings.minibatches, tcfg.settings.epochs, tcfg.settings.clip
-    elif tcfg.algorithm == "rloo":
+    elif tcfg.algorithm in ("rloo", "tilt"):
         minibatches, epochs, clip, group = 1, tcfg.settings.epochs, 0.2, tcfg.settings.k  # clip: TRL's default (moot at 1 epoch)
     else:
-        raise SystemExit(f"tune.algorithm={tcfg.algorithm}: only ppo and rloo have a GRPO counterpart here")
+        raise SystemExit(f"tune.algorithm={tcfg.algorithm}: only ppo, rloo and tilt have a GRPO counterpart here")
     return {"per_device_train_batch_size": tcfg.batch_size // minibatches, "steps_per_generation": minibatches,
             "num_iterations": epochs, "num_generations": group, "epsilon": clip, "learning_rate": tcfg.lr,
             "beta": tcfg.kl.beta, "max_grad_norm": tcfg.grad_clip, "temperature": 1.0}

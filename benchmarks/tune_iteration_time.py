@@ -1,7 +1,7 @@
 """Seconds per tuning iteration of a config, at one or more thread counts, and what that makes
 of its iteration budget: how many iterations fit a given number of minutes.
 
-    python benchmarks/tune_iteration_time.py configs/counterpoint-tilt.yaml --prior runs/cp-prior/models/prior \
+    python benchmarks/tune_iteration_time.py configs/counterpoint.yaml --prior runs/cp-prior/models/prior \
         [--threads 1 2] [--steps 120] [--warmup 20] [--minutes 15] [OVERRIDE ...]
 
 Each thread count runs ``rlhf tune CONFIG tune.steps=STEPS`` in a fresh temporary run folder

@@ -5,7 +5,7 @@
 For each group g, a held-out rater of g (never seen in reward training; the first of the group
 in RUN/data/test.jsonl, or ``--rater g=ID``) gives z (``infer_z``) from ``--context`` of their labelled
 pairs, and ``rlhf tune`` tunes PRIOR against the VPL reward r(x, z) (``reward.*`` of
-``configs/counterpoint.yaml``; the overrides go to every run) into OUT/tuned-g. Then the prior and
+``configs/counterpoint-rloo.yaml``; the overrides go to every run) into OUT/tuned-g. Then the prior and
 every tuned policy sample the evaluation cantus firmi (the same prompts and sample indices), and
 each group's simulated prototype rater judges them:
 
@@ -37,13 +37,13 @@ DEFAULTS = ["tune.rloo.credit=token", "tune.steps=200", "tune.checkpoint_every=1
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", type=Path)
-    ap.add_argument("overrides", nargs="*", help="key=value overrides of configs/counterpoint.yaml for every tuning run")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of --config for every tuning run")
     ap.add_argument("--reward-run", type=Path, required=True, help="run folder of `rlhf train-reward` with models/reward-vpl")
     ap.add_argument("--prior", type=Path, required=True, help="the counterpoint prior (rlhf pretrain configs/counterpoint.yaml)")
     ap.add_argument("--groups", nargs="+", default=["A", "B"])
     ap.add_argument("--context", type=int, default=8, help="labelled pairs of the rater that give z")
     ap.add_argument("--rater", action="append", default=[], metavar="GROUP=ID", help="the held-out rater of a group (default: its first)")
-    ap.add_argument("--config", default="configs/counterpoint.yaml")
+    ap.add_argument("--config", default="configs/counterpoint-rloo.yaml", help="the tuning config: an RLOO one, as the learned reward scores whole pieces")
     args = ap.parse_intermixed_args(argv)  # key=value overrides before or after the flags
     args.overrides = [*DEFAULTS, *args.overrides]
 

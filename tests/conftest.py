@@ -28,7 +28,7 @@ def simulate_and_train_rewards(config: str, over: list[str]) -> Path:
 
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
-    """One real `rlhf run configs/counterpoint.yaml --quick` (data, tiny prior, 10 RLOO steps,
+    """One real `rlhf run configs/counterpoint.yaml --quick` (data, tiny prior, 10 tilt steps,
     evaluation, report), shared by the tests that need a trained prior."""
     root = tmp_path_factory.mktemp("quick")
     run_dir = root / "run"

@@ -17,12 +17,12 @@ def write(tmp_path, text):
 
 
 def test_shipped_configs_load():
-    for name in ["counterpoint", "melody", "translation"]:
+    for name in ["counterpoint", "counterpoint-rloo", "melody", "translation"]:
         cfg = load_run_config(f"configs/{name}.yaml")
         assert cfg.pretrain.steps >= 1
     cfg = load_run_config("configs/counterpoint.yaml", quick=True)
     assert cfg.pretrain.steps == 150 and cfg.task.data.max_pieces == 25 and cfg.run_dir == "runs/counterpoint-quick"
-    assert cfg.tune.algorithm == "rloo" and cfg.tune.settings.credit == "all_actions"  # the config's own choices stay
+    assert cfg.tune.algorithm == "tilt" and cfg.tune.settings.divergence == "symmetric"  # the config's own choices stay
     cfg = load_run_config("configs/counterpoint.yaml", ["pretrain.steps=7", "run_dir=elsewhere"], quick=True)
     assert cfg.pretrain.steps == 7 and cfg.run_dir == "elsewhere"  # your overrides win over the preset
 
@@ -70,12 +70,17 @@ def test_cross_field_validation(tmp_path):
     assert "credit=token needs baseline=leave_one_out" in msg and "rloo.credit: sequence" in msg
     msg = str(pytest.raises(UserError, load_run_config, None, ["tune.algorithm=rloo", "tune.rloo.gamma=0.5"]).value)
     assert "credit=sequence" in msg and "rloo.gamma at 1" in msg
-    msg = str(pytest.raises(UserError, load_run_config, "configs/counterpoint.yaml", ["reward.model=runs/reward"]).value)
+    msg = str(pytest.raises(UserError, load_run_config, "configs/counterpoint-rloo.yaml", ["reward.model=runs/reward"]).value)
     assert "needs the task's reward of every action" in msg and "tune.rloo.credit: token" in msg
+    msg = str(pytest.raises(UserError, load_run_config, "configs/counterpoint.yaml", ["reward.model=runs/reward"]).value)
+    assert "tune.algorithm=tilt" in msg and "configs/counterpoint-rloo.yaml" in msg and "tune.rloo.credit=token" in msg
     msg = str(pytest.raises(UserError, load_run_config, "configs/counterpoint.yaml", ["tune.ppo.clip=0.1"]).value)
-    assert "tune.ppo: settings of another algorithm, but tune.algorithm is rloo" in msg
-    msg = str(pytest.raises(UserError, load_run_config, "configs/counterpoint-tilt.yaml", ["tune.tilt.divergence=forward", "tune.tilt.forward_weight=2"]).value)
+    assert "tune.ppo: settings of another algorithm, but tune.algorithm is tilt" in msg
+    msg = str(pytest.raises(UserError, load_run_config, "configs/counterpoint.yaml", ["tune.tilt.divergence=forward", "tune.tilt.forward_weight=2"]).value)
     assert "forward_weight weighs the forward term of divergence: symmetric" in msg and "divergence: forward" in msg
+    msg = str(pytest.raises(UserError, load_run_config, "configs/counterpoint.yaml", ["sweep.betas=[0.3, 0]"]).value)
+    assert "sweep.betas: the run for 0 is refused" in msg and "tune.kl.beta > 0" in msg and "remove 0 from sweep.betas" in msg
+    assert load_run_config("configs/counterpoint-rloo.yaml", ["sweep.betas=[0.3, 0]"]).sweep.betas == [0.3, 0]  # the ablation where it applies
     msg = str(pytest.raises(UserError, load_run_config, None, ["tune.algorithm=sarsa"]).value)
     assert "unknown algorithm 'sarsa'" in msg and "ppo" in msg and "package.module:attribute" in msg
     msg = str(pytest.raises(UserError, load_run_config, None, ["task.pool.min_notes=12", "task.pool.max_notes=9"]).value)
@@ -169,11 +174,11 @@ def test_bad_base_is_refused_with_the_line(tmp_path, text, error):
         load_run_config(write(tmp_path, text))
 
 
-def test_the_tilt_preset_is_the_default_with_its_stated_differences():
-    """configs/counterpoint-tilt.yaml inherits configs/counterpoint.yaml: everything it does not set is the default's."""
-    tilt, default = load_run_config("configs/counterpoint-tilt.yaml").model_dump(), load_run_config("configs/counterpoint.yaml").model_dump()
-    own = read_yaml("configs/counterpoint-tilt.yaml")[1]
-    assert tilt["tune"]["algorithm"] == "tilt" and tilt["task"]["lookahead"] == 5.0
+def test_the_rloo_preset_is_the_default_with_its_stated_differences():
+    """configs/counterpoint-rloo.yaml inherits configs/counterpoint.yaml: everything it does not set is the default's."""
+    rloo, default = load_run_config("configs/counterpoint-rloo.yaml").model_dump(), load_run_config("configs/counterpoint.yaml").model_dump()
+    own = read_yaml("configs/counterpoint-rloo.yaml")[1]
+    assert rloo["tune"]["algorithm"] == "rloo" and rloo["task"]["lookahead"] == 0.0 and default["task"]["lookahead"] == 5.0
     for section in ("model", "pretrain", "rewards", "seed"):
-        assert tilt[section] == default[section]
-    assert {k: v for k, v in tilt["task"].items() if ("task", k) not in own} == {k: v for k, v in default["task"].items() if ("task", k) not in own}
+        assert rloo[section] == default[section]
+    assert {k: v for k, v in rloo["task"].items() if ("task", k) not in own} == {k: v for k, v in default["task"].items() if ("task", k) not in own}

@@ -37,7 +37,7 @@ def small_disk(path: Path, size: str):
 def tune(run_dir: Path, prior: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "apps.cli", "tune", "configs/counterpoint.yaml", "--quick", "--prior", str(prior), f"run_dir={run_dir}",
-           "tune.steps=40", "tune.checkpoint_every=1", "tune.batch_size=8", "tune.rloo.k=4", "progress=false", *extra]
+           "tune.steps=40", "tune.checkpoint_every=1", "tune.batch_size=8", "tune.tilt.k=4", "progress=false", *extra]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -59,7 +59,7 @@ def test_a_full_disk_stops_the_run_cleanly_and_keeps_the_last_checkpoint(quick_r
         assert r.returncode == 1, r.stderr[-3000:]
         line = one_error_line(r)
         assert "No space left on device" in line and str(run_dir) in line and "--resume" in line, line
-        stage = run_dir / "checkpoints" / "tune-rloo"
+        stage = run_dir / "checkpoints" / "tune-tilt"
         assert not [p for p in stage.iterdir() if p.name.startswith(".tmp-")]  # no half-written checkpoint
         last = latest_checkpoint(stage)
         assert last is not None
@@ -70,7 +70,7 @@ def test_a_full_disk_stops_the_run_cleanly_and_keeps_the_last_checkpoint(quick_r
         subprocess.run(["mount", "-o", f"remount,size={int(weights * 20) // 1024}k", str(disk)], check=True)
         r = tune(run_dir, prior, "--resume", "tune.steps=4")
         assert r.returncode == 0, r.stderr[-3000:]
-        assert f"resumed tune-rloo from {last}" in r.stderr
+        assert f"resumed tune-tilt from {last}" in r.stderr
 
 
 def test_a_read_only_disk_is_a_clear_error(quick_run, tmp_path):

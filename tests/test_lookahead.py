@@ -84,7 +84,7 @@ def test_a_rule_at_a_note_reads_only_the_three_notes_before_it():
 
 @pytest.fixture(scope="module")
 def tasks_and_batch():
-    plain = make_task(load_run_config("configs/counterpoint.yaml", quick=True))
+    plain = make_task(load_run_config("configs/counterpoint.yaml", ["task.lookahead=0"], quick=True))
     shaped = make_task(load_run_config("configs/counterpoint.yaml", ["task.lookahead=3.0"], quick=True))
     prompts = plain.train_prompts()[:24] * 6
     ids = torch.tensor(plain.codec.completion_token_ids)

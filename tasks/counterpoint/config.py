@@ -140,8 +140,10 @@ class CounterpointConfig(TaskConfig):
                 f"prompt + notes + <eos>, see task.data.max_notes); raise model.max_positions to at least {need} or lower task.data.max_notes"
             )
         if run.reward is not None and run.tune is not None and run.tune.settings.needs_action_rewards:
+            fix = ("set tune.rloo.credit: token" if run.tune.algorithm == "rloo" else
+                   "tune it by RLOO with per-token credit instead (--config configs/counterpoint-rloo.yaml tune.rloo.credit=token)")
             raise ValueError(f"reward.model scores whole sequences, but tune.algorithm={run.tune.algorithm} with these settings needs the "
-                             "task's reward of every action at every step; set tune.rloo.credit: token (or tune.algorithm: ppo)")
+                             f"task's reward of every action at every step; {fix}, or tune.algorithm: ppo")
 
     def rules(self) -> list:
         """The rules of this mode: the built-in ones plus ``extra_rules`` (first species)."""
