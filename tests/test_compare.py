@@ -38,7 +38,7 @@ def test_compare_diffs_configs_overlays_curves_and_tabulates_evaluations(quick_r
     for name in short_names([quick_run, other]):
         for m in models:
             assert f"| {name} | {m} |" in text
-    assert f"{ev['rows']['rloo']['rules/per_note']:.3f}" in text
+    assert f"{ev['rows']['tilt']['rules/per_note']:.3f}" in text
 
 
 def test_report_rebuilds_a_lost_report_and_bad_folders_exit_2(quick_run, tmp_path, capsys):

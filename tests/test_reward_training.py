@@ -346,7 +346,9 @@ def test_tune_against_a_learned_reward(quick_run, tmp_path):
     rm = build_reward_model(TINY, tok)
     rm.save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
-    cfg = load_run_config(quick_run / "config.yaml", [f"run_dir={tmp_path / 'run'}", f"reward.model={tmp_path / 'rm'}", "tune.rloo.credit=token", "rewards=[]",
+    # a learned reward scores whole pieces: RLOO with per-token credit, not the default's tilt
+    cfg = load_run_config(quick_run / "config.yaml", [f"run_dir={tmp_path / 'run'}", f"reward.model={tmp_path / 'rm'}", "rewards=[]",
+                                                      "tune.algorithm=rloo", "tune.tilt=null", "tune.rloo.credit=token",
                                                       "reward.reference_per_prompt=2", "tune.steps=3", "tune.batch_size=8"])
     run = Run(tmp_path / "run")
     task = CounterpointTask(cfg.task, Codec.load(prior))
