@@ -66,9 +66,10 @@ the prior tilted by the rule reward of every note it could write, p^(1/T)·exp(r
 state it visits, with no sampled return; with ``--config configs/counterpoint-rloo.yaml`` ours
 (``rloo`` with ``credit: all_actions``) averages each note's rule reward exactly over every note
 it could have been and samples only the later consequences, with a leave-one-out baseline per
-step, and takes the exact per-note KL over the action space with its pathwise gradient. GRPO uses the group-normalised sequence
-reward as every token's advantage, KL as k3 in the loss (TRL's ``loss_type`` default ``dapo``;
-group-std scaling makes the 1/c reward scale irrelevant to it). With ``tune.algorithm: ppo``
+step, and takes the exact per-note KL over the action space with its pathwise gradient. GRPO
+uses the group-normalised sequence reward as every token's advantage, KL as k3 in the loss
+(TRL's ``loss_type`` default ``dapo``; group-std scaling makes the 1/c reward scale irrelevant
+to it). With ``tune.algorithm: ppo``
 ours samples one completion per prompt and GRPO ``--trl-group`` (default 4). TRL's log-probs
 are over the whole vocabulary while it samples from the note tokens (ours masks both to the
 action space), and it also trains on the forced ``<eos>``. TRL samples with ``model.generate`` and re-scores the
