@@ -35,10 +35,12 @@ _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 @runtime_checkable
 class ExtraEmbeddings(Protocol):
-    """A GPT-2 transformer that adds ``extra_embeddings(ids)`` [B, L, H] (a function of the ids
-    up to each position) to its token and position embeddings, and is GPT-2 otherwise."""
+    """A GPT-2 transformer that adds ``extra_embeddings(ids, last)`` [B, last, H] (a function of
+    the ids up to each position, for the last ``last`` positions of ``ids`` [B, L]) to its token
+    and position embeddings, and is GPT-2 otherwise. A sampling step asks for one position
+    after the whole sequence so far."""
 
-    def extra_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+    def extra_embeddings(self, input_ids: torch.Tensor, last: int) -> torch.Tensor: ...
 
 
 def has_extras(model: torch.nn.Module) -> bool:
@@ -133,7 +135,7 @@ def forward(
     mask = attention_mask(key_mask, n)[:, None]  # [B, 1, L, K]
     x = tr.wte(ids) + tr.wpe(positions)  # [B, L, H*D]
     if type(model) is not GPT2LMHeadModel:  # supports(): its transformer has ExtraEmbeddings
-        x = x + tr.extra_embeddings(ids if context is None else context)[:, -n:]
+        x = x + tr.extra_embeddings(ids if context is None else context, n)
     for i, block in enumerate(tr.h):
         layer_scale = scale / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
         a = block.attn

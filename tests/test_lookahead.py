@@ -119,3 +119,37 @@ def test_shaped_action_rewards_agree_with_the_shaped_reward_and_charge_dead_ends
     spread = extra.amax(-1) - extra.amin(-1)
     assert torch.isclose(spread[comps.mask.bool()], torch.tensor(3.0)).any()
     assert set(torch.unique(spread[comps.mask.bool()].round(decimals=4)).tolist()) <= {0.0, 3.0}
+
+
+def _shaped_rewards_loop(la: L.Lookahead, cp: np.ndarray, action_pitches: np.ndarray, kappa: float) -> tuple[np.ndarray, np.ndarray]:
+    """The shaping terms one note and one pitch at a time through ``potential_after``."""
+    N = len(la.cands)
+    phi_before = [0.0 if la.start else -kappa]
+    after, own = np.empty(action_pitches.shape), np.empty(N)
+    for t in range(N):
+        p2, p1 = (int(cp[t - 2]) if t >= 2 else 0), (int(cp[t - 1]) if t >= 1 else 0)
+        for a, pitch in enumerate(action_pitches[t]):
+            after[t, a] = (0.0 if la.potential_after(t, p2, p1, np.array([pitch]))[0] else -kappa) - phi_before[t]
+        phi = 0.0 if la.potential_after(t, p2, p1, np.array([cp[t]]))[0] else -kappa
+        own[t] = phi - phi_before[t]
+        phi_before.append(phi)
+    return after, own
+
+
+def test_shaped_rewards_equal_a_loop_over_potential_after():
+    """The one-gather shaping equals asking ``potential_after`` note by note and pitch by pitch,
+    on counterpoints that are clean, that break vertical rules, and that leave the MIDI range."""
+    rng = np.random.default_rng(3)
+    for m in generate_melodies(6, 11, min_notes=8, max_notes=12):
+        cf = np.array(m.pitches)
+        N = len(cf)
+        for below in (True, False):
+            la = L.solve(cf, below, int(cf[-1] % 12), INTERVALS, R.FIRST_SPECIES_RULES)
+            sign = 1 if below else -1
+            actions = cf[:, None] + sign * np.array([-2, 0, 3, 4, 5, 7, 9, 12, 16, 200])[None, :]  # [N, A]: 200 leaves the range
+            for _ in range(8):
+                cp = cf + sign * rng.choice([0, 3, 4, 7, 8, 9, 12, 5, 2], size=N)
+                got = L.shaped_rewards(la, cp, actions, 2.5)
+                want = _shaped_rewards_loop(la, cp, actions, 2.5)
+                np.testing.assert_array_equal(got[0], want[0])
+                np.testing.assert_array_equal(got[1], want[1])

@@ -147,8 +147,12 @@ class ColumnEmbedding(nn.Module):
             self.next_cantus_move = nn.Embedding(2 * MAX_MOVE + 1, h)
             self.left = nn.Embedding(MAX_LEFT + 1, h)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """[N, L, H], or with ``last`` [N, last, H] for the last positions only (the columns read
+        the whole sequence; the lookups are only made where they are needed)."""
         c = note_columns(input_ids, self.cf_first_id, self.iv_first_id, self.sep_id)
+        if last is not None:
+            c = {k: v[:, -last:] for k, v in c.items()}
         f = lambda m: m.unsqueeze(-1).float()  # noqa: E731  [N, L] bool -> [N, L, 1]
         e = self.cantus(_index(c["cf"], CANTUS_LOW, CANTUS_HIGH))
         e = e + self.counterpoint(_index(c["cp"] - self.lowest, 0, self.counterpoint.num_embeddings - 1))
@@ -173,9 +177,9 @@ class ColumnsModel(GPT2Model):
         self.columns = ColumnEmbedding(config)
         self.post_init()
 
-    def extra_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[N, L] ids -> [N, L, H], added to the token and position embeddings."""
-        return self.columns(input_ids)
+    def extra_embeddings(self, input_ids: torch.Tensor, last: int) -> torch.Tensor:
+        """[N, L] ids -> [N, last, H] for the last ``last`` positions, added to the token and position embeddings."""
+        return self.columns(input_ids, last)
 
     def forward(self, input_ids: torch.Tensor | None = None, *args, inputs_embeds: torch.Tensor | None = None, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))

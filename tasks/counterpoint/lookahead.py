@@ -42,12 +42,18 @@ class Lookahead:
     pass the vertical rules there); ``feasible[i]`` bool [k_{i-2}, k_{i-1}, k_i] (axes of size 1
     before note 0): notes i+1.. can be written breaking no hard rule after these three notes;
     ``start``: a clean piece exists at all; ``slots[i]`` [129] each MIDI pitch's position in
-    ``cands[i]`` (-1 where it is not one; entry 128 stands for anything out of range)."""
+    ``cands[i]`` (-1 where it is not one; entry 128 stands for anything out of range).
+    ``flat``, ``offsets`` and ``dims`` hold the same ``feasible`` tables raveled into one array
+    (table i at ``offsets[i]``, shape ``dims[i]``) for :func:`shaped_rewards`, which reads every
+    note of a piece in one gather."""
 
     cands: tuple[np.ndarray, ...]
     feasible: tuple[np.ndarray, ...]
     start: bool
     slots: tuple[np.ndarray, ...]
+    flat: np.ndarray  # [Σ_i |feasible[i]|] bool
+    offsets: np.ndarray  # [N] int64
+    dims: np.ndarray  # [N, 3] int64
 
     def index(self, i: int, pitches: np.ndarray) -> np.ndarray:
         """Position of each pitch in ``cands[i]`` (-1 where it is not a candidate); index 0 before note 0."""
@@ -115,25 +121,31 @@ def solve(cantus: Sequence[int], below: bool, final: int, intervals: Sequence[in
     slots = tuple(np.full(129, -1, dtype=np.int64) for _ in cands)
     for slot, c in zip(slots, cands):
         slot[c] = np.arange(len(c))
-    return Lookahead(cands, tuple(feasible), start, slots)
+    sizes = np.array([f.size for f in feasible], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    dims = np.array([f.shape for f in feasible], dtype=np.int64)
+    return Lookahead(cands, tuple(feasible), start, slots, np.concatenate([f.ravel() for f in feasible]), offsets, dims)
 
 
 def shaped_rewards(la: Lookahead, cp: Sequence[int], action_pitches: np.ndarray, kappa: float) -> tuple[np.ndarray, np.ndarray]:
     """The shaping terms of one piece: ``Φ(s_{t+1}(a)) − Φ(s_t)`` for every note t and action a
     ([N, A], ``action_pitches`` [N, A] the pitch action a writes at note t), and for the piece's
-    own notes ([N]); Φ(s) = −κ·[no clean completion from s], 0 at the end of the piece."""
+    own notes ([N]); Φ(s) = −κ·[no clean completion from s], 0 at the end of the piece.
+    Every note at once: ``Lookahead.potential_after`` of each (t, pitch) is one gather from
+    ``la.flat`` (tests/test_lookahead.py compares the two)."""
     N = len(la.cands)
     cp = np.asarray(cp, dtype=np.int64)
-    phi_before = np.empty(N)  # Φ(s_t): before note t is written
-    phi_before[0] = 0.0 if la.start else -kappa
-    after = np.empty(action_pitches.shape)
-    own = np.empty(N)
-    for t in range(N):
-        p2 = int(cp[t - 2]) if t >= 2 else 0
-        p1 = int(cp[t - 1]) if t >= 1 else 0
-        ok = la.potential_after(t, p2, p1, np.concatenate([action_pitches[t], cp[t : t + 1]]))
-        phi = np.where(ok, 0.0, -kappa)
-        after[t], own[t] = phi[:-1], phi[-1]
-        if t + 1 < N:
-            phi_before[t + 1] = own[t]
-    return after - phi_before[:, None], own - phi_before
+    t = np.arange(N)
+    slots = np.stack(la.slots)  # [N, 129]
+    own_slot = slots[t, np.clip(cp, 0, 128)]  # [N] each note's position among its candidates
+    # notes t-2 and t-1 as indices into feasible[t] (0 before the first note: axes of size 1)
+    x = np.where(t >= 2, np.concatenate([[0, 0], own_slot[: N - 2]])[:N], 0)
+    y = np.where(t >= 1, np.concatenate([[0], own_slot[: N - 1]])[:N], 0)
+    z = slots[t[:, None], np.clip(np.concatenate([action_pitches, cp[:, None]], 1), 0, 128)]  # [N, A + 1]
+    d1, d2 = la.dims[:, 1:2], la.dims[:, 2:3]  # [N, 1]
+    idx = la.offsets[:, None] + (x[:, None] * d1 + y[:, None]) * d2 + np.maximum(z, 0)
+    ok = (x >= 0)[:, None] & (y >= 0)[:, None] & (z >= 0) & la.flat[np.clip(idx, 0, len(la.flat) - 1)]
+    ok[N - 1] = True  # the piece is complete
+    phi = np.where(ok, 0.0, -kappa)  # [N, A + 1]: Φ(s_{t+1}) after each action, then after the piece's own note
+    phi_before = np.concatenate([[0.0 if la.start else -kappa], phi[: N - 1, -1]])  # Φ(s_t)
+    return phi[:, :-1] - phi_before[:, None], phi[:, -1] - phi_before
