@@ -51,8 +51,9 @@ How the comparison is kept fair (all in this process):
   num_iterations = 1 (with PPO: per_device_train_batch_size = batch / minibatches,
   steps_per_generation = minibatches, num_iterations = epochs, clip ε = ``ppo.clip``).
   Same peak lr (Adam(W), no weight decay), grad-norm clip, β (TRL ``beta``). TRL's lr stays
-  constant (its run ends by the clock, not at a step count); ours follows ``tune.lr_schedule``
-  (the default: a cosine decay over ``tune.steps``).
+  constant (its run ends by the clock, not at a step count); ours runs as configured: its
+  ``tune.lr_schedule`` over ``tune.steps`` (the default: a cosine decay to 0), and it stops at
+  ``tune.steps`` or at its budget, whichever comes first.
 * clock: each system's clock runs only during its own training (TRL: from one ``on_step_end``
   to the next, so its batching, generation, scoring and update all count; ours:
   ``Tuner.iteration`` + ``loop.advance``). The two are interleaved: after each TRL optimizer
@@ -134,26 +135,28 @@ class Curve:
     points (a point passed during a long step is taken at the step's end, with its real minute)
     and once the budget is spent."""
 
-    def __init__(self, name: str, evaluate: Callable[[torch.nn.Module], tuple[float, float]], every: float, budget: float):
-        self.name, self.evaluate, self.every, self.budget = name, evaluate, every, budget
+    def __init__(self, name: str, evaluate: Callable[[torch.nn.Module], tuple[float, float]], every: float, budget: float,
+                 max_steps: int | None = None):
+        self.name, self.evaluate, self.every, self.budget, self.max_steps = name, evaluate, every, budget, max_steps
         self.clock, self.next, self.steps = Clock(), 0.0, 0
         self.points: list[list[float]] = []  # [[minute, clean share], ...]
         self.violations: list[list[float]] = []  # [[minute, hard-rule violations per note], ...]
 
     @property
     def done(self) -> bool:
-        return self.clock.minutes >= self.budget
+        return self.clock.minutes >= self.budget or (self.max_steps is not None and self.steps >= self.max_steps)
 
     def check(self, model: torch.nn.Module) -> bool:
-        """Evaluate if a point is due; True once the budget is spent."""
+        """Evaluate if a point is due; True once the budget (or ``max_steps``) is spent."""
         m = self.clock.minutes
-        if m >= self.next or m >= self.budget:
+        last = m >= self.budget or (self.max_steps is not None and self.steps >= self.max_steps)
+        if m >= self.next or last:
             share, per_note = self.evaluate(model)
             self.points.append([round(m, 3), round(share, 4)])
             self.violations.append([round(m, 3), round(per_note, 4)])
             log.info("%s: %.2f min, %d steps, held-out clean share %.3f, %.3f violations/note", self.name, m, self.steps, share, per_note)
             self.next = (math.floor(m / self.every) + 1) * self.every  # skip points a long step jumped over
-        return m >= self.budget
+        return last
 
 
 def minutes_to(points: list[list[float]], target: float) -> float | None:
@@ -233,7 +236,8 @@ def run_both(task: CounterpointTask, tcfg: TuneConfig, prior: Path, ours: Curve,
     """Train TRL's GRPO with ours interleaved (see the module doc) until both budgets are spent;
     returns TRL's error, if it failed (ours then runs alone)."""
     with tempfile.TemporaryDirectory(prefix="ttq-ours-") as run_dir:
-        tuner = Tuner(Run(run_dir), tcfg.model_copy(update={"steps": 10**9, "checkpoint_every": 10**9}), task, prior,
+        # tune.steps stays: the learning-rate schedule decays over it, and ours stops there (or at its budget)
+        tuner = Tuner(Run(run_dir), tcfg.model_copy(update={"checkpoint_every": 10**9}), task, prior,
                       seed=seed, progress=False)
         policy = tuner.algo.policy
         ours.check(policy)
@@ -357,7 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
         heldout = task.heldout_prompts()
         evaluate = functools.partial(quality, task, heldout, a.eval_samples, a.seed)
         trl_minutes = a.trl_minutes if a.trl_minutes is not None else 3 * a.minutes
-        ours, trl = Curve("ours", evaluate, a.eval_every, a.minutes), Curve("trl_grpo", evaluate, a.eval_every, trl_minutes)
+        ours = Curve("ours", evaluate, a.eval_every, a.minutes, max_steps=tcfg.steps)
+        trl = Curve("trl_grpo", evaluate, a.eval_every, trl_minutes)
         error = run_both(task, tcfg, prior, ours, trl, group=a.trl_group, seed=a.seed)
 
     group = tcfg.group

@@ -45,6 +45,18 @@ def test_curve_evaluates_at_points_and_budget():
     assert [m for m, _ in curve.points] == [0.0, 1.2, 2.6] and curve.violations[0] == [0.0, 0.1]
 
 
+def test_curve_ends_at_its_configured_steps_with_a_final_evaluation():
+    """Ours runs its tune.steps (the lr schedule decays over them) when they end inside the budget."""
+    curve = ttq.Curve("ours", lambda model: (0.5, 0.1), every=1.0, budget=15.0, max_steps=3)
+    curve.clock = _ScriptedClock([0.0, 0.3, 0.6, 0.9])
+    done = []
+    for _ in range(4):
+        done.append(curve.check(None))
+        curve.steps += 1
+    assert done == [False, False, False, True] and [m for m, _ in curve.points] == [0.0, 0.9]
+    assert ttq.Curve("trl", lambda model: (0.0, 0.0), every=1.0, budget=15.0).max_steps is None
+
+
 def test_cantus_length_processor_allows_notes_then_eos():
     codec = build_codec("first_species")
     tok = codec.tokenizer
