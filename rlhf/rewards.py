@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -119,7 +120,16 @@ class GroupNovelty:
     onto one answer per prompt, which the KL term alone does not prevent once the task reward
     is flat among good answers. Its per-action reward (``rloo.credit: all_actions``) is exact:
     at a row's last step, action v costs the share of the others that equal the row's prefix
-    followed by v."""
+    followed by v.
+
+    ``shaped``: the same return paid step by step as potential-based shaping (Ng, Harada &
+    Russell 1999): Φ_i(t) = −(share of the others whose first t tokens are y_i's) for 0 < t < T_i,
+    Φ_i(0) = 0, Φ_i(T_i) = r_i, and r_i,t = Φ_i(t+1) − Φ_i(t), which sums to r_i. A step is
+    charged where it follows the other samples and credited where it leaves them, so a learner
+    of per-state targets (``tilt``) meets the novelty at every step, not only at the last one."""
+
+    def __init__(self, shaped: bool = False):
+        self.shaped = shaped
 
     def _groups(self, c: Completions) -> list[list[int]]:
         by_prompt: dict[tuple[int, ...], list[int]] = {}
@@ -133,18 +143,57 @@ class GroupNovelty:
         for b, group in enumerate(self._groups(completions)):
             others = [j for j in group if j != b]
             values.append(-sum(seqs[j] == seqs[b] for j in others) / len(others) if others else 0.0)
-        return Rewards(torch.tensor(values, dtype=torch.float32))
+        if not self.shaped:
+            return Rewards(torch.tensor(values, dtype=torch.float32))
+        out = torch.zeros(completions.tokens.shape, dtype=torch.float32)  # [B, T]
+        for b, (others, shared) in enumerate(self._shared_prefixes(completions)):
+            phi = self._potential(shared, completions.lengths[b], values[b], max(len(others), 1))
+            out[b, : len(phi) - 1] = torch.from_numpy(np.diff(phi)).float()
+        return Rewards(out.to(completions.mask.device))
 
     def action_rewards(self, completions: Completions) -> torch.Tensor:
         c = completions
         vocab = len(c.tokenizer)
         out = torch.zeros((*c.tokens.shape, vocab), dtype=torch.float32)  # [B, T, V]
         seqs = [c.tokens[b, : n].tolist() for b, n in enumerate(c.lengths)]
+        if not self.shaped:
+            for b, group in enumerate(self._groups(c)):
+                others = [j for j in group if j != b]
+                t = c.lengths[b] - 1  # the last step, where the reward is given
+                for j in others:
+                    if c.lengths[j] == c.lengths[b] and seqs[j][:t] == seqs[b][:t]:
+                        out[b, t, seqs[j][t]] += 1.0  # count of others that end like this
+                out[b, t] /= -max(len(others), 1)
+            return out
+        for b, (others, shared) in enumerate(self._shared_prefixes(c)):
+            n, T = max(len(others), 1), c.lengths[b]
+            for j, s in zip(others, shared):
+                # other j follows row b's prefix up to step t (s ≥ t): action y_j[t] would keep following it
+                last = min(s, c.lengths[j] - 1, T - 1) if c.lengths[j] == T else min(s, c.lengths[j] - 1, T - 2)
+                for t in range(last + 1):
+                    out[b, t, seqs[j][t]] -= 1.0 / n
+            phi = self._potential(shared, T, 0.0, n)  # Φ_b(t) before each step (the last entry is unused)
+            out[b, :T] -= torch.from_numpy(phi[:T]).float()[:, None]
+        return out
+
+    def _shared_prefixes(self, c: Completions) -> list[tuple[list[int], np.ndarray]]:
+        """Per row: the other rows of its prompt, and how many leading tokens each shares with it."""
+        tok = c.tokens.cpu().numpy()
+        out = []
         for b, group in enumerate(self._groups(c)):
             others = [j for j in group if j != b]
-            t = c.lengths[b] - 1  # the last step, where the reward is given
+            shared = []
             for j in others:
-                if c.lengths[j] == c.lengths[b] and seqs[j][:t] == seqs[b][:t]:
-                    out[b, t, seqs[j][t]] += 1.0  # count of others that end like this
-            out[b, t] /= -max(len(others), 1)
+                m = min(c.lengths[b], c.lengths[j])
+                diff = np.nonzero(tok[b, :m] != tok[j, :m])[0]
+                shared.append(int(diff[0]) if len(diff) else m)
+            out.append((others, np.array(shared, dtype=np.int64)))
         return out
+
+    @staticmethod
+    def _potential(shared: np.ndarray, length: int, final: float, n: int) -> np.ndarray:
+        """[T + 1] Φ(0..T): 0, −(share of the others sharing the first t tokens) for 0 < t < T, ``final`` at T."""
+        t = np.arange(length + 1)
+        phi = -(shared[None, :] >= t[:, None]).sum(1) / n
+        phi[0], phi[length] = 0.0, final
+        return phi
