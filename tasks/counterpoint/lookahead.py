@@ -124,7 +124,9 @@ def solve(cantus: Sequence[int], below: bool, final: int, intervals: Sequence[in
     sizes = np.array([f.size for f in feasible], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     dims = np.array([f.shape for f in feasible], dtype=np.int64)
-    return Lookahead(cands, tuple(feasible), start, slots, np.concatenate([f.ravel() for f in feasible]), offsets, dims)
+    flat = np.concatenate([f.ravel() for f in feasible])
+    views = tuple(flat[o : o + n].reshape(tuple(d)) for o, n, d in zip(offsets, sizes, dims))  # the tables, sharing flat's memory (a solve is cached per cantus)
+    return Lookahead(cands, views, start, slots, flat, offsets, dims)
 
 
 def shaped_rewards(la: Lookahead, cp: Sequence[int], action_pitches: np.ndarray, kappa: float) -> tuple[np.ndarray, np.ndarray]:
