@@ -7,7 +7,7 @@ generated pool), measured at fixed points of each system's training clock (every
 ``--eval-every`` minutes; minute 0 = the prior; the clock is stopped while evaluating). The
 target is our final held-out clean share; ``ratio_time_to_target_vs_trl`` = TRL's minutes to
 reach it / ours (a TRL that never reaches it is charged its whole budget, ``--trl-minutes``,
-3 x ours by default). Prints ONE JSON line
+by default 3 x the minutes ours actually trained, so such a TRL gives a ratio of at least 3). Prints ONE JSON line
 on stdout (everything else goes to stderr):
 
     python benchmarks/time_to_quality.py [--prior DIR] [--config configs/counterpoint.yaml] [--minutes 15] [--trl-minutes 45]
@@ -232,9 +232,12 @@ def trl_settings(tcfg: TuneConfig, group: int) -> dict:
             "beta": tcfg.kl.beta, "max_grad_norm": tcfg.grad_clip, "temperature": 1.0}
 
 
-def run_both(task: CounterpointTask, tcfg: TuneConfig, prior: Path, ours: Curve, trl: Curve, *, group: int, seed: int) -> str | None:
+def run_both(task: CounterpointTask, tcfg: TuneConfig, prior: Path, ours: Curve, trl: Curve, *, group: int, seed: int,
+             trl_factor: float | None = None) -> str | None:
     """Train TRL's GRPO with ours interleaved (see the module doc) until both budgets are spent;
-    returns TRL's error, if it failed (ours then runs alone)."""
+    returns TRL's error, if it failed (ours then runs alone). With ``trl_factor`` TRL's budget
+    becomes that multiple of the minutes ours actually trained once ours has ended (its last
+    step ends past its budget, or it ends earlier at tune.steps)."""
     with tempfile.TemporaryDirectory(prefix="ttq-ours-") as run_dir:
         # tune.steps stays: the learning-rate schedule decays over it, and ours stops there (or at its budget)
         tuner = Tuner(Run(run_dir), tcfg.model_copy(update={"checkpoint_every": 10**9}), task, prior,
@@ -250,6 +253,8 @@ def run_both(task: CounterpointTask, tcfg: TuneConfig, prior: Path, ours: Curve,
                 ours.clock.stop()
                 ours.steps += 1
                 ours.check(policy)
+            if ours.done and trl_factor is not None:
+                trl.budget = trl_factor * ours.clock.minutes
 
         error = None
         try:
@@ -335,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="Config override (repeatable).")
     p.add_argument("--minutes", type=float, default=15.0, help="Our training budget (our own clock).")
     p.add_argument("--trl-minutes", type=float, default=None,
-                   help="TRL's training budget (its own clock); default 3 x --minutes, so a TRL that never reaches our final share "
+                   help="TRL's training budget (its own clock); default 3 x the minutes ours actually trained (its last step ends past --minutes), so a TRL that never reaches our final share "
                         "within it shows a ratio of at least 3 (with equal budgets the ratio cannot exceed budget / our time to target).")
     p.add_argument("--eval-every", type=float, default=1.5, help="Minutes of training between evaluations.")
     p.add_argument("--eval-samples", type=int, default=8, help="Samples per held-out prompt at each evaluation.")
@@ -363,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
         trl_minutes = a.trl_minutes if a.trl_minutes is not None else 3 * a.minutes
         ours = Curve("ours", evaluate, a.eval_every, a.minutes, max_steps=tcfg.steps)
         trl = Curve("trl_grpo", evaluate, a.eval_every, trl_minutes)
-        error = run_both(task, tcfg, prior, ours, trl, group=a.trl_group, seed=a.seed)
+        error = run_both(task, tcfg, prior, ours, trl, group=a.trl_group, seed=a.seed, trl_factor=None if a.trl_minutes is not None else 3.0)
 
     group = tcfg.group
     result["config"] = {
