@@ -142,14 +142,17 @@ class Curve:
         self.points: list[list[float]] = []  # [[minute, clean share], ...]
         self.violations: list[list[float]] = []  # [[minute, hard-rule violations per note], ...]
 
+    def _spent(self, minutes: float) -> bool:
+        return minutes >= self.budget or (self.max_steps is not None and self.steps >= self.max_steps)
+
     @property
     def done(self) -> bool:
-        return self.clock.minutes >= self.budget or (self.max_steps is not None and self.steps >= self.max_steps)
+        return self._spent(self.clock.minutes)
 
     def check(self, model: torch.nn.Module) -> bool:
         """Evaluate if a point is due; True once the budget (or ``max_steps``) is spent."""
         m = self.clock.minutes
-        last = m >= self.budget or (self.max_steps is not None and self.steps >= self.max_steps)
+        last = self._spent(m)
         if m >= self.next or last:
             share, per_note = self.evaluate(model)
             self.points.append([round(m, 3), round(share, 4)])

@@ -41,7 +41,7 @@ class Lookahead:
     """The solved cantus: ``cands[i]`` [k_i] the counterpoint pitches note i may take (those that
     pass the vertical rules there); ``feasible[i]`` bool [k_{i-2}, k_{i-1}, k_i] (axes of size 1
     before note 0): notes i+1.. can be written breaking no hard rule after these three notes;
-    ``start``: a clean piece exists at all; ``slots[i]`` [129] each MIDI pitch's position in
+    ``start``: a clean piece exists at all; ``slots`` [N, 129]: row i each MIDI pitch's position in
     ``cands[i]`` (-1 where it is not one; entry 128 stands for anything out of range).
     ``flat``, ``offsets`` and ``dims`` hold the same ``feasible`` tables raveled into one array
     (table i at ``offsets[i]``, shape ``dims[i]``) for :func:`shaped_rewards`, which reads every
@@ -50,7 +50,7 @@ class Lookahead:
     cands: tuple[np.ndarray, ...]
     feasible: tuple[np.ndarray, ...]
     start: bool
-    slots: tuple[np.ndarray, ...]
+    slots: np.ndarray  # [N, 129] int64
     flat: np.ndarray  # [Σ_i |feasible[i]|] bool
     offsets: np.ndarray  # [N] int64
     dims: np.ndarray  # [N, 3] int64
@@ -118,7 +118,7 @@ def solve(cantus: Sequence[int], below: bool, final: int, intervals: Sequence[in
     for j in range(N - 1, 0, -1):  # notes j.. clean after the window ending at j-1
         feasible[j - 1] = (valid[j] & feasible[j][None]).any(-1).reshape(shape(j - 1))
     start = bool((valid[0].reshape(-1) & feasible[0].reshape(-1)).any())
-    slots = tuple(np.full(129, -1, dtype=np.int64) for _ in cands)
+    slots = np.full((N, 129), -1, dtype=np.int64)
     for slot, c in zip(slots, cands):
         slot[c] = np.arange(len(c))
     sizes = np.array([f.size for f in feasible], dtype=np.int64)
@@ -138,7 +138,7 @@ def shaped_rewards(la: Lookahead, cp: Sequence[int], action_pitches: np.ndarray,
     N = len(la.cands)
     cp = np.asarray(cp, dtype=np.int64)
     t = np.arange(N)
-    slots = np.stack(la.slots)  # [N, 129]
+    slots = la.slots  # [N, 129]
     own_slot = slots[t, np.clip(cp, 0, 128)]  # [N] each note's position among its candidates
     # notes t-2 and t-1 as indices into feasible[t] (0 before the first note: axes of size 1)
     x = np.where(t >= 2, np.concatenate([[0, 0], own_slot[: N - 2]])[:N], 0)
