@@ -179,6 +179,8 @@ def test_the_rloo_preset_is_the_default_with_its_stated_differences():
     rloo, default = load_run_config("configs/counterpoint-rloo.yaml").model_dump(), load_run_config("configs/counterpoint.yaml").model_dump()
     own = read_yaml("configs/counterpoint-rloo.yaml")[1]
     assert rloo["tune"]["algorithm"] == "rloo" and rloo["task"]["lookahead"] == 0.0 and default["task"]["lookahead"] == 5.0
-    for section in ("model", "pretrain", "rewards", "seed"):
+    for section in ("model", "pretrain", "seed"):
         assert rloo[section] == default[section]
+    # the preset names its rewards: the novelty paid at the last note, as configs/counterpoint-lastnote.yaml does
+    assert rloo["rewards"] == load_run_config("configs/counterpoint-lastnote.yaml").model_dump()["rewards"] != default["rewards"]
     assert {k: v for k, v in rloo["task"].items() if ("task", k) not in own} == {k: v for k, v in default["task"].items() if ("task", k) not in own}
