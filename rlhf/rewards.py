@@ -18,7 +18,6 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import Field
 
@@ -131,69 +130,70 @@ class GroupNovelty:
     def __init__(self, shaped: bool = False):
         self.shaped = shaped
 
-    def _groups(self, c: Completions) -> list[list[int]]:
-        by_prompt: dict[tuple[int, ...], list[int]] = {}
-        for b, ids in enumerate(c.prompt_ids):
-            by_prompt.setdefault(tuple(ids), []).append(b)
-        return [by_prompt[tuple(ids)] for ids in c.prompt_ids]  # [B] the rows of each row's prompt
-
     def __call__(self, completions: Completions) -> Rewards:
-        seqs = [tuple(completions.tokens[b, : n].tolist()) for b, n in enumerate(completions.lengths)]
-        values = []
-        for b, group in enumerate(self._groups(completions)):
-            others = [j for j in group if j != b]
-            values.append(-sum(seqs[j] == seqs[b] for j in others) / len(others) if others else 0.0)
+        c = completions
+        same, shared, L, n = _pairs(c)
+        final = _novelty(same, shared, L, n)  # [B] float64
         if not self.shaped:
-            return Rewards(torch.tensor(values, dtype=torch.float32))
-        out = torch.zeros(completions.tokens.shape, dtype=torch.float32)  # [B, T]
-        for b, (others, shared) in enumerate(self._shared_prefixes(completions)):
-            phi = self._potential(shared, completions.lengths[b], values[b], max(len(others), 1))
-            out[b, : len(phi) - 1] = torch.from_numpy(np.diff(phi)).float()
-        return Rewards(out.to(completions.mask.device))
+            return Rewards(final.float())
+        T = c.tokens.shape[1]
+        t = torch.arange(T + 1)
+        phi = _potential(same, shared, n, t)  # [B, T + 1]: Φ(t) for 0 < t < T_b
+        phi[:, 0] = 0.0
+        phi[torch.arange(len(L)), L] = final  # Φ(T_b): the novelty itself
+        steps = (phi[:, 1:] - phi[:, :-1]).float() * (t[:-1][None, :] < L[:, None])  # [B, T]
+        return Rewards(steps.to(c.mask.device))
 
     def action_rewards(self, completions: Completions) -> torch.Tensor:
         c = completions
-        vocab = len(c.tokenizer)
-        out = torch.zeros((*c.tokens.shape, vocab), dtype=torch.float32)  # [B, T, V]
-        seqs = [c.tokens[b, : n].tolist() for b, n in enumerate(c.lengths)]
+        B, T = c.tokens.shape
+        out = torch.zeros((B, T, len(c.tokenizer)), dtype=torch.float32)  # [B, T, V]
+        same, shared, L, n = _pairs(c)
+        tok = c.tokens.cpu()
+        t = torch.arange(T)
         if not self.shaped:
-            for b, group in enumerate(self._groups(c)):
-                others = [j for j in group if j != b]
-                t = c.lengths[b] - 1  # the last step, where the reward is given
-                for j in others:
-                    if c.lengths[j] == c.lengths[b] and seqs[j][:t] == seqs[b][:t]:
-                        out[b, t, seqs[j][t]] += 1.0  # count of others that end like this
-                out[b, t] /= -max(len(others), 1)
+            # at row b's last step, action v costs the share of the others of b's length that equal b's prefix then v
+            last = L - 1  # [B]
+            follows = same & (L[None, :] == L[:, None]) & (shared >= last[:, None])  # [B, B]
+            b, j = follows.nonzero(as_tuple=True)
+            out.index_put_((b, last[b], tok[j, last[b]]), torch.ones(len(b)), accumulate=True)
+            out[torch.arange(B), last] /= -n[:, None].float()
             return out
-        for b, (others, shared) in enumerate(self._shared_prefixes(c)):
-            n, T = max(len(others), 1), c.lengths[b]
-            for j, s in zip(others, shared):
-                # other j follows row b's prefix up to step t (s ≥ t): action y_j[t] would keep following it
-                last = min(s, c.lengths[j] - 1, T - 1) if c.lengths[j] == T else min(s, c.lengths[j] - 1, T - 2)
-                for t in range(last + 1):
-                    out[b, t, seqs[j][t]] -= 1.0 / n
-            phi = self._potential(shared, T, 0.0, n)  # Φ_b(t) before each step (the last entry is unused)
-            out[b, :T] -= torch.from_numpy(phi[:T]).float()[:, None]
+        # other j follows row b's prefix up to step t (t ≤ shared): action y_j[t] would keep following it;
+        # at b's last step only an other that ends there too (a longer one is not equalled by ending)
+        last = torch.minimum(torch.minimum(shared, L[None, :] - 1), (L - 1)[:, None] - (L[None, :] != L[:, None]).long())  # [B, B]
+        follows = same[:, :, None] & (t[None, None, :] <= last[:, :, None])  # [B, B, T]
+        b, j, s = follows.nonzero(as_tuple=True)
+        # every addend of row b is the same −1/n_b, so the order of accumulation does not change the sum
+        out.index_put_((b, s, tok[j, s]), (-1.0 / n.double())[b].float(), accumulate=True)
+        phi = _potential(same, shared, n, t)  # [B, T]: Φ_b(t) before each step
+        phi[:, 0] = 0.0
+        out -= (phi.float() * (t[None, :] < L[:, None]))[:, :, None]
         return out
 
-    def _shared_prefixes(self, c: Completions) -> list[tuple[list[int], np.ndarray]]:
-        """Per row: the other rows of its prompt, and how many leading tokens each shares with it."""
-        tok = c.tokens.cpu().numpy()
-        out = []
-        for b, group in enumerate(self._groups(c)):
-            others = [j for j in group if j != b]
-            shared = []
-            for j in others:
-                m = min(c.lengths[b], c.lengths[j])
-                diff = np.nonzero(tok[b, :m] != tok[j, :m])[0]
-                shared.append(int(diff[0]) if len(diff) else m)
-            out.append((others, np.array(shared, dtype=np.int64)))
-        return out
 
-    @staticmethod
-    def _potential(shared: np.ndarray, length: int, final: float, n: int) -> np.ndarray:
-        """[T + 1] Φ(0..T): 0, −(share of the others sharing the first t tokens) for 0 < t < T, ``final`` at T."""
-        t = np.arange(length + 1)
-        phi = -(shared[None, :] >= t[:, None]).sum(1) / n
-        phi[0], phi[length] = 0.0, final
-        return phi
+def _pairs(c: Completions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``same`` [B, B] bool: rows of one prompt (not the row itself); ``shared`` [B, B] int64: how many
+    leading tokens two rows share (at most the shorter length); ``L`` [B] lengths; ``n`` [B] int64 the
+    number of other rows of each row's prompt (at least 1, so a lone row divides by 1)."""
+    keys: dict[tuple[int, ...], int] = {}
+    group = torch.tensor([keys.setdefault(tuple(ids), len(keys)) for ids in c.prompt_ids])
+    same = group[:, None] == group[None, :]
+    same.fill_diagonal_(False)
+    tok, L = c.tokens.cpu(), torch.tensor(c.lengths, dtype=torch.int64)
+    upto = torch.minimum(L[:, None], L[None, :])  # [B, B]
+    eq = (tok[:, None, :] == tok[None, :, :]) & (torch.arange(tok.shape[1]) < upto[:, :, None])  # [B, B, T]
+    shared = eq.long().cumprod(-1).sum(-1)
+    return same, shared, L, same.sum(1).clamp(min=1)
+
+
+def _novelty(same: torch.Tensor, shared: torch.Tensor, L: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """[B] float64: −(share of the others that are the same completion): same length, all of it shared."""
+    equal = same & (L[None, :] == L[:, None]) & (shared == L[:, None])
+    return -equal.sum(1).double() / n.double()
+
+
+def _potential(same: torch.Tensor, shared: torch.Tensor, n: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """[B, len(t)] float64: −(share of the others whose first t tokens are the row's), for each t."""
+    count = (same[:, :, None] & (shared[:, :, None] >= t[None, None, :])).sum(1)
+    return -count.double() / n.double()[:, None]
