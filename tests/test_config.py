@@ -175,7 +175,8 @@ def test_bad_base_is_refused_with_the_line(tmp_path, text, error):
 
 
 def test_the_rloo_preset_is_the_default_with_its_stated_differences():
-    """configs/counterpoint-rloo.yaml inherits configs/counterpoint.yaml: everything it does not set is the default's."""
+    """configs/counterpoint-rloo.yaml inherits configs/counterpoint.yaml (through configs/counterpoint-lastnote.yaml): everything
+    neither sets is the default's."""
     rloo, default = load_run_config("configs/counterpoint-rloo.yaml").model_dump(), load_run_config("configs/counterpoint.yaml").model_dump()
     own = read_yaml("configs/counterpoint-rloo.yaml")[1]
     assert rloo["tune"]["algorithm"] == "rloo" and rloo["task"]["lookahead"] == 0.0 and default["task"]["lookahead"] == 5.0
