@@ -22,11 +22,22 @@ HARD = [r for r in R.FIRST_SPECIES_RULES if r.name not in R.SOFT_RULES]
 INTERVALS = np.arange(-24, 25)
 
 
-def _hard_flags(cf: np.ndarray, cps: np.ndarray, below: bool) -> np.ndarray:
+def _hard_flags(cf: np.ndarray, cps: np.ndarray, below: bool, rules=HARD) -> np.ndarray:
     """[P, N] any hard rule broken, straight from rules.violations."""
     P, N = cps.shape
     batch = FirstSpeciesBatch(np.repeat(cf[None], P, 0), cps, np.full(P, below), np.full(P, cf[-1] % 12), np.full(P, N))
-    return np.logical_or.reduce([v for v in R.violations(batch, HARD).values()])
+    return np.logical_or.reduce([v for v in R.violations(batch, rules).values()])
+
+
+def _no_third_over_the_first_note(batch: FirstSpeciesBatch) -> np.ndarray:
+    """A rule of a user's that reads the cantus far back: after its first note the counterpoint
+    avoids the pitch class a major third above the cantus's first note."""
+    third = (batch.counterpoint - batch.cantus[:, :1]) % 12 == 4
+    third[:, 0] = False
+    return third
+
+
+EXTRA = R.Rule("no_third_over_the_first_note", 1.0, "a user's rule that reads the cantus far back", _no_third_over_the_first_note)
 
 
 def test_feasibility_is_what_enumerating_every_counterpoint_finds():
@@ -39,7 +50,7 @@ def test_feasibility_is_what_enumerating_every_counterpoint_finds():
         for below in (True, False):
             la = L.solve(cf, below, int(cf[-1] % 12), INTERVALS, R.FIRST_SPECIES_RULES)
             cons = np.array([0, 3, 4, 7, 8, 9, 12, 15, 16]) * (1 if below else -1)
-            grid = np.array(list(itertools.product(cons, repeat=len(cf)))) + cf[None]  # [9^5, 5]
+            grid = np.array(list(itertools.product(cons, repeat=len(cf)))) + cf[None]  # [9^N, N]
             flags = _hard_flags(cf, grid, below)
             assert la.start == bool((~flags.any(1)).any())
             for t in range(len(cf)):
@@ -58,9 +69,40 @@ def test_feasibility_is_what_enumerating_every_counterpoint_finds():
     assert seen_dead_end > 100  # dead ends occur, so the comparison is not vacuous
 
 
+def test_a_rule_of_the_users_that_reads_the_cantus_far_back_is_searched_on_whole_pieces():
+    """The search evaluates its own rules on four-note windows; a rule of the user's
+    (``task.extra_rules``) may read the whole cantus. For 6-note cantus firmi (so that a window
+    ends before the last note without the first), enumeration decides which prefixes can be
+    finished clean under the built-in rules plus such a rule, and potential_after agrees on each
+    of them (each prefix whose last three notes are candidates)."""
+    checked = dead_ends = 0
+    for seed in (0, 5):  # cantus firmi where reading the first note or a window's first note differ
+        cf = np.array(generate_melodies(1, seed, min_notes=8, max_notes=10)[0].pitches[:6])
+        N = len(cf)
+        for below in (True, False):
+            la = L.solve(cf, below, int(cf[-1] % 12), INTERVALS, [*R.FIRST_SPECIES_RULES, EXTRA])
+            cons = np.array([0, 3, 4, 7, 8, 9, 12, 15, 16]) * (1 if below else -1)
+            grid = np.array(list(itertools.product(cons, repeat=N))) + cf[None]  # [9^6, 6]: rows sharing a prefix are contiguous
+            flags = _hard_flags(cf, grid, below, HARD + [EXTRA])
+            for t in range(N - 1):
+                block = len(cons) ** (N - t - 1)  # rows per prefix of t + 1 notes
+                finishable = (~flags[:, t + 1 :].any(1)).reshape(-1, block).any(1)  # [9^(t+1)]
+                prefixes = grid[::block, : t + 1]
+                # prefixes whose last three notes pass the vertical rules (elsewhere potential_after is False by convention)
+                inside = np.logical_and.reduce([la.index(i, prefixes[:, i]) >= 0 for i in range(max(0, t - 2), t + 1)])
+                for k in np.flatnonzero(inside):
+                    pre = prefixes[k]
+                    p2, p1 = (pre[t - 2] if t >= 2 else 0), (pre[t - 1] if t >= 1 else 0)
+                    assert bool(la.potential_after(t, p2, p1, np.array([pre[t]]))[0]) == finishable[k], (cf.tolist(), below, pre.tolist())
+                    checked += 1
+                    dead_ends += not finishable[k]
+    assert checked > 1000 and dead_ends > 100  # not vacuous
+
+
 def test_a_rule_at_a_note_reads_only_the_three_notes_before_it():
     """The premise of the search: changing notes outside j-3..j never changes a hard rule's flag
-    at j, and the VERTICAL rules' flag at j reads note j alone."""
+    at j, the VERTICAL rules' flag at j reads note j alone, and the others read the cantus only
+    at notes j-3..j."""
     rng = np.random.default_rng(5)
     vertical = [r for r in HARD if r.name in L.VERTICAL]
     for _ in range(60):
@@ -80,6 +122,13 @@ def test_a_rule_at_a_note_reads_only_the_three_notes_before_it():
             batch = FirstSpeciesBatch(np.stack([cf, cf]), np.stack([a, b]), np.array([below] * 2), np.array([cf[-1] % 12] * 2), np.array([N] * 2))
             for name, v in R.violations(batch, rule_set).items():
                 assert v[0, j] == v[1, j], (name, j, a.tolist(), b.tolist())
+        # the others read the cantus at notes j-3..j only (the search evaluates them on that window alone)
+        far_cf = cf.copy()
+        far_cf[far] += rng.choice([-5, -2, 2, 7], size=len(far))
+        melodic = [r for r in HARD if r.name not in L.VERTICAL]
+        batch = FirstSpeciesBatch(np.stack([cf, far_cf]), np.stack([base, base]), np.array([below] * 2), np.array([cf[-1] % 12] * 2), np.array([N] * 2))
+        for name, v in R.violations(batch, melodic).items():
+            assert v[0, j] == v[1, j], (name, j, cf.tolist(), far_cf.tolist())
 
 
 @pytest.fixture(scope="module")

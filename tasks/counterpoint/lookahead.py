@@ -9,7 +9,8 @@ most four notes, a flag at note j depends on the counterpoint's notes j-3..j (an
 (``parallel_run``: three thirds or sixths in similar motion arriving at j), so whether notes
 t+1.. can still be written clean depends on the last three notes only. :func:`solve` answers
 that for every such window by dynamic programming backwards over the cantus, with the rules
-themselves (``rules.violations`` on pieces that differ in the window) as the oracle.
+themselves (``rules.violations`` on the four-note windows, or on whole pieces for rules of the
+user's) as the oracle.
 
 :func:`shaped_rewards` adds potential-based shaping (Ng, Harada & Russell 1999,
 "Policy invariance under reward transformations"): r'_t = r_t + Φ(s_{t+1}) − Φ(s_t) with
@@ -28,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from tasks.counterpoint.piece import FirstSpeciesBatch
-from tasks.counterpoint.rules import SOFT_RULES, Rule, violations
+from tasks.counterpoint.rules import RULES_BY_NAME, SOFT_RULES, Rule, violations
 
 WINDOW = 4  # a flag at note j reads the counterpoint's notes j-3..j
 # Rules whose flag at note j reads the counterpoint's note j alone (with the cantus and the piece's
@@ -78,12 +79,54 @@ def _hard(rules: Sequence[Rule]) -> list[Rule]:
     return [r for r in rules if r.name not in SOFT_RULES]
 
 
-def _flags(cantus: np.ndarray, cps: np.ndarray, below: bool, final: int, rules: Sequence[Rule]) -> np.ndarray:
-    """[P, N] bool: any of ``rules`` broken at each note of the pieces ``cps`` [P, N] over one cantus."""
-    P, N = cps.shape
-    batch = FirstSpeciesBatch(np.broadcast_to(cantus, (P, N)).copy(), cps, np.full(P, below), np.full(P, final % 12), np.full(P, N))
+def _flags(cantus: np.ndarray, cps: np.ndarray, below: bool, final: int, rules: Sequence[Rule], after: int | np.ndarray = 0) -> np.ndarray:
+    """[P, n] bool: any of ``rules`` broken at each note of the pieces ``cps`` [P, n] over ``cantus``
+    ([n], or [P, n] one per piece); ``after``: how many notes each piece has past its n columns
+    (0: the pieces are whole), so that the rules reading the end of a piece see where it is."""
+    P, n = cps.shape
+    if P == 0:
+        return np.zeros((0, n), dtype=bool)
+    lengths = n + np.broadcast_to(np.asarray(after, dtype=np.int64), (P,))
+    batch = FirstSpeciesBatch(np.broadcast_to(cantus, (P, n)).copy(), cps, np.full(P, below), np.full(P, final % 12), lengths)
     v = violations(batch, rules)
-    return np.logical_or.reduce(list(v.values())) if v else np.zeros((P, N), dtype=bool)
+    return np.logical_or.reduce(list(v.values())) if v else np.zeros((P, n), dtype=bool)
+
+
+def _valid_windows(cf: np.ndarray, cands: tuple[np.ndarray, ...], fill: np.ndarray, below: bool, final: int, hard: Sequence[Rule]) -> list[np.ndarray]:
+    """valid[j]: bool [k_{j-3}, k_{j-2}, k_{j-1}, k_j] (axes of size 1 before note 0): note j breaks
+    no hard rule after the window of notes j-3..j (``cands`` pass the VERTICAL rules at their note
+    by construction, so only the others are evaluated).
+
+    The built-in rules of the others read, at note j, the notes j-3..j of both voices, whether j is
+    the first, second-to-last or last note, and nothing else: they are evaluated on the four-note
+    window alone (a window piece whose length puts its last column at note j's distance from the
+    end), all windows of the cantus in one batch. Rules of yours (``task.extra_rules``) may read
+    the whole cantus: they see whole pieces, the window filled in from ``fill``."""
+    N = len(cf)
+    rest = [r for r in hard if r.name not in VERTICAL]
+    own = [r for r in rest if RULES_BY_NAME.get(r.name) is r]  # the built-in ones
+    extra = [r for r in rest if RULES_BY_NAME.get(r.name) is not r]
+    axes = [[cands[i] if i >= 0 else np.array([0]) for i in range(j - WINDOW + 1, j + 1)] for j in range(N)]
+    grids = [np.stack(np.meshgrid(*a, indexing="ij"), -1).reshape(-1, WINDOW) for a in axes]  # [P_j, 4]
+    ok = [np.ones(len(g), dtype=bool) for g in grids]
+    for j in range(min(WINDOW - 1, N)):  # the first notes' windows are the pieces' own beginnings
+        ok[j] &= ~_flags(cf[: j + 1], grids[j][:, WINDOW - 1 - j :], below, final, own, N - j - 1)[:, j]
+    late = list(range(WINDOW - 1, N))  # the other windows, four notes each, in one batch
+    if late and own:
+        P = [len(grids[j]) for j in late]
+        cps = np.concatenate([grids[j] for j in late])  # [Σ P_j, 4]
+        cfs = np.repeat(np.stack([cf[j - WINDOW + 1 : j + 1] for j in late]), P, axis=0)
+        after = np.repeat(np.array([N - 1 - j for j in late]), P)
+        flags = _flags(cfs, cps, below, final, own, after)[:, WINDOW - 1]
+        for j, part in zip(late, np.split(~flags, np.cumsum(P)[:-1])):
+            ok[j] &= part
+    for j in range(N if extra else 0):
+        cps = np.repeat(fill[None, :], len(grids[j]), axis=0)
+        for w in range(WINDOW):
+            if j - WINDOW + 1 + w >= 0:
+                cps[:, j - WINDOW + 1 + w] = grids[j][:, w]
+        ok[j] &= ~_flags(cf, cps, below, final, extra)[:, j]
+    return [o.reshape([len(x) for x in a]) for o, a in zip(ok, axes)]
 
 
 def solve(cantus: Sequence[int], below: bool, final: int, intervals: Sequence[int], rules: Sequence[Rule]) -> Lookahead:
@@ -101,17 +144,7 @@ def solve(cantus: Sequence[int], below: bool, final: int, intervals: Sequence[in
     bad = _flags(cf, np.clip(pitches, 0, 127), below, final, vert) | ~inside
     cands = tuple(np.unique(pitches[~bad[:, i], i]) for i in range(N))
     fill = np.array([c[0] if len(c) else cf[i] for i, c in enumerate(cands)])
-    valid = []  # valid[j]: bool [k_{j-3}, k_{j-2}, k_{j-1}, k_j]: note j breaks no hard rule after the window
-    for j in range(N):
-        axes = [cands[i] if i >= 0 else np.array([0]) for i in range(j - WINDOW + 1, j + 1)]
-        grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, WINDOW)  # [P, 4]
-        cps = np.repeat(fill[None, :], len(grid), axis=0)
-        for w in range(WINDOW):
-            i = j - WINDOW + 1 + w
-            if i >= 0:
-                cps[:, i] = grid[:, w]
-        ok = ~_flags(cf, cps, below, final, hard)[:, j] if len(grid) else np.zeros(0, dtype=bool)
-        valid.append(ok.reshape([len(a) for a in axes]))
+    valid = _valid_windows(cf, cands, fill, below, final, hard)
     feasible: list[np.ndarray] = [np.zeros(0, dtype=bool)] * N
     shape = lambda i: [len(cands[k]) if k >= 0 else 1 for k in (i - 2, i - 1, i)]  # noqa: E731
     feasible[N - 1] = np.ones(shape(N - 1), dtype=bool)
