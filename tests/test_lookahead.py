@@ -50,7 +50,7 @@ def test_feasibility_is_what_enumerating_every_counterpoint_finds():
         for below in (True, False):
             la = L.solve(cf, below, int(cf[-1] % 12), INTERVALS, R.FIRST_SPECIES_RULES)
             cons = np.array([0, 3, 4, 7, 8, 9, 12, 15, 16]) * (1 if below else -1)
-            grid = np.array(list(itertools.product(cons, repeat=len(cf)))) + cf[None]  # [9^N, N]
+            grid = np.array(list(itertools.product(cons, repeat=len(cf)))) + cf[None]  # [9^5, 5]
             flags = _hard_flags(cf, grid, below)
             assert la.start == bool((~flags.any(1)).any())
             for t in range(len(cf)):
