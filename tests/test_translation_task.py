@@ -6,6 +6,7 @@ The small synthetic corpus below is written here (tests never copy Multi30k); th
 tests read Multi30k from its folder and are skipped without it."""
 
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,29 @@ def test_task_corpus_examples_and_prompts(synthetic_task, tmp_path):
     assert reloaded.codec.tokenizer.get_vocab() == task.codec.tokenizer.get_vocab()
     stats = task.data_stats(train, val)
     assert stats["train"]["examples"] == 64 and stats["train"]["skipped"]["too long"] == 0
+
+
+def test_rl_holdout_keeps_the_rl_pairs_out_of_the_tokenizer_and_pretraining(synthetic_task, tmp_path):
+    pairs = synthetic_pairs()
+    cfg = synthetic_task.cfg.model_copy(update={"rl_holdout": 16})
+    task = TranslationTask(cfg)
+    train, _ = task.corpus(0, run_dir=tmp_path / "h")
+    rl = task.train_prompts()
+    mle_pairs, rl_pairs = [(p.src, p.tgt) for p in train], [(p.src, p.ref) for p in rl]
+    assert len(mle_pairs) == 48 and len(rl_pairs) == 16 and not set(mle_pairs) & set(rl_pairs)
+    assert sorted(mle_pairs + rl_pairs) == sorted(pairs)  # a partition of the training split ...
+    assert mle_pairs == [p for p in pairs if p in mle_pairs] and rl_pairs == [p for p in pairs if p in rl_pairs]  # ... each in file order
+    assert pairs.index(rl_pairs[-1]) - pairs.index(rl_pairs[0]) > 16  # drawn across the file, not its tail
+    # the same draw for every run, whatever the global random state (a run seeds it)
+    random.seed(12345)
+    assert [(p.src, p.ref) for p in TranslationTask(cfg, task.codec).train_prompts()] == rl_pairs
+    # the tokenizer learned its merges from the 48 MLE pairs alone: the same as one trained on them
+    alone = train_tokenizer([s for pair in mle_pairs for s in pair], "en", "de", cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    assert task.codec.tokenizer.get_vocab() == alone.get_vocab() != synthetic_task.codec.tokenizer.get_vocab()
+    capped = TranslationTask(cfg.model_copy(update={"rl_prompts": 5}), task.codec)
+    assert [(p.src, p.ref) for p in capped.train_prompts()] == rl_pairs[:5]
+    with pytest.raises(UserError, match="task.rl_holdout=64 holds out every one of the 64 training pairs"):
+        TranslationTask(cfg.model_copy(update={"rl_holdout": 64})).corpus(0)
 
 
 def test_step_rewards_sit_at_the_first_eos_or_the_budgets_last_token(synthetic_task):

@@ -70,7 +70,12 @@ class TranslationConfig(TaskConfig):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Subword tokenizer.")
     length: GenerationLengthConfig = Field(default_factory=GenerationLengthConfig, description="Generation budget per sentence (RL rollouts and decoding).")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="The RL reward.")
-    rl_prompts: int | None = Field(None, ge=1, description="RL prompts: the first N training pairs; null = all of them.")
+    rl_holdout: int | None = Field(
+        None, ge=1,
+        description="Hold N training pairs (a fixed uniform draw) out of the tokenizer and MLE pre-training, and tune on them alone: "
+        "RL then samples sources the prior has not memorised. null = MLE and RL share every training pair.",
+    )
+    rl_prompts: int | None = Field(None, ge=1, description="RL prompts: the first N of the RL pairs (the training pairs, or the held-out ones); null = all of them.")
     eval: TranslationEvalConfig = Field(default_factory=TranslationEvalConfig, description="Evaluation.")
 
     @model_validator(mode="after")

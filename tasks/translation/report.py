@@ -39,7 +39,9 @@ def data_section(stats: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     tok = stats.get("tokenizer", {})
-    return ["## Data", "", f"Tokenizer: {tok.get('kind', '?')}, {tok.get('vocab', '?')} tokens.", "",
+    held = (f" RL samples its sources from {stats['rl_holdout']} training pairs held out of the tokenizer and of pre-training"
+            " (the train row counts the rest).") if stats.get("rl_holdout") else ""
+    return ["## Data", "", f"Tokenizer: {tok.get('kind', '?')}, {tok.get('vocab', '?')} tokens.{held}", "",
             markdown_table(["split", "pairs", "source tokens", "target tokens", "tokens / word", "skipped"], rows), ""]
 
 
