@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_run_config(args.config, args.overrides).task
     task = TranslationTask.build(cfg, args.model)
     model = load_model(args.model)
-    mle, rl = task._train_parts()
+    mle, rl = task.train_parts()
     parts = {"pre-training pairs": mle}
     if cfg.rl_holdout:
         parts["held-out training pairs"] = rl

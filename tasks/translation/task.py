@@ -110,7 +110,7 @@ class TranslationTask:
                 raise UserError(f"{report.source}: no usable sentence pairs ({report.summary()}).")
         return self._splits[key]
 
-    def _train_parts(self) -> tuple[list[Pair], list[Pair]]:
+    def train_parts(self) -> tuple[list[Pair], list[Pair]]:
         """(MLE pairs, RL pairs) of the training split, each in file order: with ``rl_holdout``
         = N, N pairs drawn uniformly at random (a fixed draw, the same for every run seed, so a
         prior and its tuning agree) and the rest; otherwise the whole split twice. Random, not
@@ -138,7 +138,7 @@ class TranslationTask:
             elif t.path:
                 raise UserError(f"{t.path}: no tokenizer_config.json there; set task.tokenizer.path to a model or tokenizer folder, or null to train one.")
             else:
-                train = self._train_parts()[0]  # held-out RL pairs stay unseen
+                train = self.train_parts()[0]  # held-out RL pairs stay unseen
                 d = self.cfg.data
                 tok = train_tokenizer((s for p in train for s in (p.src, p.tgt)), d.src_lang, d.tgt_lang, t.vocab_size, t.min_frequency)
                 self._codec = TranslationCodec(tok, d.src_lang, d.tgt_lang)
@@ -181,7 +181,7 @@ class TranslationTask:
         ``rl_holdout`` pairs. The splits are the corpus's own, so ``seed`` and ``progress`` are
         unused (kept for the task protocol)."""
         self.ensure_codec(None if run_dir is None else Path(run_dir) / "tokenizer")  # in the run folder: --resume reuses the same ids
-        return self._fits(self._train_parts()[0], "train"), self._fits(self.split("val"), "val")
+        return self._fits(self.train_parts()[0], "train"), self._fits(self.split("val"), "val")
 
     def examples(self, items: Sequence[Pair]) -> list[tuple[list[int], list[int]]]:
         """(prompt ids, completion ids ending in ``<eos>``) for MLE."""
@@ -217,7 +217,7 @@ class TranslationTask:
         token limits, the first ``rl_prompts`` of them; their references' BLEU statistics are
         precomputed here, once."""
         if self._train_prompts is None:
-            pairs = self._fits(self._train_parts()[1], "rl" if self.cfg.rl_holdout else "train")
+            pairs = self._fits(self.train_parts()[1], "rl" if self.cfg.rl_holdout else "train")
             if self.cfg.rl_prompts is not None:
                 pairs = pairs[: self.cfg.rl_prompts]
             self._train_prompts = [self.prompt(p) for p in pairs]
