@@ -154,6 +154,37 @@ def test_step_rewards_sit_at_the_first_eos_or_the_budgets_last_token(synthetic_t
     assert r[1, ends[1]] < r[0, ends[0]]
 
 
+@pytest.mark.parametrize("side", ["short", "both"])
+def test_length_weight_subtracts_the_relative_length_error_and_logs_the_length_ratio(synthetic_task, side):
+    """reward = sentence BLEU/100 − λ·err, err = max(0, 1 − c/r) (short) or |c/r − 1| (both), with c
+    and r the word counts sacrebleu itself reports, and the batch's length ratio in the
+    diagnostics (sacrebleu's corpus sys_len/ref_len)."""
+    base = synthetic_task
+    lam = 0.5
+    reward_cfg = base.cfg.reward.model_copy(update={"length_weight": lam, "length_side": side})
+    task = TranslationTask(base.cfg.model_copy(update={"reward": reward_cfg}), base.codec)
+    c, eos, pad = task.codec, task.eos_id, task.codec.pad_id
+    refs = ["Zwei Hund rennt .", "Drei Frau lacht .", "Ein Kind singt .", "Vier Mann schläft ."]
+    hyps = ["Zwei Hund rennt .", "Drei Frau", "Ein Kind singt . singt singt", "Vier Mann schläft schläft ."]
+    T = 40  # room for every hypothesis and its <eos>
+    rows = [(c.encode_text(h) + [eos] + [pad] * T)[:T] for h in hyps]
+    prompts = [TranslationPrompt(c.encode_prompt("x"), T, "x", r) for r in refs]
+    tokens = torch.tensor(rows)
+    lengths = eos_lengths(tokens, eos, torch.tensor([T] * 4)).tolist()
+    comps = Completions(prompts, tokens, length_mask(lengths, T), lengths, eos)
+    out = task.reward(comps)
+    for i, (h, r) in enumerate(zip(hyps, refs)):
+        s = sacrebleu.sentence_bleu(h, [r])
+        err = abs(s.sys_len / s.ref_len - 1) if side == "both" or s.sys_len < s.ref_len else 0.0
+        assert out.values[i].item() == pytest.approx(s.score / 100 - lam * err, abs=1e-6), i
+    plain = base.reward(comps).values
+    assert out.values[0].item() == pytest.approx(1.0)  # exact length: no penalty
+    assert out.values[1] < plain[1] - 0.2  # half the words: 0.5 · 0.5 off
+    assert (out.values[2:] < plain[2:] - 0.1).all() == (side == "both")  # too long: charged by "both" alone
+    corpus = sacrebleu.corpus_bleu(hyps, [refs])
+    assert out.diagnostics["length_ratio"] == pytest.approx(corpus.sys_len / corpus.ref_len)
+
+
 def test_configs_load_and_fit_the_model():
     for quick in (False, True):
         cfg = load_run_config(REPO / "configs" / "translation.yaml", quick=quick)

@@ -148,6 +148,17 @@ def corpus_contributions(stats: np.ndarray, max_order: int = MAX_ORDER) -> np.nd
     return len(stats) * (full - without) / 100.0
 
 
+def length_penalty(hyp_len: np.ndarray, ref_len: np.ndarray, side: str = "short") -> np.ndarray:
+    """[B] relative length error of hypotheses of c words against references of r words (13a
+    words, the lengths BLEU's brevity penalty compares): ``short``: max(0, 1 − c/r), only what is
+    missing; ``both``: |c/r − 1|. As a reward term −λ·(that) it charges a short translation
+    beyond its own brevity penalty, which the precision gained by dropping an uncertain word
+    about cancels in sentence BLEU, so RL on it drifts shorter (docs/results/translation.md)."""
+    c, r = np.asarray(hyp_len, dtype=np.float64), np.asarray(ref_len, dtype=np.float64)
+    rel = c / np.maximum(r, 1.0) - 1.0
+    return np.maximum(-rel, 0.0) if side == "short" else np.abs(rel)
+
+
 class SentenceBLEU:
     """Batched sentence BLEU with effective order, equal to ``sacrebleu.sentence_bleu``.
 

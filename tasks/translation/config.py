@@ -54,6 +54,14 @@ class RewardConfig(Section):
     chrf_weight: float = Field(
         0.0, ge=0, le=1, description="Reward = (1 - w) * sentence BLEU/100 + w * sentence chrF/100; 0 = BLEU alone (Ranzato et al. 2015)."
     )
+    length_weight: float = Field(
+        0.0, ge=0, le=10,
+        description="Subtract λ·(relative length error) from the reward (c, r: words of the translation and of its reference; "
+        "tasks/translation/bleu.py length_penalty), so RL does not drift to short translations; 0 = off.",
+    )
+    length_side: Literal["short", "both"] = Field(
+        "short", description="The length error of length_weight: short = max(0, 1 − c/r) (only shortness costs); both = |c/r − 1|."
+    )
     tokenize: Literal["13a", "intl", "none", "char"] = Field("13a", description="sacrebleu tokenizer of the BLEU reward and of reported BLEU.")
 
 

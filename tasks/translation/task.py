@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 
 from rlhf.errors import UserError
 from rlhf.interfaces import Completions, Rewards
-from tasks.translation.bleu import SentenceBLEU, SentenceCHRF, bleu_signature, corpus_bleu
+from tasks.translation.bleu import SentenceBLEU, SentenceCHRF, bleu_from_stats, bleu_signature, corpus_bleu, corpus_contributions, length_penalty
 from tasks.translation.config import TranslationConfig
 from tasks.translation.data import LoadReport, Pair, head, load_split, resolve_data_dir
 from tasks.translation.decode import generate, max_new_tokens
@@ -225,15 +225,23 @@ class TranslationTask:
         return self._train_prompts
 
     def rewards(self, hyps: Sequence[str], refs: Sequence[str]) -> np.ndarray:
-        """[B] RL reward of each translation: sentence BLEU/100 (sacrebleu, effective order) or, with
-        ``reward.level: corpus``, its contribution to the corpus BLEU of the batch ``hyps``
+        """[B] RL reward of each translation (:meth:`scored`)."""
+        return self.scored(hyps, refs)[0]
+
+    def scored(self, hyps: Sequence[str], refs: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """[B] RL reward of each translation and the BLEU statistics [B, 10] it came from. The
+        reward is sentence BLEU/100 (sacrebleu, effective order) or, with ``reward.level:
+        corpus``, its contribution to the corpus BLEU of the batch ``hyps``
         (:func:`~tasks.translation.bleu.corpus_contributions`); mixed with sentence chrF/100 when
-        ``reward.chrf_weight`` > 0."""
-        r = self.bleu.corpus_rewards(hyps, refs) if self.cfg.reward.level == "corpus" else self.bleu.rewards(hyps, refs)
+        ``reward.chrf_weight`` > 0; minus ``reward.length_weight`` times the length error (``reward.length_side``)."""
+        st = self.bleu.stats(hyps, refs)  # [B, 2 + 2·4]: c, r, matches, totals
+        r = corpus_contributions(st) if self.cfg.reward.level == "corpus" else bleu_from_stats(st) / 100.0
         w = self.cfg.reward.chrf_weight
         if self.chrf is not None and w > 0:
             r = (1 - w) * r + w * self.chrf.scores(hyps, refs) / 100.0
-        return r
+        if self.cfg.reward.length_weight > 0:
+            r = r - self.cfg.reward.length_weight * length_penalty(st[:, 0], st[:, 1], self.cfg.reward.length_side)
+        return r, st
 
     def completions(self, prompts: Sequence[TranslationPrompt], tokens: torch.Tensor) -> list[list[int]]:
         """Each row of sampled ``tokens`` [B, T] cut to its sample: the first ``n_new`` tokens,
@@ -248,8 +256,9 @@ class TranslationTask:
         """[B] each translation's sentence reward (:meth:`rewards`); the core puts it on the
         row's last token (its ``<eos>``, or the budget's last token). The task's RewardFn."""
         comps = self.completions(completions.prompts, completions.tokens)
-        r = self.rewards(self.codec.decode_batch(comps), [p.ref for p in completions.prompts])  # [B]
-        return Rewards(torch.from_numpy(np.asarray(r)).float())
+        r, st = self.scored(self.codec.decode_batch(comps), [p.ref for p in completions.prompts])  # [B], [B, 10]
+        # length_ratio: words of the samples over words of their references, as the corpus brevity penalty counts them
+        return Rewards(torch.from_numpy(np.asarray(r)).float(), {"length_ratio": float(st[:, 0].sum() / max(st[:, 1].sum(), 1))})
 
     def save(self, path: Path) -> None:
         self.codec.save(path)
