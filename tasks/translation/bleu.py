@@ -33,7 +33,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from itertools import chain
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
@@ -148,7 +148,7 @@ def corpus_contributions(stats: np.ndarray, max_order: int = MAX_ORDER) -> np.nd
     return len(stats) * (full - without) / 100.0
 
 
-def length_penalty(hyp_len: np.ndarray, ref_len: np.ndarray, side: str = "short") -> np.ndarray:
+def length_penalty(hyp_len: np.ndarray, ref_len: np.ndarray, side: Literal["short", "both"] = "short") -> np.ndarray:
     """[B] relative length error of hypotheses of c words against references of r words (13a
     words, the lengths BLEU's brevity penalty compares): ``short``: max(0, 1 − c/r), only what is
     missing; ``both``: |c/r − 1|. As a reward term −λ·(that) it charges a short translation
