@@ -128,7 +128,7 @@ def test_corpus_contributions_equal_a_loop_of_sacrebleu_corpus_scores():
     """R_i = B·(BLEU(all) − BLEU(all but i))/100, each BLEU from sacrebleu's corpus_score."""
     refs = [r for _, r in EDGE if r] * 2 + ["Ein Mann fährt Fahrrad auf der Straße.", "Zwei Kinder spielen im Sand am Strand."]
     hyps = perturbed(refs, seed=3)
-    got = SentenceBLEU().corpus_rewards(hyps, refs)
+    got = corpus_contributions(SentenceBLEU().stats(hyps, refs))
     full = sacrebleu.corpus_bleu(hyps, [refs]).score
     want = [len(hyps) * (full - sacrebleu.corpus_bleu(hyps[:i] + hyps[i + 1:], [refs[:i] + refs[i + 1:]]).score) / 100 for i in range(len(hyps))]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)

@@ -210,10 +210,6 @@ class SentenceBLEU:
         """[B] sentence BLEU in [0, 1] (the 0–100 score / 100): the RL reward."""
         return self.scores(hyps, refs) / 100.0
 
-    def corpus_rewards(self, hyps: Sequence[str], refs: Sequence[str]) -> np.ndarray:
-        """[B] each hypothesis's contribution to the batch's corpus BLEU (:func:`corpus_contributions`)."""
-        return corpus_contributions(self.stats(hyps, refs))
-
 
 class SentenceCHRF:
     """Batched sentence chrF (sacrebleu ``CHRF()``, character 6-grams, β = 2) with one reused

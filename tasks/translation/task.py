@@ -253,8 +253,9 @@ class TranslationTask:
         return out
 
     def reward(self, completions: Completions) -> Rewards:
-        """[B] each translation's sentence reward (:meth:`rewards`); the core puts it on the
-        row's last token (its ``<eos>``, or the budget's last token). The task's RewardFn."""
+        """[B] each translation's reward (:meth:`scored`), with the batch's length ratio as a
+        diagnostic; the core puts it on the row's last token (its ``<eos>``, or the budget's last
+        token). The task's RewardFn."""
         comps = self.completions(completions.prompts, completions.tokens)
         r, st = self.scored(self.codec.decode_batch(comps), [p.ref for p in completions.prompts])  # [B], [B, 10]
         # length_ratio: words of the samples over words of their references, as the corpus brevity penalty counts them
