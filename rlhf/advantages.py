@@ -8,6 +8,8 @@ multiplied by 0, so it cannot leak into a result.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -116,6 +118,24 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     r = rewards.view(-1, k, *rewards.shape[1:])  # [n_prompts, k(, T)]
     baseline = (r.sum(dim=1, keepdim=True) - r) / (k - 1)
     return (r - baseline).reshape(rewards.shape)
+
+
+def length_decorrelated(adv: torch.Tensor, lengths: torch.Tensor, k: int, total: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> tuple[torch.Tensor, float]:
+    """A'_i = A_i − b·ℓ_i with ℓ_i = L_i − (1/(k−1)) Σ_{j≠i} L_j (the sample's length against its
+    group's other samples) and b = Σ A_i ℓ_i / Σ ℓ_i² (least squares over the batch), so that
+    Σ A'_i ℓ_i = 0: the advantages carry no linear trend in relative length, and the update no
+    longer rewards a sample for being shorter or longer than its siblings as such. A metric that
+    pays precision (sentence BLEU) otherwise teaches the policy to drop the words it is least sure
+    of (cf. ODIN, Chen et al. 2024, which decorrelates a learned reward from length; here the
+    correlation is removed from the advantages of each batch). adv, lengths [B] with B =
+    n_prompts·k, a prompt's samples contiguous → ([B], b). ``total`` sums a tensor over every
+    process's rows when the batch is sharded (distributed.all_sum), so b is the whole batch's."""
+    rel = rloo_advantages(lengths.to(adv.dtype), k)  # [B]: ℓ_i, the leave-one-out relative length
+    num, den = total(torch.stack([(adv * rel).sum(), (rel * rel).sum()])).unbind()
+    if float(den) == 0.0:  # every group's samples equally long: no trend to remove
+        return adv, 0.0
+    b = num / den
+    return adv - b.to(adv.dtype) * rel, float(b)
 
 
 @torch.no_grad()

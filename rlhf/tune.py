@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError, model_serializer, model_validator
 import rlhf.algorithms  # noqa: F401  (registers the built-in algorithms)
 from rlhf import distributed
 from rlhf.algorithms.common import ALGORITHMS, BuildContext, KLConfig, Rollout, beam_rollout, make_rollout
-from rlhf.config import CheckpointEvery, GradClip, LearningRate, Section, Steps
+from rlhf.config import CheckpointEvery, GradClip, KeepCheckpoints, LearningRate, Section, Steps
 from rlhf.errors import UserError
 from rlhf.interfaces import ActionRewards, Algorithm, Completions, RewardFn, Step, Task, as_rewards
 from rlhf.kl import AdaptiveKLController, FixedKLController
@@ -62,6 +62,7 @@ class TuneConfig(Section):
         "every τ). PPO needs 1; Q/Ψ/G sample from their own exploration policy.",
     )
     checkpoint_every: CheckpointEvery = 50
+    keep_checkpoints: KeepCheckpoints = 2
     rollout_seeds: Literal["auto", "batch", "sequence"] = Field(
         "auto",
         description="batch: one random stream for the whole rollout batch; sequence: one per sequence, seeded by its index in the "
@@ -218,7 +219,7 @@ class Tuner:
         # fused: one kernel for all parameter tensors instead of one op chain per tensor (5x faster step on CPU)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, fused=True)
         self.loop = TrainLoop(run, f"tune-{name or cfg.algorithm}", model, optimizer, total_steps=cfg.steps, checkpoint_every=cfg.checkpoint_every,
-                              grad_clip=cfg.grad_clip, tokenizer=task.tokenizer, progress=progress)
+                              keep_checkpoints=cfg.keep_checkpoints, grad_clip=cfg.grad_clip, tokenizer=task.tokenizer, progress=progress)
         # Each process samples and trains on its contiguous share of the global batch (RLOO, MRT: whole groups).
         self.start, self.end = distributed.shard_bounds(cfg.batch_size, "tune.batch_size")
         if (self.end - self.start) % cfg.group:

@@ -11,6 +11,7 @@ from rlhf.advantages import (
     discounted_returns,
     first_in_group,
     gae,
+    length_decorrelated,
     masked_mean,
     masked_sum,
     masked_var,
@@ -171,6 +172,40 @@ def test_rloo_matches_leave_one_out_loop(k: int):
         others = [rewards[j].item() for j in group if j != i]
         assert got[i].item() == pytest.approx(rewards[i].item() - sum(others) / len(others), abs=1e-12)
     assert torch.allclose(got.view(-1, k).sum(1), torch.zeros(5, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_length_decorrelated_matches_least_squares_loop(k: int):
+    """A' = A − b·ℓ with ℓ_i = L_i − mean of the other lengths in i's group and b the
+    least-squares slope Σ Aℓ / Σ ℓ² (naive loops); A' has no trend in ℓ, and an advantage that
+    is a pure length trend plus noise orthogonal to it keeps only the noise."""
+    g = torch.Generator().manual_seed(11)
+    B = 6 * k
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    lengths = torch.randint(3, 30, (B,), generator=g)
+    rel = []
+    for i in range(B):
+        others = [lengths[j].item() for j in range(i - i % k, i - i % k + k) if j != i]
+        rel.append(lengths[i].item() - sum(others) / len(others))
+    slope = sum(a * l for a, l in zip(adv.tolist(), rel)) / sum(l * l for l in rel)
+    got, b = length_decorrelated(adv, lengths, k)
+    assert b == pytest.approx(slope, abs=1e-12)
+    for i in range(B):
+        assert got[i].item() == pytest.approx(adv[i].item() - slope * rel[i], abs=1e-12)
+    assert sum(a * l for a, l in zip(got.tolist(), rel)) == pytest.approx(0.0, abs=1e-9)
+    # a pure length trend (shorter = better) is removed entirely
+    trend = -0.3 * torch.tensor(rel, dtype=torch.float64)
+    assert torch.allclose(length_decorrelated(trend, lengths, k)[0], torch.zeros(B, dtype=torch.float64), atol=1e-12)
+    # equal lengths in every group: nothing to fit, advantages unchanged
+    same = torch.full((B,), 7)
+    kept, b0 = length_decorrelated(adv, same, k)
+    assert torch.equal(kept, adv) and b0 == 0.0
+    # sums over a sharded batch: the two halves with the whole batch's totals equal the whole
+    half = B // 2 if (B // 2) % k == 0 else k * (B // (2 * k))
+    parts = [(adv[:half], lengths[:half]), (adv[half:], lengths[half:])]
+    totals = sum(torch.stack([(a * rloo_advantages(l.double(), k)).sum(), (rloo_advantages(l.double(), k) ** 2).sum()]) for a, l in parts)
+    joined = torch.cat([length_decorrelated(a, l, k, total=lambda _x: totals)[0] for a, l in parts])
+    assert torch.allclose(joined, got, atol=1e-12)
 
 
 def test_rloo_rejects_bad_group_sizes():

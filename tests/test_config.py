@@ -70,6 +70,8 @@ def test_cross_field_validation(tmp_path):
     assert "credit=token needs baseline=leave_one_out" in msg and "rloo.credit: sequence" in msg
     msg = str(pytest.raises(UserError, load_run_config, None, ["tune.algorithm=rloo", "tune.rloo.gamma=0.5"]).value)
     assert "credit=sequence" in msg and "rloo.gamma at 1" in msg
+    msg = str(pytest.raises(UserError, load_run_config, None, ["tune.algorithm=rloo", "tune.rloo.credit=token", "tune.rloo.length_decorrelate=true"]).value)
+    assert "length_decorrelate fits one advantage per sample" in msg and "rloo.credit: sequence" in msg
     msg = str(pytest.raises(UserError, load_run_config, "configs/counterpoint-rloo.yaml", ["reward.model=runs/reward"]).value)
     assert "needs the task's reward of every action" in msg and "tune.rloo.credit: token" in msg
     msg = str(pytest.raises(UserError, load_run_config, "configs/counterpoint.yaml", ["reward.model=runs/reward"]).value)

@@ -296,18 +296,23 @@ def test_translate_file_keeps_line_alignment(tiny_prior, tmp_path):
         translate_file(final, inp, tmp_path / "x", beam=0)
 
 
-def test_tuner_accepts_the_task(tiny_prior, tmp_path):
-    """The RL core runs on the task: rollouts, BLEU rewards, update, tokenizer saved with the policy."""
+@pytest.mark.parametrize("decorrelate", [False, True])
+def test_tuner_accepts_the_task(tiny_prior, tmp_path, decorrelate):
+    """The RL core runs on the task: rollouts, BLEU rewards, update, tokenizer saved with the
+    policy; with length_decorrelate the fitted slope of the advantages on length is logged."""
     from rlhf.runs import read_metrics
     from rlhf.tune import tune
 
     task, final, _, _ = tiny_prior
     task.cfg.rl_prompts = 64
     task._train_prompts = None
-    cfg = TuneConfig.model_validate({"algorithm": "rloo", "steps": 2, "batch_size": 8, "checkpoint_every": 10, "rloo": {"k": 4}})
+    cfg = TuneConfig.model_validate({"algorithm": "rloo", "steps": 2, "batch_size": 8, "checkpoint_every": 1, "keep_checkpoints": 2,
+                                     "rloo": {"k": 4, "length_decorrelate": decorrelate}})
     out = tune(Run(tmp_path / "rl"), cfg, task, final, seed=0, progress=False)
     rows = read_metrics(tmp_path / "rl" / "metrics.jsonl", "tune-rloo")
     assert len(rows) == 2 and all(0 <= r["reward/task"] <= 1 for r in rows)
+    assert all(math.isfinite(r["adv/length_slope"]) for r in rows) if decorrelate else all("adv/length_slope" not in r for r in rows)
+    assert sorted(p.name for p in (tmp_path / "rl" / "checkpoints" / "tune-rloo").iterdir()) == ["step-000001", "step-000002"]
     assert TranslationCodec.load(out).tgt_lang == "de"
 
 

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field, model_validator
 
 from rlhf import distributed
-from rlhf.advantages import discounted_returns, masked_sum, rloo_advantages, self_critical_advantages
+from rlhf.advantages import discounted_returns, length_decorrelated, masked_sum, rloo_advantages, self_critical_advantages
 from rlhf.algorithms.common import AlgorithmSettings, BuildContext, KLConfig, OnPolicy, TemperedScoring, rl_metrics, row_chunks
 from rlhf.interfaces import Step
 from rlhf.kl import masked_log_softmax
@@ -53,6 +53,13 @@ class RLOOConfig(AlgorithmSettings):
         "policy gradient with far less variance, since most samples of a weak model are worse than its greedy output.",
     )
 
+    length_decorrelate: bool = Field(
+        False,
+        description="Remove from the advantages their least-squares trend in each sample's length against its group's other samples "
+        "(rlhf/advantages.py: length_decorrelated), so the update does not pay a sample for being shorter or longer than its siblings "
+        "as such. For metrics that pay precision (sentence BLEU), which otherwise teach the policy to drop its least certain words. "
+        "Needs credit: sequence.",
+    )
     distill: float = Field(
         0.0, ge=0,
         description="Weight of tune.algorithm tilt's loss added to RLOO's: the cross-entropy from the prior tilted by every action's "
@@ -78,6 +85,9 @@ class RLOOConfig(AlgorithmSettings):
         if self.credit == "sequence" and self.gamma != 1.0:
             raise ValueError(f"gamma={self.gamma} discounts the reward-to-go of credit=token or all_actions; credit=sequence has one "
                              "return per sample: set rloo.credit: token (or all_actions), or leave rloo.gamma at 1")
+        if self.length_decorrelate and self.credit != "sequence":
+            raise ValueError(f"length_decorrelate fits one advantage per sample; credit={self.credit} has one per step: "
+                             "set rloo.credit: sequence, or rloo.length_decorrelate: false")
         return self
 
 
@@ -117,6 +127,9 @@ class RLOO(OnPolicy):
             adv = rloo_advantages(rest, self.cfg.k) * ro.mask
         else:
             adv = rloo_advantages(ret, self.cfg.k)  # [B]
+        slope = None
+        if self.cfg.length_decorrelate:  # [B]: no linear trend in the sample's length against its siblings'
+            adv, slope = length_decorrelated(adv, torch.tensor(ro.lengths, dtype=adv.dtype), self.cfg.k, distributed.all_sum)
         if self.cfg.positive_only:
             adv = adv.clamp(min=0.0)
         losses = []
@@ -142,6 +155,8 @@ class RLOO(OnPolicy):
             losses.append(loop.accumulate_step(chunk_losses())[0])
         out = {"loss/policy": sum(losses) / len(losses)}
         out.update(rl_metrics(ro, task_reward, kl, shaped))
+        if slope is not None:
+            out["adv/length_slope"] = slope
         if greedy is not None:
             out["reward/greedy"] = float(distributed.global_row_mean(masked_sum(greedy[1], greedy[0].mask, dim=-1)))
         return out
