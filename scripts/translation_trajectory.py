@@ -3,10 +3,10 @@
     python scripts/translation_trajectory.py OUT CHECKPOINT... [key=value ...] --prior DIR [--config configs/translation.yaml]
 
 For the prior and each checkpoint folder (``.../step-000022``: iteration 22; a tune run keeps
-only its newest checkpoints, so copy them aside while it runs), greedy corpus BLEU on val and
-test, the length ratio, and BLEU/BP: BLEU = BP · exp(¼ Σ log p_n), so BLEU/BP is the n-gram
-precisions' geometric mean (×100) and its change is what the translations gained word for word,
-before the brevity penalty. Writes OUT/trajectory.json (one row per model and split; a second
+``tune.keep_checkpoints`` of its newest), greedy corpus BLEU on val and test, the length ratio,
+and BLEU/BP: BLEU = BP · exp(¼ Σ log p_n), so BLEU/BP is the n-gram precisions' geometric mean
+(×100) and its change is what the translations gained word for word, before the brevity
+penalty. Writes OUT/trajectory.json (one row per model and split; a second
 call scores only the models not in it), OUT/trajectory.md (the table, gains against the prior)
 and OUT/trajectory.png (gain in BLEU and in BLEU/BP, and the length ratio, against iteration).
 """
@@ -15,17 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
 
 from run_logged import REPO  # scripts/ is on sys.path as this script's folder
-
-
-def brevity_penalty(ratio: float) -> float:
-    """BLEU's brevity penalty at corpus length ratio c/r (Papineni et al. 2002): exp(1 − r/c) when c < r, else 1."""
-    return 1.0 if ratio >= 1.0 else math.exp(1.0 - 1.0 / ratio)
 
 
 def iteration(path: Path) -> int:
@@ -96,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             hyps = task.decode_split(model, pairs[split], beam=1)[2]
             b = corpus_bleu(hyps, [p.tgt for p in pairs[split]], cfg.reward.tokenize)
             rows.append({"model": str(m), "iteration": it, "split": split, "bleu": b.score, "ratio": b.ratio,
-                         "bleu/bp": b.score / brevity_penalty(b.ratio), "signature": b.signature})
+                         "bleu/bp": b.score / b.bp if b.bp > 0 else 0.0, "signature": b.signature})
             path.write_text(json.dumps(rows, indent=1))  # after each model: a second call resumes
             print(json.dumps(rows[-1]), flush=True)
     lines = ["| iteration | " + " | ".join(f"{s} greedy (Δ) | {s} ratio | {s} BLEU/BP Δ" for s in args.splits) + " |",

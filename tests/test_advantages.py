@@ -193,15 +193,17 @@ def test_length_decorrelated_matches_least_squares_loop(k: int):
     for i in range(B):
         assert got[i].item() == pytest.approx(adv[i].item() - slope * rel[i], abs=1e-12)
     assert sum(a * l for a, l in zip(got.tolist(), rel)) == pytest.approx(0.0, abs=1e-9)
-    # a pure length trend (shorter = better) is removed entirely
+    # a pure length trend (shorter = better) is removed entirely; added to advantages with no
+    # trend (got), only those are left
     trend = -0.3 * torch.tensor(rel, dtype=torch.float64)
     assert torch.allclose(length_decorrelated(trend, lengths, k)[0], torch.zeros(B, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(length_decorrelated(trend + got, lengths, k)[0], got, atol=1e-12)
     # equal lengths in every group: nothing to fit, advantages unchanged
     same = torch.full((B,), 7)
     kept, b0 = length_decorrelated(adv, same, k)
     assert torch.equal(kept, adv) and b0 == 0.0
     # sums over a sharded batch: the two halves with the whole batch's totals equal the whole
-    half = B // 2 if (B // 2) % k == 0 else k * (B // (2 * k))
+    half = 3 * k  # whole groups in each shard
     parts = [(adv[:half], lengths[:half]), (adv[half:], lengths[half:])]
     totals = sum(torch.stack([(a * rloo_advantages(l.double(), k)).sum(), (rloo_advantages(l.double(), k) ** 2).sum()]) for a, l in parts)
     joined = torch.cat([length_decorrelated(a, l, k, total=lambda _x: totals)[0] for a, l in parts])

@@ -2,6 +2,7 @@
 tokenizer equals sacrebleu's exactly, chrF equals sentence_chrf, and corpus BLEU carries
 sacrebleu's signature."""
 
+import math
 import random
 
 import numpy as np
@@ -121,6 +122,10 @@ def test_chrf_and_corpus_bleu_match_sacrebleu():
     direct = sacrebleu.corpus_bleu(list(hyps), [list(refs)])
     assert res.score == pytest.approx(direct.score, abs=1e-9)
     assert res.ratio == pytest.approx(direct.sys_len / direct.ref_len)
+    # the brevity penalty (Papineni et al. 2002): 1 when the output is as long as the references, else exp(1 − r/c)
+    assert res.bp == pytest.approx(1.0 if res.ratio >= 1 else math.exp(1 - 1 / res.ratio))
+    short = corpus_bleu(["a man rides"], ["a man rides a red bike"])
+    assert short.bp == pytest.approx(math.exp(1 - 6 / 3))
     assert res.signature.startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
 
 

@@ -306,13 +306,13 @@ def test_tuner_accepts_the_task(tiny_prior, tmp_path, decorrelate):
     task, final, _, _ = tiny_prior
     task.cfg.rl_prompts = 64
     task._train_prompts = None
-    cfg = TuneConfig.model_validate({"algorithm": "rloo", "steps": 2, "batch_size": 8, "checkpoint_every": 1, "keep_checkpoints": 2,
+    cfg = TuneConfig.model_validate({"algorithm": "rloo", "steps": 2, "batch_size": 8, "checkpoint_every": 1, "keep_checkpoints": 1,
                                      "rloo": {"k": 4, "length_decorrelate": decorrelate}})
     out = tune(Run(tmp_path / "rl"), cfg, task, final, seed=0, progress=False)
     rows = read_metrics(tmp_path / "rl" / "metrics.jsonl", "tune-rloo")
     assert len(rows) == 2 and all(0 <= r["reward/task"] <= 1 for r in rows)
     assert all(math.isfinite(r["adv/length_slope"]) for r in rows) if decorrelate else all("adv/length_slope" not in r for r in rows)
-    assert sorted(p.name for p in (tmp_path / "rl" / "checkpoints" / "tune-rloo").iterdir()) == ["step-000001", "step-000002"]
+    assert sorted(p.name for p in (tmp_path / "rl" / "checkpoints" / "tune-rloo").iterdir()) == ["step-000002"]  # the default would keep two
     assert TranslationCodec.load(out).tgt_lang == "de"
 
 

@@ -231,6 +231,7 @@ class CorpusBLEU:
 
     score: float  # 0–100
     ratio: float  # hypothesis length / reference length (13a words)
+    bp: float  # sacrebleu's brevity penalty, exp(1 − r/c) when c < r, else 1: score / bp is the n-gram precisions' geometric mean
     signature: str  # e.g. nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0
     text: str  # sacrebleu's one-line summary, e.g. "BLEU = 35.1 66.2/41.9/28.1/19.3 (BP = ...)"
 
@@ -250,4 +251,4 @@ def corpus_bleu(hyps: Sequence[str], refs: Sequence[str], tokenize: str = "13a")
         raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references")
     metric = BLEU(tokenize=tokenize)
     res = metric.corpus_score(list(hyps), [list(refs)])
-    return CorpusBLEU(float(res.score), float(res.sys_len) / max(float(res.ref_len), 1.0), str(metric.get_signature()), str(res))
+    return CorpusBLEU(float(res.score), float(res.sys_len) / max(float(res.ref_len), 1.0), float(res.bp), str(metric.get_signature()), str(res))
