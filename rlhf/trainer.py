@@ -23,7 +23,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -318,13 +318,17 @@ class TrainLoop:
         if missing or unexpected:
             raise UserError(f"{ckpt}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}). Resume with the config that wrote it.")
 
-    def finish(self, final_dir: Path) -> Path:
+    def finish(self, final_dir: Path, before_final: Callable[[], None] | None = None) -> Path:
         """Save the last checkpoint and a plain HF model folder (what later stages load; a LoRA
-        model's with its adapters merged, and the adapters alone in ``adapter/``)."""
+        model's with its adapters merged, and the adapters alone in ``adapter/``).
+        ``before_final`` runs between the two (e.g. swapping in averaged weights, so the
+        checkpoint keeps the iterate a resume continues from)."""
         # decided on rank 0 and broadcast: every rank must take part in save_checkpoint or none
         if distributed.broadcast_object(self.run.latest_checkpoint(self.stage) != self.run.checkpoint_dir(self.stage, self.step)):
             self.save_checkpoint()
         self.accelerator.wait_for_everyone()
+        if before_final is not None:
+            before_final()
         state_dict = self.accelerator.get_state_dict(self.model)
         if self.accelerator.is_main_process:
             def write(tmp: Path) -> None:

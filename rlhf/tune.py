@@ -18,6 +18,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 from pydantic import Field, ValidationError, model_serializer, model_validator
+from torch.optim.swa_utils import AveragedModel
 
 import rlhf.algorithms  # noqa: F401  (registers the built-in algorithms)
 from rlhf import distributed
@@ -63,6 +64,12 @@ class TuneConfig(Section):
     )
     checkpoint_every: CheckpointEvery = 50
     keep_checkpoints: KeepCheckpoints = 2
+    average_from: int | None = Field(
+        None, ge=0,
+        description="Weight averaging (SWA, Izmailov et al. 2018): from this iteration on, keep the uniform mean of the weights after "
+        "each iteration; the final model is that mean. Checkpoints hold the last iterate and the mean, so a resumed run is exact. "
+        "It keeps a second copy of the trained model in memory. null: the final model is the last iterate.",
+    )
     rollout_seeds: Literal["auto", "batch", "sequence"] = Field(
         "auto",
         description="batch: one random stream for the whole rollout batch; sequence: one per sequence, seeded by its index in the "
@@ -138,6 +145,9 @@ class TuneConfig(Section):
         group = self.group
         if self.batch_size % group:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of {self.algorithm}.k ({group})")
+        if self.average_from is not None and self.average_from >= self.steps:
+            raise ValueError(f"average_from ({self.average_from}) must be below steps ({self.steps}): the mean would hold no iterate; "
+                             "lower it, or null to keep the last iterate")
         self.settings.check_tune(self)  # the algorithm's own cross-checks with the shared settings
         return self
 
@@ -234,6 +244,12 @@ class Tuner:
         self.gen = torch.Generator()
         self.kl_window: list[float] = []
         self.rollbacks = 0
+        self.average: AveragedModel | None = None
+        if cfg.average_from is not None:
+            if distributed.is_deepspeed(self.loop.model):  # ZeRO partitions the parameters the mean would copy
+                raise UserError("tune.average_from: weight averaging is not available under DeepSpeed; set it to null")
+            self.average = AveragedModel(self.loop.unwrapped, use_buffers=False)  # uniform running mean (SWA's default)
+            self.loop.extra_state["average"] = self.average.state_dict  # called at save time: resume continues the same mean
 
     def guard_kl(self, kl_per_token: float) -> bool:
         """``tune.kl.max``: when the mean KL per token over the last ``max_window`` iterations
@@ -281,7 +297,26 @@ class Tuner:
             self.algo.load_state_dict(self.loop.extra_state["algo"])
         self.rollbacks = int(self.loop.extra_state.get("kl_rollbacks", 0))
         self.kl_window = list(self.loop.extra_state.get("kl_window", []))  # the guard's window goes on where it was
+        if self.average is not None:
+            if "average" not in self.loop.extra_state:
+                raise UserError(f"{self.loop.run.latest_checkpoint(self.loop.stage)}: written without tune.average_from; "
+                                "resume with the config that wrote it")
+            self.average.load_state_dict(self.loop.extra_state["average"])
+            self.loop.extra_state["average"] = self.average.state_dict
         return True
+
+    def update_average(self, step: int) -> None:
+        """After iteration ``step`` (0-based): fold the weights into the mean once ``step`` ≥
+        ``tune.average_from``."""
+        if self.average is not None and step >= self.cfg.average_from:
+            self.average.update_parameters(self.loop.unwrapped)
+
+    def use_average(self) -> None:
+        """Make the mean the model's weights (after the last checkpoint, which keeps the iterate)."""
+        if self.average is not None:
+            with torch.no_grad():
+                for p, a in zip(self.loop.unwrapped.parameters(), self.average.module.parameters()):
+                    p.copy_(a)
 
     def completions(self, prompts: Sequence[Any], ro: Rollout) -> Completions:
         return Completions(prompts, ro.tokens, ro.mask, ro.lengths, self.task.eos_id, self.task.tokenizer)
@@ -356,10 +391,11 @@ def tune(run: Run, cfg: TuneConfig, task: Task, prior_dir: Path, *, seed: int, r
         metrics = tuner.iteration(step)
         if metrics is None:  # rolled back to the last checkpoint: its step comes again
             continue
+        tuner.update_average(step)
         tuner.loop.advance()
         tuner.loop.log(metrics)
     final = run.final_model_dir(name or cfg.algorithm)
-    tuner.loop.finish(final)
+    tuner.loop.finish(final, before_final=tuner.use_average)
     if tuner.loop.accelerator.is_main_process:
         task.save(final)
     tuner.loop.accelerator.wait_for_everyone()

@@ -77,6 +77,31 @@ def test_an_interrupted_tune_resumes_exactly(prior, tmp_path):
         assert a["loss/td"] == pytest.approx(b["loss/td"], rel=1e-5)
 
 
+def test_weight_averaging_is_the_mean_of_the_iterates_and_resumes_exactly(prior, tmp_path):
+    """``tune.average_from``: the final model is the plain mean of the iterates after iterations
+    average_from … steps−1 (read back from one checkpoint per iteration), the last checkpoint
+    keeps the iterate, and a run cut and resumed writes the same mean."""
+    from safetensors.torch import load_file
+
+    cfg = TuneConfig.model_validate({"algorithm": "rloo", "steps": 4, "batch_size": 16, "checkpoint_every": 1, "keep_checkpoints": 10,
+                                     "lr": 3e-3, "rloo": {"k": 4}, "average_from": 1})
+    whole = tune(Run(tmp_path / "whole"), cfg, ToyTask(), prior, seed=0, progress=False)
+    final = load_file(str(whole / "model.safetensors"))
+    ckpts = [load_file(str(tmp_path / "whole" / "checkpoints" / "tune-rloo" / f"step-{s:06d}" / "model.safetensors")) for s in (2, 3, 4)]
+    keys = [k for k in final if k in ckpts[0]]
+    assert keys and any(not torch.equal(ckpts[0][k], ckpts[-1][k]) for k in keys)  # the iterates moved
+    for k in keys:
+        torch.testing.assert_close(final[k], sum(c[k] for c in ckpts) / 3, rtol=0, atol=1e-6)
+    assert any(not torch.allclose(final[k], ckpts[-1][k]) for k in keys)  # the last checkpoint is the iterate, not the mean
+
+    tune(Run(tmp_path / "cut"), cfg.model_copy(update={"steps": 2}), ToyTask(), prior, seed=0, progress=False)
+    resumed = load_file(str(tune(Run(tmp_path / "cut"), cfg, ToyTask(), prior, seed=0, progress=False, resume=True) / "model.safetensors"))
+    for k in keys:
+        torch.testing.assert_close(resumed[k], final[k], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"average_from \(4\) must be below steps \(4\)"):
+        TuneConfig.model_validate({**cfg.model_dump(), "average_from": 4})
+
+
 def test_the_toy_task_satisfies_the_task_protocol():
     task = ToyTask()
     assert isinstance(task, Task) and not isinstance(task, PipelineTask)
