@@ -14,14 +14,16 @@ demo: setup
 quick: setup
 	$(RLHF) run configs/counterpoint.yaml --quick --resume
 
+# python -m apps.hugepages: pytest's own process gets glibc's huge pages, as the rlhf command does
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m apps.hugepages -m pytest -q
 
 # the unit tier: math, rules, configs and the RL engine on a toy task (no pipeline runs)
 test-fast: setup
-	$(VENV)/bin/python -m pytest -q -m "not integration"
+	$(VENV)/bin/python -m apps.hugepages -m pytest -q -m "not integration"
 
 bench: setup
+	$(VENV)/bin/python benchmarks/hugepages.py
 	$(VENV)/bin/python benchmarks/rule_rewards.py
 	$(VENV)/bin/python benchmarks/rl_throughput.py
 	$(VENV)/bin/python benchmarks/bleu_reward.py

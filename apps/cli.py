@@ -438,5 +438,14 @@ _STORAGE_FIX = {
 }
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``rlhf`` program (``main`` is the same command line for a caller's own process):
+    large tensors in huge pages first (apps/hugepages.py), then the command."""
+    from apps.hugepages import reexec_with_hugepages
+
+    reexec_with_hugepages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
