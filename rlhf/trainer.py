@@ -265,6 +265,8 @@ class TrainLoop:
             for p in self.run.discard_partial(self.stage):
                 log.info("removed %s, a checkpoint a crash left half-written", p)
         if ckpt is None:
+            if self.accelerator.is_main_process:  # killed before its first checkpoint: the stage starts over, its rows are stale
+                self.run.metrics.truncate(self.stage, 0)
             return False
         state_path = ckpt / STATE_FILE
         if not state_path.is_file():

@@ -278,6 +278,8 @@ class Tuner:
         so the repeated iterations take a more cautious path. False when none is left to take."""
         if self.rollbacks >= self.cfg.kl.max_rollbacks:
             return False
+        if distributed.broadcast_object(self.loop.run.latest_checkpoint(self.loop.stage)) is None:
+            return False  # nothing to go back to (and resume() would start the stage's metrics over)
         done = self.rollbacks
         if not self.resume():
             return False

@@ -88,6 +88,19 @@ def test_resume_after_a_crash_is_exact(tmp_path):
     assert steps == list(range(1, 21))  # rows of the lost steps 11-12 were dropped on resume
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_over_without_stale_rows(tmp_path):
+    codec = build_codec("melody")
+    train, val = toy_examples(codec, 64, 0), toy_examples(codec, 8, 1)
+    _, model, cfg, run = setup(tmp_path, 8, "early")
+    with pytest.raises(Crash):  # dies during step 4, before the step-5 checkpoint
+        pretrain(run, cfg, model, codec.tokenizer, CrashingData(train, 8 * 3 + 3), val, seed=3, progress=False)
+    assert latest_checkpoint(run.stage_dir("prior")) is None
+    assert [r["step"] for r in read_metrics(run.root / "metrics.jsonl", "prior")] == [1, 2, 3]
+    _, model, _, _ = setup(tmp_path, 8, "early")
+    pretrain(run, cfg, model, codec.tokenizer, train, val, seed=3, resume=True, progress=False)
+    assert [r["step"] for r in read_metrics(run.root / "metrics.jsonl", "prior")] == list(range(1, 9))  # not 1, 2, 3, 1, 2, …
+
+
 def test_batches_are_a_function_of_step():
     a = [batch_indices(50, 16, s, 7).tolist() for s in range(10)]
     b = [batch_indices(50, 16, s, 7).tolist() for s in range(10)]
