@@ -246,6 +246,8 @@ class Tuner:
         self.rollbacks = 0
         self.average: AveragedModel | None = None
         if cfg.average_from is not None:
+            if cfg.average_from >= cfg.steps:  # a model_copy skips the config's own check; the mean would hold no iterate
+                raise UserError(f"tune.average_from ({cfg.average_from}) must be below tune.steps ({cfg.steps})")
             if distributed.is_deepspeed(self.loop.model):  # ZeRO partitions the parameters the mean would copy
                 raise UserError("tune.average_from: weight averaging is not available under DeepSpeed; set it to null")
             self.average = AveragedModel(self.loop.unwrapped, use_buffers=False)  # uniform running mean (SWA's default)

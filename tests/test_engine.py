@@ -100,6 +100,8 @@ def test_weight_averaging_is_the_mean_of_the_iterates_and_resumes_exactly(prior,
         torch.testing.assert_close(resumed[k], final[k], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match=r"average_from \(4\) must be below steps \(4\)"):
         TuneConfig.model_validate({**cfg.model_dump(), "average_from": 4})
+    with pytest.raises(UserError, match=r"tune.average_from \(4\) must be below tune.steps"):  # a copy skips validation; the tuner checks
+        Tuner(Run(tmp_path / "copy"), cfg.model_copy(update={"average_from": 4}), ToyTask(), prior, seed=0, progress=False)
 
 
 def test_the_toy_task_satisfies_the_task_protocol():
