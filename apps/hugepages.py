@@ -53,20 +53,25 @@ def tunables_with_hugepages(environ: Mapping[str, str], thp: str | None, libc: t
     return f"{current}:{TUNABLE}" if current else TUNABLE
 
 
-def reexec_with_hugepages() -> None:
-    """Replace this process with itself under the tunable, when :func:`tunables_with_hugepages`
-    says so; call before anything heavy is imported."""
+def set_tunable() -> bool:
+    """Put the tunable into this process's environment (for what it starts next), when
+    :func:`tunables_with_hugepages` says so; True when it did."""
     value = tunables_with_hugepages(os.environ, thp_mode(), libc_version())
-    if value is None:
+    if value is not None:
+        os.environ["GLIBC_TUNABLES"] = value
+    return value is not None
+
+
+def reexec_with_hugepages() -> None:
+    """Replace this process with itself under the tunable, when :func:`set_tunable` set it; call
+    before anything heavy is imported."""
+    if not set_tunable():
         return
-    os.environ["GLIBC_TUNABLES"] = value
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # orig_argv keeps -m/-c and the script path
 
 
 if __name__ == "__main__":  # python -m apps.hugepages ARGS: python ARGS under the tunable (make test runs pytest so)
-    value = tunables_with_hugepages(os.environ, thp_mode(), libc_version())
-    if value is not None:
-        os.environ["GLIBC_TUNABLES"] = value
+    set_tunable()
     os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
