@@ -274,14 +274,14 @@ def test_killed_server_loses_no_acknowledged_label(pairs_file, tmp_path):
         assert lb.revision >= revision and (lb.revision > revision or lb.choice == choice), (key, lb, revision, choice)
 
 
-# --------------------------------------------------------------------------- at scale: 8 raters x 1,000 labels
+# --------------------------------------------------------------------------- at scale: 8 raters x 500 labels
 
-RATERS, PER_RATER = 8, 1000
+RATERS, PER_RATER = 8, 500
 
 
 @pytest.fixture()
 def big_pairs_file(tmp_path):
-    """1,000 pairs (built in well under a second), so each rater labels 1,000 distinct pairs."""
+    """500 pairs (built in well under a second), so each rater labels 500 distinct pairs."""
     pairs = music_pairs(PER_RATER)
     path = tmp_path / "pairs.jsonl"
     path.write_text(pairs_jsonl(pairs))
@@ -369,10 +369,10 @@ def assert_all_stored_exactly_once(db, pairs):
 
 
 @pytest.mark.integration
-def test_eight_raters_post_a_thousand_labels_each_to_a_real_server(big_pairs_file, tmp_path):
-    """8 raters post 1,000 labels each at once, over keep-alive connections, to a real `rlhf label
-    serve` process: all 8,000 are acknowledged and stored exactly once with the posted choice.
-    Measured: 25-35 s on two CPU cores shared with other jobs (synchronous=FULL: one fsync per label)."""
+def test_eight_raters_post_five_hundred_labels_each_to_a_real_server(big_pairs_file, tmp_path):
+    """8 raters post 500 labels each at once, over keep-alive connections, to a real `rlhf label
+    serve` process: all 4,000 are acknowledged and stored exactly once with the posted choice
+    (synchronous=FULL: one fsync per label)."""
     path, pairs = big_pairs_file
     db = tmp_path / "labels.sqlite"
     errors = []
@@ -402,12 +402,11 @@ def test_eight_raters_post_a_thousand_labels_each_to_a_real_server(big_pairs_fil
 
 @pytest.mark.integration
 def test_server_killed_amid_eight_raters_loses_no_acknowledged_label(big_pairs_file, tmp_path):
-    """8 raters post continuously; once 2,000 labels are acknowledged the server gets SIGKILL.
+    """8 raters post continuously; once 1,500 labels are acknowledged the server gets SIGKILL.
     Every acknowledged label is in the database with its choice, and the only label stored
     beyond them is, per rater, the one post that got no answer. A new server on the same file
     then takes each rater's remainder (each asks the server what it already has, as the page
-    does): 8,000 labels, each stored and posted exactly once. Measured: 22-37 s on two CPU cores
-    shared with other jobs."""
+    does): 4,000 labels, each stored and posted exactly once."""
     path, pairs = big_pairs_file
     db = tmp_path / "labels.sqlite"
     log = tmp_path / "server.log"
@@ -437,7 +436,7 @@ def test_server_killed_amid_eight_raters_loses_no_acknowledged_label(big_pairs_f
         threads = [threading.Thread(target=poster, args=(k,)) for k in range(RATERS)]
         for t in threads:
             t.start()
-        while sum(map(len, acked)) < 2000 and any(t.is_alive() for t in threads):
+        while sum(map(len, acked)) < 1500 and any(t.is_alive() for t in threads):
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)  # mid-session: every rater has a post in flight
         proc.wait(30)
@@ -446,7 +445,7 @@ def test_server_killed_amid_eight_raters_loses_no_acknowledged_label(big_pairs_f
         assert not any(t.is_alive() for t in threads), "a rater still waiting 2 minutes after the kill"
     assert not errors, (errors[:3], log.read_text()[-2000:])
     n_acked = sum(map(len, acked))
-    assert 2000 <= n_acked < RATERS * PER_RATER, n_acked
+    assert 1500 <= n_acked < RATERS * PER_RATER, n_acked
     stored, events = stored_by_rater(db)
     for k in range(RATERS):
         mine = stored.get(f"r{k}", {})

@@ -178,12 +178,13 @@ def test_bilinear_head_and_reward_encoder():
 @pytest.fixture(scope="module")
 def music_vpl(tmp_path_factory):
     """`rlhf simulate-preferences` + `rlhf train-reward` on music at small scale: 80 raters of two
-    tastes (75% of their pairs disputed), the shipped backbone, head and encoder, VPL only."""
+    tastes (75% of their pairs disputed), the shipped backbone, head and encoder, VPL only, 500
+    steps (z is in use by step 250: validation accuracy 0.91 with 16 context pairs, 0.72 without)."""
     root = tmp_path_factory.mktemp("music-vpl")
     data = root / "music.jsonl"
     over = [f"data.path={data}", f"run_dir={root / 'run'}", "progress=false", "simulate.raters=80", "simulate.pairs_per_rater=48",
             "simulate.disputed_share=0.75", "simulate.music.max_prompts=400", "simulate.music.data.max_pieces=120", "methods=[vpl]",
-            "vpl.steps=1000", "vpl.eval_every=500", "vpl.checkpoint_every=500", "vpl.latent_dim=4", "vpl.context_sizes=[0,2,4,8]",
+            "vpl.steps=500", "vpl.eval_every=250", "vpl.checkpoint_every=250", "vpl.latent_dim=4", "vpl.context_sizes=[0,2,4,8]",
             "eval.context_pool=16", "eval.context_sizes=[0,1,8]", "eval.active=true"]
     run_dir = simulate_and_train_rewards("configs/reward-music.yaml", over)
     assert data.is_file()
@@ -210,7 +211,7 @@ def test_the_report_compares_active_and_random_context(music_vpl):
     assert set(vpl["by_context_active"]) == set(vpl["by_context"]) == {"0", "1", "8"}
     assert vpl["by_context_active"]["0"] == vpl["by_context"]["0"]  # no context: the same prior
     one_active, one_random = (vpl[k]["1"]["by_group_kind"]["B/disputed"] for k in ("by_context_active", "by_context"))
-    assert one_active >= one_random + 0.15, (one_active, one_random)  # measured 0.97 against 0.60
+    assert one_active >= one_random + 0.15, (one_active, one_random)  # measured 0.96 against 0.67
     report = (run_dir / "report.md").read_text()
     assert "## VPL: actively chosen context pairs" in report and (run_dir / "plots" / "active_queries.png").is_file()
 
