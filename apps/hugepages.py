@@ -8,7 +8,8 @@ PyTorch. glibc ≥ 2.35 asks for 2 MiB pages for those mappings when ``GLIBC_TUN
 ``glibc.malloc.hugetlb=1`` (glibc manual, "Memory Allocation Tunables"), where the kernel's
 transparent huge pages are on (``always`` or ``madvise``). glibc reads the tunable at process
 start only, so the command line re-executes itself once with it set (same PID, same arguments).
-``RLHF_HUGEPAGES=0`` turns this off; ``benchmarks/hugepages.py`` measures it.
+``RLHF_HUGEPAGES=0`` turns this off; ``benchmarks/hugepages.py`` measures it on one projection,
+``benchmarks/tune_iteration_time.py --hugepages 0 1`` on whole RL iterations.
 """
 
 from __future__ import annotations
