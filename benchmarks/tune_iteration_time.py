@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
 
     configured = load_run_config(args.config, args.overrides).tune.steps
     out: dict[str, object] = {"config": args.config, "overrides": args.overrides, "steps_timed": args.steps - 1 - args.warmup,
-                              "seconds_per_iteration": {}, "iterations_in_budget": {}, "configured_steps": configured, "configured_minutes": {}}
-    out["cpu"] = {}
+                              "seconds_per_iteration": {}, "iterations_in_budget": {}, "configured_steps": configured, "configured_minutes": {}, "cpu": {}}
+    settings = list(dict.fromkeys(args.hugepages))  # each setting once, in the order given
     for n in args.threads:
-        for hp in dict.fromkeys(args.hugepages):  # each setting once
-            key = str(n) if len(set(args.hugepages)) == 1 else f"{n}/hugepages={hp}"
+        for hp in settings:
+            key = str(n) if len(settings) == 1 else f"{n}/hugepages={hp}"
             env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # the child decides, from RLHF_HUGEPAGES
             env.update(OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n), RLHF_HUGEPAGES=hp)
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             out["configured_minutes"][key] = round(configured * s / 60, 2)
             out["cpu"][key] = {"user_s": round(user, 1), "sys_s": round(system, 1), "sys_share": round(system / max(user + system, 1e-9), 3),
                                "minor_faults": after.ru_minflt - before.ru_minflt}
-    if len(set(args.hugepages)) == 2:
+    if len(settings) == 2:
         spi = out["seconds_per_iteration"]
         out["ratio_hugepages"] = {str(n): round(spi[f"{n}/hugepages=0"] / spi[f"{n}/hugepages=1"], 3) for n in args.threads}
     out["load_avg_1m"] = os.getloadavg()[0]
